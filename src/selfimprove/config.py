@@ -1,0 +1,337 @@
+"""Run configuration: dataclasses, named presets from ``configs/``, strict validation.
+
+A config is plain data. Presets are TOML files; command-line overrides are ``section.field=value``
+strings. Unknown keys and wrong types fail loudly with a suggestion, because a typo in a robot
+learning config otherwise silently runs the wrong experiment for hours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from selfimprove.errors import ConfigError
+
+def _preset_dir() -> Path:
+    """``configs/`` of the source checkout (editable install), else of the working directory."""
+    for candidate in (Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"):
+        if candidate.is_dir():
+            return candidate
+    return Path.cwd() / "configs"
+
+
+PRESET_DIR = _preset_dir()
+
+
+@dataclass
+class EnvConfig:
+    """Which gymnasium environment the robots live in."""
+
+    id: str = "selfimprove/PointMass-v0"
+    max_episode_steps: int = 100
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """The demonstration dataset and which part of it Stage 1 sees."""
+
+    episodes: int = 10_000
+    path: str = ""  # empty: runs/<name>/demos
+    fraction: float = 1.0  # deterministic nested subset of the training split (0.1, 0.2, 0.8, ...)
+    val_fraction: float = 0.05  # held-out episodes, never trained on
+    expert_waypoints: int = 5
+    collect_workers: int = 1
+
+
+@dataclass
+class ModelConfig:
+    """The embodied model: one trunk, a BC head over action tokens, a steps-to-go head."""
+
+    hidden: int = 256
+    layers: int = 3
+    action_bins: int = 21  # uniform bins per action dimension
+    max_steps: int = 100  # steps-to-go classes 0..max_steps; must cover the longest demo
+    dropout: float = 0.0
+
+
+@dataclass
+class SFTConfig:
+    """Stage 1: supervised fine-tuning with BC + steps-to-go losses summed."""
+
+    steps: int = 4000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
+    eval_every: int = 500
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class ImproveConfig:
+    """Stage 2: self-improvement with REINFORCE on the frozen model's steps-to-go reward."""
+
+    iterations: int = 40
+    steps_per_iteration: int = 2048  # env steps that fill one on-policy batch
+    minibatch_size: int = 64
+    epochs: int = 1  # passes over each batch (1 = the paper's plain REINFORCE)
+    lr: float = 3e-4
+    gamma: float = 0.9
+    loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
+    success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT
+    robots: int = 16
+    fleet: str = "local"
+    temperature: float = 1.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
+    eval_episodes: int = 100
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation protocol: fixed seeds never used in training, true success from the simulator."""
+
+    episodes: int = 200
+    seed: int = 1_000_000  # first eval seed; training seeds are drawn far below this
+    temperature: float = 1.0
+    robots: int = 32
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs; saved beside its outputs as ``config.json``."""
+
+    name: str = "pointmass"
+    domain: str = "pointmass"
+    seed: int = 0
+    runs_dir: str = "runs"
+    torch_threads: int = 1
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    improve: ImproveConfig = field(default_factory=ImproveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+    @property
+    def dataset_path(self) -> Path:
+        return Path(self.data.path) if self.data.path else self.run_dir / "demos"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "RunConfig":
+        """Check value ranges that types alone cannot; returns self for chaining."""
+        checks = [
+            (0 < self.data.fraction <= 1, "data.fraction must be in (0, 1]"),
+            (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
+            (self.data.episodes >= 2, "data.episodes must be >= 2"),
+            (self.model.action_bins >= 2, "model.action_bins must be >= 2"),
+            (self.model.max_steps >= 1, "model.max_steps must be >= 1"),
+            (self.env.max_episode_steps <= self.model.max_steps,
+             "model.max_steps must cover env.max_episode_steps (the longest demo)"),
+            (self.sft.steps >= 1 and self.sft.batch_size >= 1, "sft.steps and sft.batch_size must be >= 1"),
+            (0 < self.improve.gamma <= 1, "improve.gamma must be in (0, 1]"),
+            (self.improve.robots >= 1, "improve.robots must be >= 1"),
+            (self.improve.iterations >= 0, "improve.iterations must be >= 0"),
+            (self.improve.steps_per_iteration >= 1 and self.improve.minibatch_size >= 1,
+             "improve.steps_per_iteration and improve.minibatch_size must be >= 1"),
+            (self.improve.fleet in ("local",), "improve.fleet must be 'local'"),
+            (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
+            (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
+            (self.torch_threads >= 1, "torch_threads must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid config: {message}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"invalid run name {self.name!r}: use a plain folder name such as 'pointmass'")
+        return self
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert ``value`` to ``annotation`` (TOML/JSON/CLI values), or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in options:
+                return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: cannot be None")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of fields, got {value!r}")
+        return _from_dict(annotation, value, where)
+    if origin is dict or annotation is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: expected a JSON object, got {value!r}") from exc
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown_key_error(key: str, known: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(
+        f"unknown config key {where + '.' if where else ''}{key!r}.{hint} Known keys: {', '.join(sorted(known))}"
+    )
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    hints = _field_types(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(key, names, where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Build a validated RunConfig from nested plain data (unknown keys raise ConfigError)."""
+    return _from_dict(RunConfig, data).validate()
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    base = data.pop("extends", None)
+    if base is not None:
+        data = _merge(_preset_dict(base), data)
+    return data
+
+
+def _preset_dict(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.exists():
+        return _read_toml(path)
+    preset = PRESET_DIR / f"{name_or_path}.toml"
+    if not preset.exists():
+        known = available_presets()
+        close = difflib.get_close_matches(name_or_path, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset or config file {name_or_path!r}.{hint} Presets: {', '.join(known)}")
+    return _read_toml(preset)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"improve.lr=1e-4"`` -> ``{"improve": {"lr": "1e-4"}}`` (types are coerced later)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.field=value, e.g. improve.lr=1e-4")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    out: dict[str, Any] = {}
+    node = out
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value.strip()
+    return out
+
+
+def load_config(preset: str = "pointmass", overrides: list[str] | dict[str, Any] | None = None) -> RunConfig:
+    """Load a named preset (or a TOML path) and apply overrides; unknown keys raise ConfigError."""
+    data = _preset_dict(preset)
+    if isinstance(overrides, dict):
+        data = _merge(data, overrides)
+    else:
+        for item in overrides or []:
+            data = _merge(data, parse_override(item))
+    return config_from_dict(data)
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tmp.replace(path)
+
+
+def read_config_json(path: Path) -> RunConfig:
+    if not path.exists():
+        raise ConfigError(f"no config at {path}: is this a run directory made by `selfimprove`?")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid JSON ({exc}); restore it or start a new run") from exc
+    return config_from_dict(data)

@@ -1,0 +1,100 @@
+"""Demonstration collection: run the scripted expert and write successful episodes to a store."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from selfimprove.config import RunConfig
+from selfimprove.data.episode import Episode
+from selfimprove.data.store import EpisodeWriter, read_info
+from selfimprove.domains import DEMO_SEED_BASE, expert_for, make_env, observation_dict
+from selfimprove.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+
+def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode:
+    """Roll out the expert once from the board of ``seed`` (which fixes both board and expert noise)."""
+    env = env or make_env(config)
+    expert = expert or expert_for(config)
+    obs, info = env.reset(seed=seed)
+    expert.reset(env, np.random.default_rng([seed, 1]))
+    observations = [observation_dict(obs)]
+    success_flags = [bool(info.get("is_success", False))]
+    actions = []
+    instruction = info.get("instruction", getattr(env.unwrapped, "instruction", ""))
+    while True:
+        action = np.asarray(expert.act(env), dtype=np.float32)
+        obs, _, terminated, truncated, info = env.step(action)
+        actions.append(action)
+        observations.append(observation_dict(obs))
+        success_flags.append(bool(info.get("is_success", False)))
+        if terminated or truncated:
+            break
+    return Episode(
+        observations={k: np.stack([o[k] for o in observations]) for k in observations[0]},
+        actions=np.stack(actions),
+        instruction=str(instruction),
+        true_success=success_flags[-1],
+        meta={"seed": seed, "source": "expert", "ended_by": "success" if success_flags[-1] else "timeout"},
+        info={"is_success": np.asarray(success_flags)},
+    )
+
+
+def _demo_worker(args: tuple[RunConfig, list[int]]) -> list[Episode]:
+    config, seeds = args
+    env, expert = make_env(config), expert_for(config)
+    return [demo_episode(config, s, env, expert) for s in seeds]
+
+
+def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: int | None = None,
+                  workers: int | None = None, progress: bool = True) -> Path:
+    """Write ``episodes`` successful expert demos to ``out``; failed attempts are re-drawn.
+
+    Refuses to write into an existing store so nothing collected earlier is overwritten.
+    """
+    out = Path(out) if out is not None else config.dataset_path
+    n = int(episodes if episodes is not None else config.data.episodes)
+    workers = int(workers or config.data.collect_workers)
+    if (out / "meta" / "info.json").exists():
+        info = read_info(out)
+        raise DatasetError(f"{out} already holds a dataset of {info['total_episodes']} episodes; "
+                           "choose another --out or delete it first")
+    seed_base = DEMO_SEED_BASE + config.seed * 100_000
+    writer = EpisodeWriter(out, fps=10)
+    next_seed, kept, failed = seed_base, 0, 0
+    bar = tqdm(total=n, desc=f"collect {out.name}", unit="ep", disable=not progress)
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        while kept < n:
+            need = n - kept
+            block = max(need + need // 20 + 1, 8)
+            seeds = list(range(next_seed, next_seed + block))
+            next_seed += block
+            if pool is None:
+                results = [_demo_worker((config, seeds))]
+            else:
+                per = -(-len(seeds) // (workers * 4))
+                results = pool.map(_demo_worker, [(config, seeds[i:i + per]) for i in range(0, len(seeds), per)])
+            for episode in (ep for part in results for ep in part):
+                if kept >= n:
+                    break
+                if not episode.true_success:
+                    failed += 1
+                    continue
+                writer.add(episode)
+                kept += 1
+                bar.update(1)
+        writer.close()
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+    if failed:
+        log.info("expert failed %d of %d attempts; those boards were re-drawn", failed, kept + failed)
+    return out

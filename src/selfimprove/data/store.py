@@ -1,0 +1,441 @@
+"""Episodes on disk in the LeRobot v3 folder layout (Parquet + JSON), readable by the ecosystem.
+
+```
+root/meta/info.json                              schema version, features, fps, counts, paths
+root/meta/tasks.parquet                          task_index <-> instruction
+root/meta/episodes/chunk-000/file-000.parquet    one row per episode: length, task, file, index range
+root/data/chunk-000/file-000.parquet             one row per frame
+```
+Each episode stores its ``T + 1`` observations as ``T + 1`` frames; the last frame is the terminal
+observation (``is_terminal``), whose ``action`` is zero padding. Steps-to-go labels are derived
+(``length - frame_index``), never stored. Every file is written to a temporary name and renamed, so a
+crash mid-write never leaves a half-written file where a reader looks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from selfimprove.data.episode import Episode
+from selfimprove.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+CODEBASE_VERSION = "v3.0"
+SCHEMA_VERSION = 1
+CHUNK_SIZE = 1000  # files per chunk folder, as LeRobot
+DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    _atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+
+
+def _list_column(values: np.ndarray) -> pa.Array:
+    """[N, ...] numeric array -> a fixed-size list column of the flattened per-frame values."""
+    flat = np.ascontiguousarray(values).reshape(values.shape[0], -1)
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+
+
+def _feature(values: np.ndarray, names: list[str] | None = None) -> dict[str, Any]:
+    return {"dtype": str(values.dtype), "shape": list(values.shape[1:]) or [1], "names": names}
+
+
+@dataclass
+class Frames:
+    """All frames of a store as numpy arrays (one row per frame), plus per-episode offsets."""
+
+    observations: dict[str, np.ndarray]
+    actions: np.ndarray
+    episode_index: np.ndarray
+    frame_index: np.ndarray
+    is_terminal: np.ndarray
+    task_index: np.ndarray
+    episode_lengths: np.ndarray  # T per episode (actions), in store order
+    episode_ids: np.ndarray  # episode_index of each episode, in store order
+    episode_start: np.ndarray  # first row of each episode
+    instructions: list[str]  # by task_index
+    extras: dict[str, np.ndarray]  # ``info.*`` diagnostics and ``stg``, when stored
+
+    @property
+    def steps_to_go(self) -> np.ndarray:
+        """Label of each frame: ``T - frame_index`` (0 on the terminal frame)."""
+        lengths = np.repeat(self.episode_lengths, self.episode_lengths + 1)
+        return (lengths - self.frame_index).astype(np.int64)
+
+
+class EpisodeWriter:
+    """Appends episodes to a store; each ``flush`` writes one new data file and one episodes file."""
+
+    def __init__(self, root: str | Path, fps: int = 10, robot_type: str = "sim",
+                 flush_every: int = 10_000) -> None:
+        self.root = Path(root)
+        self.fps = fps
+        self.robot_type = robot_type
+        self.flush_every = flush_every
+        self._pending: list[Episode] = []
+        self._info = self._load_or_new_info()
+        self._tasks = self._load_tasks()
+
+    def _load_or_new_info(self) -> dict[str, Any]:
+        path = self.root / "meta" / "info.json"
+        if path.exists():
+            return read_info(self.root)
+        return {
+            "codebase_version": CODEBASE_VERSION,
+            "selfimprove_schema_version": SCHEMA_VERSION,
+            "robot_type": self.robot_type,
+            "fps": self.fps,
+            "total_episodes": 0,
+            "total_frames": 0,
+            "total_tasks": 0,
+            "chunks_size": CHUNK_SIZE,
+            "data_path": DATA_PATH,
+            "video_path": None,
+            "splits": {},
+            "features": {},
+            "files_written": 0,
+            "frame_layout": "T+1 frames per episode; the last is terminal (is_terminal) with a zero action",
+        }
+
+    def _load_tasks(self) -> dict[str, int]:
+        path = self.root / "meta" / "tasks.parquet"
+        if not path.exists():
+            return {}
+        table = pq.read_table(path)
+        return dict(zip(table.column("task").to_pylist(), table.column("task_index").to_pylist()))
+
+    @property
+    def total_episodes(self) -> int:
+        return int(self._info["total_episodes"]) + len(self._pending)
+
+    def add(self, episode: Episode) -> None:
+        episode.validate()
+        self._pending.append(episode)
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+
+    def extend(self, episodes: Iterable[Episode]) -> None:
+        for episode in episodes:
+            self.add(episode)
+
+    def flush(self) -> None:
+        """Write pending episodes as one new data file + episodes file, then update info.json."""
+        if not self._pending:
+            return
+        info = self._info
+        file_number = int(info["files_written"])
+        chunk_index, file_index = divmod(file_number, CHUNK_SIZE)
+        first_episode = int(info["total_episodes"])
+        first_frame = int(info["total_frames"])
+
+        columns: dict[str, list[np.ndarray]] = {}
+        episode_rows: dict[str, list[Any]] = {k: [] for k in (
+            "episode_index", "tasks", "length", "data/chunk_index", "data/file_index",
+            "dataset_from_index", "dataset_to_index", "true_success", "meta")}
+        frame = first_frame
+        for offset, ep in enumerate(self._pending):
+            n = ep.length + 1
+            idx = first_episode + offset
+            task = self._tasks.setdefault(ep.instruction, len(self._tasks))
+            for key, value in ep.observations.items():
+                columns.setdefault(f"observation.{key}", []).append(np.asarray(value))
+            action = np.zeros((n, ep.actions.shape[1]), dtype=np.float32)
+            action[:-1] = ep.actions
+            columns.setdefault("action", []).append(action)
+            columns.setdefault("timestamp", []).append(np.arange(n, dtype=np.float32) / self.fps)
+            columns.setdefault("frame_index", []).append(np.arange(n, dtype=np.int64))
+            columns.setdefault("episode_index", []).append(np.full(n, idx, dtype=np.int64))
+            columns.setdefault("index", []).append(np.arange(frame, frame + n, dtype=np.int64))
+            columns.setdefault("task_index", []).append(np.full(n, task, dtype=np.int64))
+            terminal = np.zeros(n, dtype=bool)
+            terminal[-1] = True
+            columns.setdefault("is_terminal", []).append(terminal)
+            for key, value in ep.info.items():
+                columns.setdefault(f"info.{key}", []).append(np.asarray(value))
+            if ep.stg is not None:
+                columns.setdefault("stg", []).append(np.asarray(ep.stg, dtype=np.float32))
+            episode_rows["episode_index"].append(idx)
+            episode_rows["tasks"].append([ep.instruction])
+            episode_rows["length"].append(n)
+            episode_rows["data/chunk_index"].append(chunk_index)
+            episode_rows["data/file_index"].append(file_index)
+            episode_rows["dataset_from_index"].append(frame)
+            episode_rows["dataset_to_index"].append(frame + n)
+            episode_rows["true_success"].append(ep.true_success)
+            episode_rows["meta"].append(json.dumps(ep.meta, default=_json_default))
+            frame += n
+
+        lengths = {key: sum(len(v) for v in values) for key, values in columns.items()}
+        expected = frame - first_frame
+        for key, count in lengths.items():
+            if count != expected:
+                raise DatasetError(f"column {key!r} is missing in some episodes of this batch; "
+                                   "every episode of a store must have the same observation/info keys")
+        arrays: dict[str, pa.Array] = {}
+        features = dict(info["features"])
+        for key, values in columns.items():
+            stacked = np.concatenate(values)
+            if stacked.ndim == 1:
+                arrays[key] = pa.array(stacked)
+            else:
+                arrays[key] = _list_column(stacked)
+            feature = _feature(stacked)
+            if key in features and features[key]["shape"] != feature["shape"]:
+                raise DatasetError(f"feature {key!r} has shape {feature['shape']} but the store at {self.root} "
+                                   f"holds {features[key]['shape']}; write to a new folder")
+            features[key] = feature
+
+        data_path = self.root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index)
+        _atomic_write_table(pa.table(arrays), data_path)
+        episodes_path = self.root / EPISODES_PATH.format(chunk_index=chunk_index, file_index=file_index)
+        _atomic_write_table(pa.table(episode_rows), episodes_path)
+        tasks = sorted(self._tasks.items(), key=lambda kv: kv[1])
+        _atomic_write_table(pa.table({"task_index": [t[1] for t in tasks], "task": [t[0] for t in tasks]}),
+                            self.root / "meta" / "tasks.parquet")
+        info.update(
+            total_episodes=first_episode + len(self._pending),
+            total_frames=frame,
+            total_tasks=len(self._tasks),
+            features=features,
+            files_written=file_number + 1,
+        )
+        info["splits"] = {"train": f"0:{info['total_episodes']}"}
+        _atomic_write_json(self.root / "meta" / "info.json", info)  # last: readers trust info.json
+        self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> "EpisodeWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in episode meta")
+
+
+def read_info(root: str | Path) -> dict[str, Any]:
+    """Read and check ``meta/info.json``; a missing or corrupt store raises DatasetError."""
+    root = Path(root)
+    path = root / "meta" / "info.json"
+    if not root.exists():
+        raise DatasetError(f"no dataset at {root}: make one with `selfimprove collect --out {root}` "
+                           "or point data.path at an existing store")
+    if not path.exists():
+        raise DatasetError(f"{root} is not an episode store: {path} is missing. Re-collect it with "
+                           f"`selfimprove collect --out {root}`")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} is corrupt ({exc}); re-collect the dataset with `selfimprove collect`") from exc
+    version = info.get("selfimprove_schema_version")
+    if version != SCHEMA_VERSION:
+        raise DatasetError(f"{path} has schema version {version!r}; this selfimprove reads version "
+                           f"{SCHEMA_VERSION}. Re-collect the dataset or import it with `selfimprove dataset import`")
+    return info
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    if not path.exists():
+        raise DatasetError(f"{path} is missing from the store; re-collect the dataset with `selfimprove collect`")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"{path} is corrupt ({exc}); re-collect the dataset with `selfimprove collect`") from exc
+
+
+def _column_to_numpy(table: pa.Table, key: str, feature: dict[str, Any]) -> np.ndarray:
+    column = table.column(key).combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        return values.reshape(len(column), *feature["shape"]).astype(feature["dtype"], copy=False)
+    return column.to_numpy(zero_copy_only=False)
+
+
+class EpisodeStore:
+    """Read access to an episode store; validates everything it loads."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.info = read_info(self.root)
+        self._episodes = self._read_episode_tables()
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self._episodes["episode_index"])
+
+    @property
+    def fps(self) -> int:
+        return int(self.info["fps"])
+
+    def _read_episode_tables(self) -> dict[str, np.ndarray | list]:
+        paths = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
+        if not paths and self.info.get("total_episodes", 0):
+            raise DatasetError(f"{self.root}/meta/episodes holds no files; re-collect the dataset")
+        tables = [_read_parquet(p) for p in paths]
+        if not tables:
+            return {"episode_index": np.zeros(0, dtype=np.int64)}
+        table = pa.concat_tables(tables)
+        return {name: table.column(name).to_pylist() for name in table.column_names}
+
+    def episode_meta(self, i: int) -> dict[str, Any]:
+        return json.loads(self._episodes["meta"][i])
+
+    @property
+    def true_success(self) -> list[bool | None]:
+        return list(self._episodes.get("true_success", []))
+
+    def frames(self, episodes: Iterable[int] | None = None) -> Frames:
+        """Load frames (of the given store positions, or all) as numpy arrays, checking for NaN."""
+        files: dict[tuple[int, int], list[int]] = {}
+        wanted = range(self.num_episodes) if episodes is None else sorted(set(int(e) for e in episodes))
+        for i in wanted:
+            if not 0 <= i < self.num_episodes:
+                raise DatasetError(f"episode {i} is not in {self.root} ({self.num_episodes} episodes)")
+            key = (self._episodes["data/chunk_index"][i], self._episodes["data/file_index"][i])
+            files.setdefault(key, []).append(i)
+        features = self.info["features"]
+        parts: dict[str, list[np.ndarray]] = {}
+        lengths, ids = [], []
+        for (chunk, file), eps in sorted(files.items()):
+            path = self.root / DATA_PATH.format(chunk_index=chunk, file_index=file)
+            table = _read_parquet(path)
+            first = int(table.column("index")[0].as_py()) if table.num_rows else 0
+            rows = np.concatenate([np.arange(self._episodes["dataset_from_index"][i] - first,
+                                             self._episodes["dataset_to_index"][i] - first) for i in eps])
+            if rows.size and (rows.max() >= table.num_rows or rows.min() < 0):
+                raise DatasetError(f"{path} has fewer rows than meta/episodes says; the store is corrupt, re-collect it")
+            table = table.take(pa.array(rows))
+            for key in table.column_names:
+                if key not in features:
+                    continue
+                array = _column_to_numpy(table, key, features[key])
+                if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+                    bad = int(np.argmax(~np.isfinite(array.reshape(len(array), -1)).all(axis=1)))
+                    raise DatasetError(
+                        f"{path}: column {key!r} holds NaN/inf (first at frame row {rows[bad]}). "
+                        f"Remove the episode or re-collect the dataset")
+                parts.setdefault(key, []).append(array)
+            lengths.extend(self._episodes["length"][i] - 1 for i in eps)
+            ids.extend(self._episodes["episode_index"][i] for i in eps)
+        data = {k: np.concatenate(v) for k, v in parts.items()}
+        if not data:
+            raise DatasetError(f"{self.root} holds no frames for the requested episodes")
+        lengths_arr = np.asarray(lengths, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths_arr + 1)[:-1]]).astype(np.int64)
+        tasks = _read_parquet(self.root / "meta" / "tasks.parquet")
+        instructions = [t for _, t in sorted(zip(tasks.column("task_index").to_pylist(),
+                                                  tasks.column("task").to_pylist()))]
+        return Frames(
+            observations={k.removeprefix("observation."): v for k, v in data.items() if k.startswith("observation.")},
+            actions=data["action"].astype(np.float32),
+            episode_index=data["episode_index"],
+            frame_index=data["frame_index"],
+            is_terminal=data["is_terminal"],
+            task_index=data["task_index"],
+            episode_lengths=lengths_arr,
+            episode_ids=np.asarray(ids, dtype=np.int64),
+            episode_start=starts,
+            instructions=instructions,
+            extras={k: v for k, v in data.items() if k.startswith("info.") or k == "stg"},
+        )
+
+    def episodes(self, episodes: Iterable[int] | None = None) -> list[Episode]:
+        """Rebuild Episode objects (for diagnostics, export and tests)."""
+        frames = self.frames(episodes)
+        wanted = list(range(self.num_episodes) if episodes is None else sorted(set(int(e) for e in episodes)))
+        out = []
+        for i, start, length in zip(wanted, frames.episode_start, frames.episode_lengths):
+            stop = start + length + 1
+            stg = frames.extras.get("stg")
+            out.append(Episode(
+                observations={key: v[start:stop] for key, v in frames.observations.items()},
+                actions=frames.actions[start:stop - 1],
+                instruction=frames.instructions[int(frames.task_index[start])],
+                true_success=self._episodes["true_success"][i],
+                meta=self.episode_meta(i),
+                info={k.removeprefix("info."): v[start:stop] for k, v in frames.extras.items() if k != "stg"},
+                stg=None if stg is None else stg[start:stop],
+            ))
+        return out
+
+
+def split_episodes(num_episodes: int, val_fraction: float, fraction: float = 1.0, seed: int = 0
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, validation) store positions.
+
+    One fixed permutation (seeded by ``seed``, not the run seed) decides everything, so subsets are
+    nested: the 10% training subset is inside the 20% one, and validation never changes with
+    ``fraction``.
+    """
+    if not 0 < fraction <= 1:
+        raise DatasetError(f"fraction must be in (0, 1], got {fraction}")
+    order = np.random.default_rng(seed).permutation(num_episodes)
+    n_val = max(1, int(round(val_fraction * num_episodes)))
+    if n_val >= num_episodes:
+        raise DatasetError(f"a store of {num_episodes} episodes is too small for a validation split")
+    val, train = order[num_episodes - n_val:], order[: num_episodes - n_val]
+    n_train = max(1, int(round(fraction * len(train))))
+    return np.sort(train[:n_train]), np.sort(val)
+
+
+def truncate_store(root: str | Path, files: int) -> None:
+    """Keep only the first ``files`` data/episodes files of a store (drops work a crash left unfinished)."""
+    root = Path(root)
+    info_path = root / "meta" / "info.json"
+    if not info_path.exists():
+        return
+    info = read_info(root)
+    if int(info["files_written"]) <= files:
+        return
+    total_episodes = total_frames = 0
+    for number in range(int(info["files_written"])):
+        chunk_index, file_index = divmod(number, CHUNK_SIZE)
+        data = root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index)
+        episodes = root / EPISODES_PATH.format(chunk_index=chunk_index, file_index=file_index)
+        if number < files:
+            table = _read_parquet(episodes)
+            total_episodes += table.num_rows
+            total_frames += sum(table.column("length").to_pylist())
+        else:
+            data.unlink(missing_ok=True)
+            episodes.unlink(missing_ok=True)
+    info.update(files_written=files, total_episodes=total_episodes, total_frames=total_frames)
+    info["splits"] = {"train": f"0:{total_episodes}"}
+    _atomic_write_json(info_path, info)
+    log.info("store %s truncated to %d files (%d episodes)", root, files, total_episodes)

@@ -1,0 +1,15 @@
+"""Gymnasium environments and their scripted experts; importing registers the ids."""
+
+import gymnasium as gym
+
+POINTMASS_ID = "selfimprove/PointMass-v0"
+
+
+def register_envs() -> None:
+    """Register every environment id of this package (idempotent)."""
+    if POINTMASS_ID not in gym.registry:
+        gym.register(id=POINTMASS_ID, entry_point="selfimprove.envs.pointmass:PointMassEnv",
+                     max_episode_steps=100)
+
+
+register_envs()

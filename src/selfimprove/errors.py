@@ -1,0 +1,21 @@
+"""Exceptions with messages that say what was wrong and how to fix it."""
+
+
+class SelfImproveError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class ConfigError(SelfImproveError, ValueError):
+    """A config file, preset or override is invalid."""
+
+
+class DatasetError(SelfImproveError):
+    """An episode store is missing, corrupt or holds invalid values."""
+
+
+class CheckpointError(SelfImproveError):
+    """A checkpoint is missing, corrupt, or does not match the expected model."""
+
+
+class RunStateError(SelfImproveError):
+    """A run directory is in a state that does not allow the requested action."""

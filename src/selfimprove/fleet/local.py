@@ -1,0 +1,165 @@
+"""In-process fleet: N robots (gymnasium envs) stepped in lock-step with batched inference.
+
+The default backend: no servers, deterministic for a given seed stream and torch generator.
+Policy inference and the frozen reward model's ``d(o, g)`` are one batched forward pass each per
+control step across all robots that are still running.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from selfimprove.data.episode import Episode
+from selfimprove.domains import observation_dict
+from selfimprove.model.policy import EmbodiedModel, ModelSpec
+from selfimprove.reward import StepsToGoReward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Slot:
+    """One robot's episode in progress."""
+
+    seed: int = -1
+    instruction: str = ""
+    observations: list[dict[str, np.ndarray]] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    success: list[bool] = field(default_factory=list)
+    stg: list[float] = field(default_factory=list)
+    active: bool = False
+
+
+def _stack(obs: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.stack([o[k] for o in obs])) for k in keys}
+
+
+class LocalFleet:
+    """``n_robots`` envs in this process. With ``reward`` set, episodes end when the detector fires."""
+
+    def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int,
+                 reward: StepsToGoReward | None = None) -> None:
+        if n_robots < 1:
+            raise ValueError("a fleet needs at least one robot")
+        self.envs = [make_env() for _ in range(n_robots)]
+        self.policy = EmbodiedModel(spec).eval()
+        for p in self.policy.parameters():
+            p.requires_grad_(False)
+        self.reward = reward
+        self.version: int | None = None
+        self.obs_keys = sorted(spec.obs_shapes)
+        self.skipped_starts = 0  # boards where the detector fired before the first action
+
+    def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
+        if version != self.version:
+            self.policy.load_state_dict(weights)
+            self.version = version
+
+    def _reset(self, slot: _Slot, env: gym.Env, seeds: Iterator[int]) -> None:
+        """Start a new episode; boards the detector already calls solved are re-drawn."""
+        while True:
+            slot.seed = int(next(seeds))
+            obs, info = env.reset(seed=slot.seed)
+            o = observation_dict(obs)
+            slot.instruction = str(info.get("instruction", getattr(env.unwrapped, "instruction", "")))
+            d0 = float("nan")
+            if self.reward is not None:
+                d0 = float(self.reward.steps_to_go(_stack([o], self.obs_keys))[0])
+                if self.reward.is_success(d0):
+                    self.skipped_starts += 1
+                    continue
+            slot.observations, slot.actions = [o], []
+            slot.success, slot.stg = [bool(info.get("is_success", False))], [d0]
+            slot.active = True
+            return
+
+    def collect(self, weights: dict[str, torch.Tensor], version: int, *, seeds: Iterator[int],
+                n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,
+                generator: torch.Generator | None = None) -> list[Episode]:
+        """Collect whole episodes until ``n_episodes`` have been run or ``n_steps`` steps are taken.
+
+        Episodes still running when the step budget fills are finished, not cut, so short
+        episodes are not over-represented in the batch.
+        """
+        if (n_steps is None) == (n_episodes is None):
+            raise ValueError("give exactly one of n_steps or n_episodes")
+        self.set_weights(weights, version)
+        slots = [_Slot() for _ in self.envs]
+        started, steps, finished = 0, 0, []
+
+        def may_start() -> bool:
+            return started < n_episodes if n_episodes is not None else steps < n_steps
+
+        for slot, env in zip(slots, self.envs):
+            if may_start():
+                self._reset(slot, env, seeds)
+                started += 1
+        while True:
+            live = [i for i, s in enumerate(slots) if s.active]
+            if not live:
+                break
+            obs = _stack([slots[i].observations[-1] for i in live], self.obs_keys)
+            with torch.no_grad():
+                logits, _ = self.policy(obs)
+                tokens = self.policy.sample_tokens(logits, temperature, generator)
+            actions = self.policy.tokenizer.detokenize(tokens)
+            results = []
+            for k, i in enumerate(live):
+                o, _, terminated, truncated, info = self.envs[i].step(actions[k])
+                results.append((observation_dict(o), terminated, truncated, info))
+            steps += len(live)
+            d_next = (self.reward.steps_to_go(_stack([r[0] for r in results], self.obs_keys))
+                      if self.reward is not None else np.full(len(live), np.nan, dtype=np.float32))
+            for k, i in enumerate(live):
+                slot = slots[i]
+                o, terminated, truncated, info = results[k]
+                slot.actions.append(actions[k])
+                slot.observations.append(o)
+                slot.success.append(bool(info.get("is_success", False)))
+                slot.stg.append(float(d_next[k]))
+                detected = self.reward is not None and bool(self.reward.is_success(d_next[k]))
+                if detected or terminated or truncated:
+                    ended_by = "detector" if detected else ("success" if terminated else "timeout")
+                    finished.append(self._episode(slot, i, version, ended_by, temperature))
+                    slot.active = False
+                    if may_start():
+                        self._reset(slot, self.envs[i], seeds)
+                        started += 1
+        return finished
+
+    def _episode(self, slot: _Slot, robot: int, version: int, ended_by: str, temperature: float) -> Episode:
+        success = np.asarray(slot.success)
+        return Episode(
+            observations={k: np.stack([o[k] for o in slot.observations]) for k in slot.observations[0]},
+            actions=np.stack(slot.actions).astype(np.float32),
+            instruction=slot.instruction,
+            true_success=bool(success.any()),
+            meta={"seed": slot.seed, "robot": robot, "policy_version": version, "ended_by": ended_by,
+                  "temperature": temperature},
+            info={"is_success": success},
+            stg=None if self.reward is None else np.asarray(slot.stg, dtype=np.float32),
+        )
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+def seed_stream(start: int) -> Iterator[int]:
+    """Consecutive integer seeds from ``start``."""
+    seed = start
+    while True:
+        yield seed
+        seed += 1
+
+
+def fleet_stats(episodes: list[Episode]) -> dict[str, Any]:
+    lengths = np.array([e.length for e in episodes])
+    return {"episodes": len(episodes), "env_steps": int(lengths.sum()),
+            "mean_length": float(lengths.mean()) if len(lengths) else float("nan")}

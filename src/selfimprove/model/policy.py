@@ -1,0 +1,131 @@
+"""The embodied model: one trunk, a behaviour-cloning head over action tokens, a steps-to-go head.
+
+``d(o, g) = E[steps-to-go]`` under the categorical steps-to-go head is what the frozen copy turns
+into a reward and a success detector in Stage 2; the trainable copy acts with the action head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from selfimprove.model.tokens import ActionTokenizer
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild the network; stored in every checkpoint."""
+
+    domain: str
+    obs_shapes: dict[str, list[int]]  # name -> per-frame shape of each observation the model reads
+    action_low: list[float]
+    action_high: list[float]
+    action_bins: int = 21
+    max_steps: int = 100
+    hidden: int = 256
+    layers: int = 3
+    dropout: float = 0.0
+    encoder: str = "mlp"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_low)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class MLPEncoder(nn.Module):
+    """Flattens vector observations into one normalised feature vector."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.keys = sorted(spec.obs_shapes)
+        dim = sum(int(np.prod(spec.obs_shapes[k])) for k in self.keys)
+        self.register_buffer("obs_mean", torch.zeros(dim))
+        self.register_buffer("obs_std", torch.ones(dim))
+        layers: list[nn.Module] = []
+        width = dim
+        for _ in range(spec.layers):
+            layers += [nn.Linear(width, spec.hidden), nn.LayerNorm(spec.hidden), nn.GELU()]
+            if spec.dropout:
+                layers.append(nn.Dropout(spec.dropout))
+            width = spec.hidden
+        self.net = nn.Sequential(*layers)
+        self.out_dim = width
+
+    def set_normalization(self, mean: np.ndarray, std: np.ndarray) -> None:
+        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
+
+    def flatten(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        parts = [obs[k].reshape(obs[k].shape[0], -1).float() for k in self.keys]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.net((self.flatten(obs) - self.obs_mean) / self.obs_std)
+
+
+ENCODERS = {"mlp": MLPEncoder}
+
+
+class EmbodiedModel(nn.Module):
+    """Shared trunk with two heads; see the module docstring."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        if spec.encoder not in ENCODERS:
+            raise ValueError(f"unknown encoder {spec.encoder!r}; known: {sorted(ENCODERS)}")
+        self.spec = spec
+        self.tokenizer = ActionTokenizer(spec.action_low, spec.action_high, spec.action_bins)
+        self.encoder = ENCODERS[spec.encoder](spec)
+        self.action_head = nn.Linear(self.encoder.out_dim, spec.action_dim * spec.action_bins)
+        self.stg_head = nn.Linear(self.encoder.out_dim, spec.max_steps + 1)
+        self.register_buffer("stg_values", torch.arange(spec.max_steps + 1, dtype=torch.float32))
+
+    def forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (action logits [B, action_dim, bins], steps-to-go logits [B, max_steps + 1])."""
+        h = self.encoder(obs)
+        action_logits = self.action_head(h).view(h.shape[0], self.spec.action_dim, self.spec.action_bins)
+        return action_logits, self.stg_head(h)
+
+    def action_distribution(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-dimension categorical logits over action bins, [B, action_dim, bins]."""
+        return self.forward(obs)[0]
+
+    def steps_to_go_distribution(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Categorical logits over steps-to-go 0..max_steps, [B, max_steps + 1]."""
+        return self.forward(obs)[1]
+
+    def expected_steps_to_go(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """d(o, g): the expectation of the steps-to-go distribution, [B]."""
+        return expected_steps(self.steps_to_go_distribution(obs), self.stg_values)
+
+    @staticmethod
+    def token_log_prob(action_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log pi(a | o, g) of token vectors [B, action_dim]: the sum over dimensions."""
+        logp = torch.log_softmax(action_logits, dim=-1)
+        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+
+    @torch.no_grad()
+    def sample_tokens(self, action_logits: torch.Tensor, temperature: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample tokens per dimension; temperature 0 takes the most likely bin (greedy)."""
+        if temperature <= 0:
+            return action_logits.argmax(-1)
+        probs = torch.softmax(action_logits / temperature, dim=-1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+
+
+def expected_steps(stg_logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    return (torch.softmax(stg_logits, dim=-1) * values).sum(-1)
+
+
+def to_tensors(obs: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}

@@ -1,0 +1,208 @@
+"""Stage 2: Self-Improvement, the learner side.
+
+A frozen copy of the SFT checkpoint is the reward model and success detector; a separate copy is
+the policy, the only thing trained. Each iteration: the fleet collects on-policy episodes until a
+batch of ``steps_per_iteration`` env steps is full; the learner computes Monte Carlo returns of the
+steps-to-go reward and takes REINFORCE steps (``-c * R_t * log pi(a_t | o_t, g)``); the batch is
+dropped and the new weights go to the fleet. Every iteration is checkpointed with everything needed
+to continue it bit for bit (``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from selfimprove.config import RunConfig
+from selfimprove.data.episode import Episode
+from selfimprove.data.store import EpisodeStore, EpisodeWriter, split_episodes, truncate_store
+from selfimprove.domains import IMPROVE_SEED_BASE, make_env
+from selfimprove.errors import RunStateError
+from selfimprove.evaluate import evaluate
+from selfimprove.fleet.local import LocalFleet, seed_stream
+from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
+                                          restore_optimizer, save_checkpoint)
+from selfimprove.model.policy import EmbodiedModel
+from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
+from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
+from selfimprove.train.sft import checkpoint_dir, sft_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+def improve_checkpoint(config: RunConfig) -> Path:
+    return checkpoint_dir(config) / "improve"
+
+
+def episodes_dir(config: RunConfig) -> Path:
+    return config.run_dir / "improve_episodes"
+
+
+@torch.no_grad()
+def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np.ndarray]:
+    """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels."""
+    store = EpisodeStore(config.dataset_path)
+    _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
+    frames = store.frames(val_idx)
+    obs = {k: torch.as_tensor(v) for k, v in frames.observations.items() if k in reward.model.spec.obs_shapes}
+    d = np.concatenate([reward.steps_to_go({k: v[i:i + 8192] for k, v in obs.items()})
+                        for i in range(0, len(frames.frame_index), 8192)])
+    true = frames.extras.get("info.is_success", frames.is_terminal)
+    return {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool)}
+
+
+def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[str, Any]:
+    """Choose the success threshold ``s`` on held-out demos (or take the configured one)."""
+    probe = StepsToGoReward(reward_model, threshold=0.0)
+    frames = demo_steps_to_go(probe, config)
+    recommended, _ = calibrate_threshold(frames["d"], frames["goal_frame"])
+    fixed = config.improve.success_threshold
+    return {
+        "threshold": float(fixed) if fixed is not None else recommended,
+        "recommended": recommended,
+        "source": "config" if fixed is not None else "calibrated on held-out demos (max F1 vs goal frames)",
+        "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
+        "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
+        "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
+    }
+
+
+def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float
+                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Flatten episodes into (observations o_0..o_{T-1}, action tokens, Monte Carlo returns)."""
+    keys = sorted(policy.spec.obs_shapes)
+    obs = {k: torch.as_tensor(np.concatenate([e.observations[k][:-1] for e in episodes])) for k in keys}
+    tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in episodes])))
+    returns = np.concatenate([discounted_returns(StepsToGoReward.reward(e.stg[:-1], e.stg[1:]), gamma)
+                              for e in episodes])
+    return obs, tokens, torch.as_tensor(returns)
+
+
+def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, obs: dict[str, torch.Tensor],
+                     tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
+                     generator: torch.Generator) -> dict[str, float]:
+    """Plain REINFORCE: shuffled minibatches of ``-c * R_t * log pi(a_t | o_t, g)``."""
+    cfg = config.improve
+    policy.train()
+    n = len(returns)
+    losses, norms = [], []
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.minibatch_size):
+            idx = order[start:start + cfg.minibatch_size]
+            logits, _ = policy({k: v[idx] for k, v in obs.items()})
+            logp = EmbodiedModel.token_log_prob(logits / cfg.temperature, tokens[idx])
+            loss = -(cfg.loss_scale * returns[idx] * logp).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    policy.eval()
+    return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)), "updates": len(losses)}
+
+
+def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool = False,
+            progress: bool = True) -> Path:
+    """Run Stage 2 and return the path of the ``improve`` checkpoint (the trained policy)."""
+    cfg = config.improve
+    sft_path = Path(sft_path) if sft_path is not None else sft_checkpoint(config)
+    latest = improve_checkpoint(config)
+    if latest.exists() and not resume:
+        raise RunStateError(f"{latest} already exists; pass --resume to continue it or choose another --name")
+    prepare_run(config)
+    seed_everything(config.seed, config.torch_threads)
+    reward_model, _ = load_checkpoint(sft_path, expect_domain=config.domain)
+    policy, _ = load_checkpoint(sft_path, expect_domain=config.domain)  # a separate, trainable copy
+    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+    metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+    start, history = 0, []
+    counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
+    if resume and latest.exists():
+        policy, _ = load_checkpoint(latest, expect_domain=config.domain)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
+        tensors, state = load_train_state(latest)
+        restore_optimizer(optimizer, tensors, state)
+        start, history, counters = int(state["iteration"]), state["history"], state["counters"]
+        detector = state["detector"]
+        truncate_store(episodes_dir(config), counters["files_written"])
+        log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", start, counters["robot_episodes"])
+    else:
+        detector = calibrate_detector(reward_model, config)
+        if episodes_dir(config).exists():
+            truncate_store(episodes_dir(config), 0)
+    (config.run_dir / "detector.json").write_text(json.dumps(detector, indent=2) + "\n")
+    metrics.keep(lambda r: r.get("stage") != "improve")
+    for record in history:
+        metrics.append(record)
+    reward = StepsToGoReward(reward_model, detector["threshold"])
+    fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), policy.spec, cfg.robots, reward)
+    writer = EpisodeWriter(episodes_dir(config), fps=10)
+    if start == 0 and cfg.eval_every > 0:
+        record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
+                  **_eval_point(config, sft_path)}
+        history.append(record)
+        metrics.append(record)
+    bar = tqdm(range(start, cfg.iterations), desc="improve", unit="it", disable=not progress,
+               initial=start, total=cfg.iterations)
+    try:
+        for it in bar:
+            t0 = time.time()
+            generator = torch_generator(config.seed, 2, it)
+            seeds = seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000)
+            episodes = fleet.collect(policy.state_dict(), version=it, seeds=seeds,
+                                     n_steps=cfg.steps_per_iteration, temperature=cfg.temperature,
+                                     generator=generator)
+            t_collect = time.time() - t0
+            obs, tokens, returns = reinforce_batch(episodes, policy, cfg.gamma)
+            update = reinforce_update(policy, optimizer, obs, tokens, returns, config, generator)
+            t_update = time.time() - t0 - t_collect
+            writer.extend(episodes)
+            writer.flush()
+            counters["robot_episodes"] += len(episodes)
+            counters["env_steps"] += int(sum(e.length for e in episodes))
+            counters["files_written"] += 1
+            lengths = np.array([e.length for e in episodes])
+            record = {
+                "stage": "improve", "iteration": it + 1, **{k: counters[k] for k in ("robot_episodes", "env_steps")},
+                "batch_episodes": len(episodes), "batch_mean_length": float(lengths.mean()),
+                "detected_success_rate": float(np.mean([e.meta["ended_by"] == "detector" for e in episodes])),
+                "mean_return": float(returns.mean()), **update,
+                # diagnostics only: the learner above never reads the simulator's success flag
+                "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
+                "collect_s": round(t_collect, 3), "update_s": round(t_update, 3),
+            }
+            if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
+                tmp = checkpoint_dir(config) / "improve_eval"
+                save_checkpoint(policy, tmp, meta={"stage": "improve", "iteration": it + 1})
+                record.update(_eval_point(config, tmp))
+            history.append(record)
+            tensors, opt_meta = optimizer_state_tensors(optimizer)
+            save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": it + 1, "seed": config.seed,
+                                                  "sft": str(sft_path), "threshold": detector["threshold"]},
+                            train_state=tensors,
+                            train_meta={**opt_meta, "iteration": it + 1, "history": history,
+                                        "counters": counters, "detector": detector})
+            metrics.append(record)
+            bar.set_postfix(len=f"{record['batch_mean_length']:.1f}",
+                            det=f"{record['detected_success_rate']:.2f}")
+    finally:
+        fleet.close()
+        import shutil
+        shutil.rmtree(checkpoint_dir(config) / "improve_eval", ignore_errors=True)
+    if not latest.exists():  # zero iterations: the policy is the SFT policy
+        save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": 0, "sft": str(sft_path)})
+    return latest
+
+
+def _eval_point(config: RunConfig, checkpoint: Path) -> dict[str, Any]:
+    result = evaluate(config, checkpoint, episodes=config.improve.eval_episodes)
+    return {"eval_success_rate": result["success_rate"], "eval_ci95": result["ci95"],
+            "eval_mean_length": result["mean_episode_length"]}

@@ -1,0 +1,170 @@
+"""Stage 1: supervised fine-tuning with the behaviour-cloning and steps-to-go losses summed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from selfimprove.config import RunConfig
+from selfimprove.data.store import EpisodeStore, Frames, split_episodes
+from selfimprove.domains import make_env, model_spec
+from selfimprove.errors import DatasetError
+from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
+                                          read_checkpoint_config, restore_optimizer, save_checkpoint)
+from selfimprove.model.policy import EmbodiedModel
+from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_dir(config: RunConfig) -> Path:
+    return config.run_dir / "checkpoints"
+
+
+def sft_checkpoint(config: RunConfig) -> Path:
+    return checkpoint_dir(config) / "sft"
+
+
+class FrameBatches:
+    """Frames as torch tensors, with BC targets (tokens) and steps-to-go labels, for fast batching."""
+
+    def __init__(self, frames: Frames, model: EmbodiedModel) -> None:
+        self.obs = {k: torch.as_tensor(v) for k, v in frames.observations.items() if k in model.spec.obs_shapes}
+        self.tokens = torch.as_tensor(model.tokenizer.tokenize(frames.actions))
+        self.has_action = torch.as_tensor(~frames.is_terminal)
+        self.stg = torch.as_tensor(np.minimum(frames.steps_to_go, model.spec.max_steps))
+        self.size = len(self.stg)
+
+    def batch(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+        return ({k: v[idx] for k, v in self.obs.items()}, self.tokens[idx], self.has_action[idx], self.stg[idx])
+
+
+def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch.Tensor,
+               has_action: torch.Tensor, stg: torch.Tensor) -> dict[str, torch.Tensor]:
+    """BC cross-entropy over action tokens (non-terminal frames) and steps-to-go cross-entropy."""
+    action_logits, stg_logits = model(obs)
+    bc_all = F.cross_entropy(action_logits.permute(0, 2, 1), tokens, reduction="none").sum(-1)
+    mask = has_action.float()
+    bc = (bc_all * mask).sum() / mask.sum().clamp_min(1.0)
+    stg_loss = F.cross_entropy(stg_logits, stg)
+    with torch.no_grad():
+        d = torch.softmax(stg_logits, -1) @ model.stg_values
+        mae = (d - stg.float()).abs().mean()
+        acc = ((action_logits.argmax(-1) == tokens).all(-1).float() * mask).sum() / mask.sum().clamp_min(1.0)
+    return {"bc": bc, "stg": stg_loss, "stg_mae": mae, "bc_token_acc": acc}
+
+
+def _load_split(config: RunConfig) -> tuple[Frames, Frames, EpisodeStore]:
+    store = EpisodeStore(config.dataset_path)
+    train_idx, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
+    train, val = store.frames(train_idx), store.frames(val_idx)
+    longest = int(max(train.episode_lengths.max(), val.episode_lengths.max()))
+    if longest > config.model.max_steps:
+        raise DatasetError(f"{store.root} holds an episode of {longest} steps but model.max_steps is "
+                           f"{config.model.max_steps}; raise model.max_steps to cover the longest episode")
+    return train, val, store
+
+
+def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train Stage 1 and return the path of the ``sft`` checkpoint.
+
+    With ``resume`` a finished checkpoint is reused and an interrupted one continues from its last
+    saved step; without it an existing ``sft`` checkpoint is an error (nothing is overwritten).
+    """
+    final = sft_checkpoint(config)
+    state_path = checkpoint_dir(config) / "sft_state"
+    if final.exists():
+        if resume:
+            read_checkpoint_config(final)
+            log.info("sft checkpoint %s exists; skipping stage 1", final)
+            return final
+        from selfimprove.errors import RunStateError
+        raise RunStateError(f"{final} already exists; pass --resume to reuse it or choose another --name")
+    prepare_run(config)
+    seed_everything(config.seed, config.torch_threads)
+    train, val, store = _load_split(config)
+    env = make_env(config)
+    spec = model_spec(config, env)
+    env.close()
+    model = EmbodiedModel(spec)
+    obs_all = model.encoder.flatten({k: torch.as_tensor(v) for k, v in train.observations.items()}).numpy()
+    model.encoder.set_normalization(obs_all.mean(0), obs_all.std(0))
+    cfg = config.sft
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+    start = 0
+    if resume and state_path.exists():
+        model, meta = load_checkpoint(state_path, expect_domain=config.domain)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        tensors, train_meta = load_train_state(state_path)
+        restore_optimizer(optimizer, tensors, train_meta)
+        start = int(train_meta["step"])
+        metrics.keep(lambda r: r.get("stage") != "sft" or r.get("step", 0) <= start)
+        log.info("resuming stage 1 at step %d", start)
+    else:
+        metrics.keep(lambda r: r.get("stage") != "sft")
+    data, held_out = FrameBatches(train, model), FrameBatches(val, model)
+    log.info("stage 1: %d train frames (%d episodes), %d held-out frames", data.size,
+             len(train.episode_lengths), held_out.size)
+    block = max(1, cfg.checkpoint_every)
+    generator = torch_generator(config.seed, 1, start // block)
+    bar = tqdm(range(start, cfg.steps), desc="sft", unit="step", disable=not progress, initial=start, total=cfg.steps)
+    t0, running = time.time(), {}
+    model.train()
+    for step in bar:
+        if step % block == 0:
+            generator = torch_generator(config.seed, 1, step // block)
+        idx = torch.randint(0, data.size, (cfg.batch_size,), generator=generator)
+        losses = sft_losses(model, *data.batch(idx))
+        loss = losses["bc"] + cfg.stg_weight * losses["stg"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for k, v in losses.items():
+            value = float(v.detach())
+            running[k] = running[k] * 0.98 + value * 0.02 if k in running else value
+        done = step + 1
+        if done % 50 == 0:
+            bar.set_postfix(bc=f"{running['bc']:.3f}", stg=f"{running['stg']:.3f}")
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            record = {"stage": "sft", "step": done, "time_s": round(time.time() - t0, 2),
+                      **{f"train_{k}": round(v, 5) for k, v in running.items()},
+                      **{f"val_{k}": v for k, v in evaluate_losses(model, held_out).items()}}
+            metrics.append(record)
+            model.train()
+        if done % block == 0 and done < cfg.steps:
+            tensors, meta = optimizer_state_tensors(optimizer)
+            save_checkpoint(model, state_path, meta={"stage": "sft", "step": done},
+                            train_state=tensors, train_meta={**meta, "step": done})
+    model.eval()
+    save_checkpoint(model, final, meta={"stage": "sft", "step": cfg.steps, "seed": config.seed,
+                                        "dataset": str(store.root), "fraction": config.data.fraction,
+                                        "train_episodes": int(len(train.episode_lengths))})
+    import shutil
+    shutil.rmtree(state_path, ignore_errors=True)
+    return final
+
+
+@torch.no_grad()
+def evaluate_losses(model: EmbodiedModel, frames: FrameBatches, batch_size: int = 4096) -> dict[str, float]:
+    """Mean held-out losses and metrics over all frames."""
+    model.eval()
+    sums: dict[str, float] = {}
+    for start in range(0, frames.size, batch_size):
+        idx = torch.arange(start, min(start + batch_size, frames.size))
+        for k, v in sft_losses(model, *frames.batch(idx)).items():
+            sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
+    return {k: round(v / frames.size, 5) for k, v in sums.items()}
+
+
+def summarize_dataset(frames: Frames) -> dict[str, Any]:
+    lengths = frames.episode_lengths
+    return {"episodes": int(len(lengths)), "frames": int(lengths.sum() + len(lengths)),
+            "mean_length": float(lengths.mean()), "max_length": int(lengths.max())}
