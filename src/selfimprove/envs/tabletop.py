@@ -9,7 +9,6 @@ every difference from the original.
 from __future__ import annotations
 
 import logging
-import math
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -182,7 +181,7 @@ class TabletopEnv(gym.Env):
         max_episode_steps: int = 200,
         terminate_on_success: bool = True,
         render_frames: int = 2,
-        physics_substeps: int = 5,
+        physics_substeps: int = 10,
         pusher_max_speed: float = 1.0,
         pusher_max_force: float = 20.0,
         pusher_mass: float = 0.1,
@@ -388,7 +387,8 @@ class TabletopEnv(gym.Env):
         space = pymunk.Space()
         space.gravity = (0.0, 0.0)
         space.iterations = 10
-        static = space.static_body
+        # resolve overlaps faster than chipmunk's default (10%/60 Hz tick): fast pushes sink less
+        space.collision_bias = 0.5**60
         self._add_walls(space)
         self._blocks = []
         for geom, xy, ang in zip(self._geoms, block_xy, angles):
@@ -406,7 +406,6 @@ class TabletopEnv(gym.Env):
         joint.max_force = self.pusher_max_force * _S
         joint.error_bias = 1e-10  # stiff tracking; max_bias caps the speed
         space.add(control, pusher, circle, joint)
-        del static
         self._space, self._pusher, self._control = space, pusher, control
         self._cache = None
         self._target = np.array(pusher_xy, dtype=np.float64)

@@ -147,7 +147,7 @@ def _avoid(eff: np.ndarray, dest: np.ndarray, xy: np.ndarray, radii: np.ndarray,
         clearance = (radii[j] + PUSHER_RADIUS + 0.004) if j != idx else contact + 0.004
         rel = c - eff
         t = float(rel @ d)
-        if t <= 0.0 or t >= length + (0.0 if j != idx else 0.0):
+        if t <= 0.0 or t >= length:
             continue
         perp = rel - t * d
         if np.linalg.norm(perp) < clearance and t < best_t:

@@ -17,10 +17,17 @@ import torch
 
 from selfimprove.data.episode import Episode
 from selfimprove.domains import observation_dict
+from selfimprove.errors import SelfImproveError
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
 
 log = logging.getLogger(__name__)
+
+MAX_REDRAWS = 100  # start boards in a row the detector may call solved before we call it broken
+
+
+class DetectorError(SelfImproveError):
+    """The success detector fires on (almost) every board: the threshold or reward model is wrong."""
 
 
 @dataclass
@@ -63,7 +70,7 @@ class LocalFleet:
 
     def _reset(self, slot: _Slot, env: gym.Env, seeds: Iterator[int]) -> None:
         """Start a new episode; boards the detector already calls solved are re-drawn."""
-        while True:
+        for _ in range(MAX_REDRAWS):
             slot.seed = int(next(seeds))
             obs, info = env.reset(seed=slot.seed)
             o = observation_dict(obs)
@@ -78,6 +85,10 @@ class LocalFleet:
             slot.success, slot.stg = [bool(info.get("is_success", False))], [d0]
             slot.active = True
             return
+        raise DetectorError(
+            f"the success detector fired on {MAX_REDRAWS} start boards in a row (threshold "
+            f"{self.reward.threshold:g}); it is mis-calibrated: lower improve.success_threshold or check the "
+            "reward model checkpoint")
 
     def collect(self, weights: dict[str, torch.Tensor], version: int, *, seeds: Iterator[int],
                 n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,

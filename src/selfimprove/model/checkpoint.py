@@ -39,6 +39,15 @@ def _write_dir_atomically(path: Path, write) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def recover_checkpoint(path: str | Path) -> bool:
+    """Finish a swap that a crash interrupted; returns whether a checkpoint now exists at ``path``."""
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        old.rename(path)
+    return path.exists()
+
+
 def save_checkpoint(model: EmbodiedModel, path: str | Path, meta: dict[str, Any] | None = None,
                     train_state: dict[str, torch.Tensor] | None = None,
                     train_meta: dict[str, Any] | None = None) -> Path:
@@ -65,7 +74,7 @@ def save_checkpoint(model: EmbodiedModel, path: str | Path, meta: dict[str, Any]
 def read_checkpoint_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     config_path = path / "config.json"
-    if not path.exists():
+    if not recover_checkpoint(path):
         raise CheckpointError(f"no checkpoint at {path}: run the stage that makes it (e.g. `selfimprove sft`) "
                               "or pass the right path")
     if not config_path.exists():

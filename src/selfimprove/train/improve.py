@@ -28,7 +28,7 @@ from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
-                                          restore_optimizer, save_checkpoint)
+                                          recover_checkpoint, restore_optimizer, save_checkpoint)
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
@@ -62,7 +62,10 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[s
     """Choose the success threshold ``s`` on held-out demos (or take the configured one)."""
     probe = StepsToGoReward(reward_model, threshold=0.0)
     frames = demo_steps_to_go(probe, config)
-    recommended, _ = calibrate_threshold(frames["d"], frames["goal_frame"])
+    recommended, table = calibrate_threshold(frames["d"], frames["goal_frame"])
+    if max(row["f1"] for row in table) == 0:
+        log.warning("the steps-to-go head does not separate goal frames on held-out demos (no threshold "
+                    "fires on them); Stage 2 will see no detected success. Train Stage 1 longer.")
     fixed = config.improve.success_threshold
     return {
         "threshold": float(fixed) if fixed is not None else recommended,
@@ -115,7 +118,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     cfg = config.improve
     sft_path = Path(sft_path) if sft_path is not None else sft_checkpoint(config)
     latest = improve_checkpoint(config)
-    if latest.exists() and not resume:
+    if recover_checkpoint(latest) and not resume:
         raise RunStateError(f"{latest} already exists; pass --resume to continue it or choose another --name")
     prepare_run(config)
     seed_everything(config.seed, config.torch_threads)

@@ -17,7 +17,8 @@ from selfimprove.data.store import EpisodeStore, Frames, split_episodes
 from selfimprove.domains import make_env, model_spec
 from selfimprove.errors import DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
-                                          read_checkpoint_config, restore_optimizer, save_checkpoint)
+                                          read_checkpoint_config, recover_checkpoint, restore_optimizer,
+                                          save_checkpoint)
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 
@@ -80,7 +81,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """
     final = sft_checkpoint(config)
     state_path = checkpoint_dir(config) / "sft_state"
-    if final.exists():
+    recover_checkpoint(state_path)
+    if recover_checkpoint(final):
         if resume:
             read_checkpoint_config(final)
             log.info("sft checkpoint %s exists; skipping stage 1", final)

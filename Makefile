@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv if missing.
+PYTHON ?= python3
+VENV := .venv
+PIP := $(VENV)/bin/pip install -c constraints.txt
+STAMP := $(VENV)/.installed
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -q --upgrade pip
+	$(PIP) -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job on the embedded default: the whole method on the point-mass domain (CPU, offline).
+demo: $(STAMP)
+	$(VENV)/bin/selfimprove run pointmass --resume
+	@echo "report: runs/pointmass/report.md"
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

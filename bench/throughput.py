@@ -1,0 +1,107 @@
+"""Throughput of the point-mass pipeline's hot loops on this machine.
+
+Prints a table of SFT samples/s (batch 256, for 1 and 2 torch threads), fleet env-steps/s with
+batched policy + reward-model inference (for 1, 4, 16 robots), and the REINFORCE update rate; the last
+line is one JSON object with every figure. Usage: ``python bench/throughput.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from selfimprove.config import load_config
+from selfimprove.data.collect import collect_demos
+from selfimprove.data.store import EpisodeStore
+from selfimprove.domains import make_env, model_spec
+from selfimprove.fleet.local import LocalFleet, seed_stream
+from selfimprove.model.policy import EmbodiedModel
+from selfimprove.reward import StepsToGoReward
+from selfimprove.train.improve import reinforce_batch, reinforce_update
+from selfimprove.train.sft import FrameBatches, sft_losses
+
+
+def bench_sft(config, frames, threads: int, seconds: float) -> float:
+    torch.set_num_threads(threads)
+    env = make_env(config)
+    model = EmbodiedModel(model_spec(config, env))
+    data = FrameBatches(frames, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    g = torch.Generator().manual_seed(0)
+    steps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        idx = torch.randint(0, data.size, (config.sft.batch_size,), generator=g)
+        losses = sft_losses(model, *data.batch(idx))
+        opt.zero_grad()
+        (losses["bc"] + losses["stg"]).backward()
+        opt.step()
+        steps += 1
+    return steps * config.sft.batch_size / (time.perf_counter() - t0)
+
+
+def bench_fleet(config, robots: int, steps: int) -> tuple[float, float, list]:
+    torch.set_num_threads(1)
+    env = make_env(config)
+    spec = model_spec(config, env)
+    policy = EmbodiedModel(spec)
+    reward = StepsToGoReward(EmbodiedModel(spec), threshold=-1.0)  # never fires: full-length episodes
+    fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), spec, robots, reward)
+    fleet.collect(policy.state_dict(), 0, seeds=seed_stream(0), n_steps=robots * 10)  # warm-up
+    t0 = time.perf_counter()
+    episodes = fleet.collect(policy.state_dict(), 1, seeds=seed_stream(10_000), n_steps=steps,
+                             generator=torch.Generator().manual_seed(0))
+    elapsed = time.perf_counter() - t0
+    return sum(e.length for e in episodes) / elapsed, elapsed, episodes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter measurements")
+    args = parser.parse_args()
+    seconds = 2.0 if args.quick else 6.0
+    fleet_steps = 2048 if args.quick else 8192
+    with tempfile.TemporaryDirectory() as tmp:
+        config = load_config("pointmass", [f"runs_dir={tmp}", "data.episodes=300"])
+        collect_demos(config, progress=False)
+        frames = EpisodeStore(config.dataset_path).frames()
+        rows, figures = [], {}
+        for threads in (1, 2):
+            rate = bench_sft(config, frames, threads, seconds)
+            rows.append((f"SFT, batch {config.sft.batch_size}, {threads} torch thread(s)", f"{rate:,.0f} samples/s"))
+            figures[f"sft_samples_per_s_threads{threads}"] = round(rate, 1)
+        episodes = None
+        for robots in (1, 4, 16):
+            rate, _, episodes = bench_fleet(config, robots, fleet_steps)
+            rows.append((f"fleet, {robots} robot(s), policy + reward inference", f"{rate:,.0f} env-steps/s"))
+            figures[f"fleet_env_steps_per_s_robots{robots}"] = round(rate, 1)
+        spec = model_spec(config, make_env(config))
+        policy = EmbodiedModel(spec)
+        obs, tokens, returns = reinforce_batch(episodes, policy, 0.9)
+        opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
+        t0 = time.perf_counter()
+        reinforce_update(policy, opt, obs, tokens, returns, config, torch.Generator().manual_seed(0))
+        rate = len(returns) / (time.perf_counter() - t0)
+        rows.append((f"REINFORCE update, minibatch {config.improve.minibatch_size}", f"{rate:,.0f} samples/s"))
+        figures["reinforce_samples_per_s"] = round(rate, 1)
+        figures["fleet_speedup_16_vs_1_robot"] = round(
+            figures["fleet_env_steps_per_s_robots16"] / figures["fleet_env_steps_per_s_robots1"], 2)
+        figures["sft_speedup_2_vs_1_thread"] = round(
+            figures["sft_samples_per_s_threads2"] / figures["sft_samples_per_s_threads1"], 2)
+    width = max(len(r[0]) for r in rows)
+    print(f"{'measurement'.ljust(width)}  rate")
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    print(f"{'fleet speed-up, 16 robots vs 1'.ljust(width)}  {figures['fleet_speedup_16_vs_1_robot']}x")
+    print(f"{'SFT speed-up, 2 threads vs 1'.ljust(width)}  {figures['sft_speedup_2_vs_1_thread']}x")
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The ``selfimprove`` command. It only parses and prints; each subcommand is one API call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from selfimprove.config import RunConfig, available_presets, load_config
+from selfimprove.errors import SelfImproveError
+
+# flag -> config field; every flag maps to a field so a run's config.json says everything.
+FLAG_FIELDS = {
+    "name": "name", "seed": "seed", "runs_dir": "runs_dir", "episodes": "data.episodes",
+    "fraction": "data.fraction", "dataset": "data.path", "workers": "data.collect_workers",
+    "steps": "sft.steps", "iterations": "improve.iterations", "robots": "improve.robots",
+    "threshold": "improve.success_threshold", "eval_episodes": "eval.episodes",
+    "temperature": "eval.temperature", "threads": "torch_threads",
+}
+
+
+def _common(p: argparse.ArgumentParser, *flags: str) -> None:
+    p.add_argument("preset", nargs="?", default="pointmass",
+                   help=f"preset name in configs/ ({', '.join(available_presets())}) or a .toml path")
+    p.add_argument("--quick", action="store_true", help="use the '<preset>-quick' preset (tiny data and model)")
+    p.add_argument("--name", help="run name: outputs go to runs/<name>/")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--runs-dir", dest="runs_dir")
+    p.add_argument("--threads", type=int, help="torch threads per process (1 is fastest for small models)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any config field, e.g. --set improve.lr=1e-4 (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    for flag in flags:
+        {
+            "episodes": lambda: p.add_argument("--episodes", type=int, help="number of demos (data.episodes)"),
+            "fraction": lambda: p.add_argument("--fraction", type=float, help="share of the training split for SFT"),
+            "dataset": lambda: p.add_argument("--dataset", help="episode store to train on (data.path)"),
+            "workers": lambda: p.add_argument("--workers", type=int, help="parallel collection processes"),
+            "steps": lambda: p.add_argument("--steps", type=int, help="SFT gradient steps"),
+            "iterations": lambda: p.add_argument("--iterations", type=int, help="Self-Improvement iterations"),
+            "robots": lambda: p.add_argument("--robots", type=int, help="robots in the fleet"),
+            "threshold": lambda: p.add_argument("--threshold", type=float, help="success threshold s (default: calibrated)"),
+            "eval_episodes": lambda: p.add_argument("--eval-episodes", dest="eval_episodes", type=int),
+            "temperature": lambda: p.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)"),
+            "resume": lambda: p.add_argument("--resume", action="store_true",
+                                             help="continue the run in runs/<name>/; finished work is kept"),
+        }[flag]()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfimprove", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("collect", help="write expert demonstrations to an episode store")
+    _common(p, "episodes", "workers")
+    p.add_argument("--out", help="store folder (default runs/<name>/demos)")
+    p = sub.add_parser("sft", help="stage 1: BC + steps-to-go fine-tuning")
+    _common(p, "dataset", "fraction", "steps", "resume")
+    p = sub.add_parser("improve", help="stage 2: Self-Improvement from an SFT checkpoint")
+    _common(p, "dataset", "fraction", "iterations", "robots", "threshold", "resume")
+    p.add_argument("--sft", help="SFT checkpoint (default runs/<name>/checkpoints/sft)")
+    p = sub.add_parser("eval", help="true success rate of a checkpoint on fixed eval seeds")
+    _common(p, "eval_episodes", "temperature")
+    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("run", help="the whole pipeline: collect -> sft -> improve -> eval -> report")
+    _common(p, "episodes", "fraction", "steps", "iterations", "robots", "threshold", "eval_episodes", "resume",
+            "workers")
+    p = sub.add_parser("report", help="rebuild runs/<name>/report.md from the run's files")
+    p.add_argument("run_dir")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    preset = args.preset
+    if getattr(args, "quick", False) and not preset.endswith("-quick") and not preset.endswith(".toml"):
+        preset = f"{preset}-quick"
+    overrides = list(args.set)
+    for flag, field in FLAG_FIELDS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{field}={value}")
+    return load_config(preset, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except SelfImproveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished work is saved; continue with --resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import selfimprove as si
+
+    if args.command == "report":
+        print(si.write_report(Path(args.run_dir)))
+        return 0
+    config = config_from_args(args)
+    progress = not args.no_progress
+    if args.command == "collect":
+        path = si.collect_demos(config, out=args.out, progress=progress)
+        print(f"wrote {config.data.episodes} episodes to {path}")
+    elif args.command == "sft":
+        print(si.sft(config, resume=args.resume, progress=progress))
+    elif args.command == "improve":
+        print(si.improve(config, sft_path=args.sft, resume=args.resume, progress=progress))
+    elif args.command == "eval":
+        result = si.evaluate(config, args.checkpoint)
+        print(json.dumps(result, indent=2))
+    elif args.command == "run":
+        summary = si.run_pipeline(config, resume=args.resume, progress=progress)
+        _print_summary(config, summary)
+    return 0
+
+
+def _print_summary(config: RunConfig, summary: dict) -> None:
+    print(f"\nrun {config.name} ({summary['domain']}, seed {summary['seed']}, {summary['wall_time_s']:.0f} s)")
+    for stage in ("sft", "improve"):
+        s = summary[stage]
+        extra = f", {s['robot_episodes']} robot episodes" if "robot_episodes" in s else ""
+        print(f"  {stage:8s} success {s['success_rate']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}], "
+              f"mean length {s['mean_episode_length']:.1f} over {s['eval_episodes']} episodes{extra}")
+    print(f"  report: {config.run_dir / 'report.md'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The whole method in one call: collect -> sft -> eval -> improve -> eval -> report.
+
+Every step saves its result in the run folder and is skipped on ``resume`` when that result
+exists, so a killed run continues where it stopped and nothing finished is recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from selfimprove.config import RunConfig
+from selfimprove.data.collect import collect_demos
+from selfimprove.data.store import EpisodeStore
+from selfimprove.errors import RunStateError
+from selfimprove.evaluate import evaluate
+from selfimprove.reward import detector_table
+from selfimprove.runlog import prepare_run
+from selfimprove.train.improve import episodes_dir, improve
+from selfimprove.train.sft import sft
+
+log = logging.getLogger(__name__)
+
+
+def _json_step(path: Path, resume: bool, compute) -> dict[str, Any]:
+    if resume and path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(path)
+    return result
+
+
+def rollout_detector_diagnostics(config: RunConfig) -> dict[str, Any]:
+    """Detector precision/recall per frame on Stage-2 rollouts against the simulator's success flag."""
+    root = episodes_dir(config)
+    if not (root / "meta" / "info.json").exists():
+        return {}
+    frames = EpisodeStore(root).frames()
+    d, true = frames.extras.get("stg"), frames.extras.get("info.is_success")
+    if d is None or true is None:
+        return {}
+    threshold = json.loads((config.run_dir / "detector.json").read_text())["threshold"]
+    true = true.astype(bool)
+    fired = detector_table(d, true, np.array([threshold]))[0]
+    ends = frames.episode_start + frames.episode_lengths  # row of each episode's last frame
+    detected = d[ends] <= threshold
+    reached = np.logical_or.reduceat(true, frames.episode_start)
+    episodes = {
+        "episodes": int(len(ends)),
+        "detector_ended": int(detected.sum()),
+        "detector_ended_truly_successful": float(true[ends][detected].mean()) if detected.any() else None,
+        "truly_successful_detected": float(detected[reached].mean()) if reached.any() else None,
+    }
+    return {"threshold": threshold, "frames": int(len(d)), **fired, "episode_level": episodes,
+            "per_threshold": detector_table(d, true)}
+
+
+def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run every stage for ``config`` and return the summary (also written to ``summary.json``)."""
+    run_dir = config.run_dir
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it, or choose "
+                            "another --name (nothing was changed)")
+    prepare_run(config)
+    timing_path = run_dir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_time_s": 0.0}
+    t0 = time.time()
+    try:
+        if not (config.dataset_path / "meta" / "info.json").exists():
+            log.info("collecting %d demos into %s", config.data.episodes, config.dataset_path)
+            collect_demos(config, progress=progress)
+        sft_path = sft(config, resume=True, progress=progress)
+        sft_eval = _json_step(run_dir / "eval_sft.json", resume, lambda: evaluate(config, sft_path))
+        improve_path = improve(config, sft_path, resume=True, progress=progress)
+        improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
+        rollouts = rollout_detector_diagnostics(config)
+    finally:
+        timing["wall_time_s"] = round(timing["wall_time_s"] + time.time() - t0, 2)
+        timing_path.write_text(json.dumps(timing) + "\n")
+    from selfimprove.report import write_report
+
+    robot_episodes = 0
+    metrics_path = run_dir / "metrics.jsonl"
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if record.get("stage") == "improve":
+            robot_episodes = max(robot_episodes, int(record.get("robot_episodes", 0)))
+    keys = ("success_rate", "ci95", "mean_episode_length", "eval_episodes")
+    summary = {
+        "domain": config.domain,
+        "seed": config.seed,
+        "wall_time_s": timing["wall_time_s"],
+        "sft": {k: sft_eval[k] for k in keys},
+        "improve": {**{k: improve_eval[k] for k in keys}, "robot_episodes": robot_episodes},
+        "demo_episodes": int(EpisodeStore(config.dataset_path).num_episodes),
+        "detector": {"threshold": rollouts.get("threshold"), "rollout_precision": rollouts.get("precision"),
+                     "rollout_recall": rollouts.get("recall")},
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "detector_rollouts.json").write_text(json.dumps(rollouts, indent=2) + "\n")
+    write_report(run_dir)
+    return summary

@@ -1,0 +1,145 @@
+"""Run reports: ``report.md`` with plots, rebuilt from the files a run writes (metrics.jsonl, ...)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from selfimprove.runlog import MetricsLog  # noqa: E402
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def plot_improvement(records: list[dict[str, Any]], sft_eval: dict[str, Any], out: Path) -> Path | None:
+    """Success rate and episode length against robot episodes during Self-Improvement."""
+    evals = [r for r in records if "eval_success_rate" in r]
+    if not evals:
+        return None
+    x = [r["robot_episodes"] for r in evals]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    lo = [r["eval_ci95"][0] for r in evals]
+    hi = [r["eval_ci95"][1] for r in evals]
+    ax1.fill_between(x, lo, hi, alpha=0.25, color="C0")
+    ax1.plot(x, [r["eval_success_rate"] for r in evals], "o-", color="C0", label="policy (eval seeds)")
+    batch = [r for r in records if "batch_true_success_rate" in r]
+    if batch:
+        ax1.plot([r["robot_episodes"] for r in batch], [r["detected_success_rate"] for r in batch],
+                 "-", color="C1", alpha=0.6, label="detected success (practice)")
+    if sft_eval:
+        ax1.axhline(sft_eval["success_rate"], ls="--", color="gray", label="SFT")
+    ax1.set_xlabel("robot episodes of Self-Improvement")
+    ax1.set_ylabel("success rate")
+    ax1.set_ylim(0, 1.02)
+    ax1.legend(loc="lower right", fontsize=8)
+    ax2.plot(x, [r["eval_mean_length"] for r in evals], "o-", color="C2", label="policy (eval seeds)")
+    if sft_eval:
+        ax2.axhline(sft_eval["mean_episode_length"], ls="--", color="gray", label="SFT")
+    ax2.set_xlabel("robot episodes of Self-Improvement")
+    ax2.set_ylabel("mean episode length (steps)")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_sft(records: list[dict[str, Any]], out: Path) -> Path | None:
+    if not records:
+        return None
+    steps = [r["step"] for r in records]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
+    ax1.plot(steps, [r["train_bc"] for r in records], label="train BC")
+    ax1.plot(steps, [r["val_bc"] for r in records], label="held-out BC")
+    ax1.plot(steps, [r["train_stg"] for r in records], label="train steps-to-go")
+    ax1.plot(steps, [r["val_stg"] for r in records], label="held-out steps-to-go")
+    ax1.set_xlabel("SFT step")
+    ax1.set_ylabel("cross-entropy")
+    ax1.legend(fontsize=8)
+    ax2.plot(steps, [r["val_stg_mae"] for r in records], color="C3")
+    ax2.set_xlabel("SFT step")
+    ax2.set_ylabel("held-out |d(o) - true steps-to-go|")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _detector_rows(rows: list[dict[str, Any]], chosen: float | None) -> list[str]:
+    lines = ["| s | precision | recall | F1 | frames fired |", "|---|---|---|---|---|"]
+    for r in rows:
+        mark = " (used)" if chosen is not None and abs(r["threshold"] - chosen) < 1e-9 else ""
+        lines.append(f"| {r['threshold']:g}{mark} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | "
+                     f"{_fmt(r['f1'])} | {r['fired']} |")
+    return lines
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """(Re)build ``report.md`` and its plots from the run folder; safe while a run is going."""
+    run_dir = Path(run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    config = _load(run_dir / "config.json")
+    summary = _load(run_dir / "summary.json")
+    sft_eval, improve_eval = _load(run_dir / "eval_sft.json"), _load(run_dir / "eval_improve.json")
+    detector, rollouts = _load(run_dir / "detector.json"), _load(run_dir / "detector_rollouts.json")
+    improve_records = metrics.read("improve")
+    fig_improve = plot_improvement(improve_records, sft_eval, run_dir / "improvement.png")
+    fig_sft = plot_sft(metrics.read("sft"), run_dir / "sft.png")
+    lines = [f"# Run `{run_dir.name}`", ""]
+    if config:
+        lines += [f"Domain `{config.get('domain')}`, env `{config.get('env', {}).get('id')}`, seed {config.get('seed')}, "
+                  f"{config.get('data', {}).get('episodes')} demos (fraction {config.get('data', {}).get('fraction')}).", ""]
+    if summary:
+        lines += [f"Wall time: {summary.get('wall_time_s', 0):.0f} s.", ""]
+    lines += ["## Results (true success from the simulator, fixed unseen eval seeds)", "",
+              "| stage | success rate | 95% interval | mean episode length | eval episodes | robot episodes |",
+              "|---|---|---|---|---|---|"]
+    for name, result in (("SFT (stage 1)", sft_eval), ("Self-Improvement (stage 2)", improve_eval)):
+        if result:
+            robot = summary.get("improve", {}).get("robot_episodes", "") if "Self" in name else 0
+            lines.append(f"| {name} | {_fmt(result['success_rate'])} | [{_fmt(result['ci95'][0])}, "
+                         f"{_fmt(result['ci95'][1])}] | {_fmt(result['mean_episode_length'], 1)} | "
+                         f"{result['eval_episodes']} | {robot} |")
+    lines.append("")
+    if fig_improve:
+        lines += ["## Self-Improvement", "", f"![improvement]({fig_improve.name})", "",
+                  "Eval points use fixed eval seeds and the simulator's success (diagnostic only: the learner "
+                  "sees only the frozen model's reward and detector).", ""]
+    if fig_sft:
+        lines += ["## Stage 1 (SFT)", "", f"![sft]({fig_sft.name})", ""]
+    if detector:
+        lines += ["## Success detector `d(o, g) <= s`", "",
+                  f"Threshold used: **s = {detector['threshold']:g}** ({detector.get('source', '')}); "
+                  f"recommended on held-out demos: {detector.get('recommended')}. "
+                  f"Mean d on goal frames {detector.get('d_goal_frames_mean', float('nan')):.2f}, "
+                  f"on other frames {detector.get('d_other_frames_mean', float('nan')):.2f}.", "",
+                  "Per frame against the simulator's true success, on held-out demos:", ""]
+        lines += _detector_rows(detector.get("held_out_demos_vs_true_success", []), detector["threshold"])
+        lines.append("")
+    if rollouts:
+        ep = rollouts.get("episode_level", {})
+        if ep:
+            lines += [f"Self-Improvement episodes: {ep['detector_ended']} of {ep['episodes']} ended by the detector; "
+                      f"of those, {_fmt(ep['detector_ended_truly_successful'])} were truly successful at the last "
+                      f"frame (episode-level precision). Of the episodes that truly reached the goal, "
+                      f"{_fmt(ep['truly_successful_detected'])} were ended by the detector (episode-level recall).", ""]
+        lines += [f"Per frame, on the {rollouts['frames']} frames of Self-Improvement rollouts:", ""]
+        lines += _detector_rows(rollouts.get("per_threshold", []), rollouts.get("threshold"))
+        lines.append("")
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

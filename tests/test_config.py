@@ -1,0 +1,41 @@
+import pytest
+
+from selfimprove.cli import main
+from selfimprove.config import config_from_dict, load_config, parse_override
+from selfimprove.errors import ConfigError
+
+
+def test_presets_load_and_overrides_apply():
+    config = load_config("pointmass", ["improve.lr=1e-4", "seed=3", "improve.success_threshold=2"])
+    assert config.improve.lr == 1e-4 and config.seed == 3 and config.improve.success_threshold == 2.0
+    quick = load_config("pointmass-quick")
+    assert quick.data.episodes < config.data.episodes and quick.env.id == config.env.id
+
+
+def test_unknown_key_names_the_key_and_suggests_the_fix():
+    with pytest.raises(ConfigError, match=r"unknown config key improve.'learning_rate'.*Known keys"):
+        load_config("pointmass", ["improve.learning_rate=1e-4"])
+    with pytest.raises(ConfigError, match="Did you mean 'robots'"):
+        load_config("pointmass", ["improve.robot=4"])
+
+
+def test_wrong_types_and_ranges_are_rejected():
+    with pytest.raises(ConfigError, match="improve.robots: expected an integer"):
+        load_config("pointmass", ["improve.robots=many"])
+    with pytest.raises(ConfigError, match="data.fraction"):
+        load_config("pointmass", ["data.fraction=1.5"])
+    with pytest.raises(ConfigError, match="max_steps must cover"):
+        config_from_dict({"env": {"max_episode_steps": 200}, "model": {"max_steps": 100}})
+
+
+def test_unknown_preset_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("pointmas")
+    with pytest.raises(ConfigError, match="section.field=value"):
+        parse_override("improve.lr")
+
+
+def test_cli_reports_config_errors_clearly(capsys):
+    assert main(["sft", "pointmass", "--set", "sft.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key" in err and "steps" in err

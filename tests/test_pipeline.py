@@ -1,0 +1,120 @@
+"""End-to-end runs on tiny configs, resume after interruption, and bad input at the CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfimprove.cli import main
+from selfimprove.data.store import EpisodeStore
+from selfimprove.model.checkpoint import load_checkpoint
+from selfimprove.pipeline import run_pipeline
+from selfimprove.train.improve import episodes_dir, improve
+from selfimprove.train.sft import sft_checkpoint
+
+from conftest import quick_config
+
+VOLATILE = {"collect_s", "update_s", "time_s"}
+
+
+def improve_records(config):
+    lines = (config.run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in records if r["stage"] == "improve"]
+
+
+def test_quick_run_end_to_end_writes_summary_report_and_plots(tmp_path):
+    config = quick_config(tmp_path, "improve.iterations=3", "improve.eval_every=3")
+    summary = run_pipeline(config, progress=False)
+    saved = json.loads((config.run_dir / "summary.json").read_text())
+    assert saved == summary
+    assert summary["domain"] == "pointmass" and summary["seed"] == 0 and summary["wall_time_s"] > 0
+    for stage in ("sft", "improve"):
+        s = summary[stage]
+        assert 0 <= s["success_rate"] <= 1 and s["ci95"][0] <= s["success_rate"] <= s["ci95"][1]
+        assert s["eval_episodes"] == config.eval.episodes and s["mean_episode_length"] > 0
+    store = EpisodeStore(episodes_dir(config))
+    assert summary["improve"]["robot_episodes"] == store.num_episodes > 0
+    versions = {store.episode_meta(i)["policy_version"] for i in range(store.num_episodes)}
+    assert versions == {0, 1, 2}
+    report = (config.run_dir / "report.md").read_text()
+    assert "Self-Improvement (stage 2)" in report and "precision" in report
+    assert (config.run_dir / "improvement.png").stat().st_size > 1000
+    # resuming a finished run recomputes nothing and gives the same summary
+    again = run_pipeline(config, resume=True, progress=False)
+    assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
+        k: v for k, v in summary.items() if k != "wall_time_s"}
+
+
+def _stage2_config(shared, tmp_path, name, iterations, *extra):
+    return quick_config(tmp_path, f"name={name}", f"data.path={shared.dataset_path}",
+                        f"improve.iterations={iterations}", "improve.eval_every=2", "improve.eval_episodes=10",
+                        *extra)
+
+
+def test_resume_continues_bit_for_bit(trained_quick, tmp_path):
+    sft_path = sft_checkpoint(trained_quick)
+    straight = _stage2_config(trained_quick, tmp_path, "straight", 4)
+    improve(straight, sft_path, progress=False)
+    stopped = _stage2_config(trained_quick, tmp_path, "stopped", 2)
+    improve(stopped, sft_path, progress=False)
+    resumed = _stage2_config(trained_quick, tmp_path, "stopped", 4)
+    final = improve(resumed, sft_path, resume=True, progress=False)
+    assert improve_records(resumed) == improve_records(straight)
+    a, _ = load_checkpoint(final)
+    b, _ = load_checkpoint(straight.run_dir / "checkpoints/improve")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert EpisodeStore(episodes_dir(resumed)).num_episodes == EpisodeStore(episodes_dir(straight)).num_episodes
+
+
+def test_killed_learner_resumes_to_the_same_result(trained_quick, tmp_path):
+    """A real SIGKILL at an arbitrary point of Stage 2, then --resume."""
+    extra = ["improve.robots=2", "improve.steps_per_iteration=1024"]
+    reference = _stage2_config(trained_quick, tmp_path, "reference", 6, *extra)
+    improve(reference, sft_checkpoint(trained_quick), progress=False)
+    args = ["improve", "pointmass-quick", "--name", "killed", "--runs-dir", str(tmp_path),
+            "--dataset", str(trained_quick.dataset_path), "--iterations", "6", "--sft",
+            str(sft_checkpoint(trained_quick)), "--no-progress", "--set", "improve.eval_every=2",
+            "--set", "improve.eval_episodes=10"] + [a for kv in extra for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "selfimprove.cli", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and '"iteration": 2,' in metrics.read_text():
+            break
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert main([*args, "--resume"]) == 0
+    killed = _stage2_config(trained_quick, tmp_path, "killed", 6, *extra)
+    assert improve_records(killed) == improve_records(reference)
+    assert EpisodeStore(episodes_dir(killed)).num_episodes == EpisodeStore(episodes_dir(reference)).num_episodes
+
+
+def test_bad_input_gets_clear_errors_and_nothing_is_lost(trained_quick, tmp_path, capsys):
+    base = ["--runs-dir", str(tmp_path), "--no-progress"]
+    assert main(["sft", "pointmass-quick", "--name", "x", "--dataset", str(tmp_path / "missing"), *base]) == 2
+    assert "no dataset at" in capsys.readouterr().err
+    assert main(["improve", "pointmass-quick", "--name", "y", "--sft", str(tmp_path / "nock"), *base]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err
+    # an existing run is never overwritten without --resume
+    before = sorted(p.name for p in trained_quick.run_dir.iterdir())
+    assert main(["run", "pointmass-quick", "--name", "shared", "--runs-dir", str(trained_quick.runs_dir)]) == 2
+    assert "pass --resume" in capsys.readouterr().err
+    assert sorted(p.name for p in trained_quick.run_dir.iterdir()) == before
+    assert main(["collect", "pointmass-quick", "--out", str(trained_quick.dataset_path), *base]) == 2
+    assert "already holds a dataset" in capsys.readouterr().err
+    assert EpisodeStore(trained_quick.dataset_path).num_episodes == trained_quick.data.episodes
+
+
+def test_checkpoint_from_another_domain_is_refused(trained_quick, tmp_path, capsys):
+    assert main(["eval", "pointmass-quick", "--checkpoint", str(sft_checkpoint(trained_quick)),
+                 "--set", "domain=language-table", "--eval-episodes", "2", "--runs-dir", str(tmp_path)]) == 2
+    assert "'pointmass' domain, but this run is 'language-table'" in capsys.readouterr().err

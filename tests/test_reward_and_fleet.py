@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+import torch
+
+from selfimprove.domains import make_env
+from selfimprove.fleet.local import DetectorError, LocalFleet, seed_stream
+from selfimprove.model.checkpoint import load_checkpoint
+from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
+from selfimprove.train.improve import reinforce_batch
+from selfimprove.train.sft import sft_checkpoint
+
+
+def test_rewards_telescope_to_d0_minus_dT():
+    d = np.random.default_rng(0).uniform(0, 50, size=31).astype(np.float32)
+    r = StepsToGoReward.reward(d[:-1], d[1:])
+    assert np.isclose(r.sum(), d[0] - d[-1], atol=1e-3)
+    # with gamma = 1 the return from t is exactly d_t - d_T
+    assert np.allclose(discounted_returns(r, 1.0), d[:-1] - d[-1], atol=1e-3)
+
+
+def test_discounted_returns_match_the_definition():
+    r = np.array([1.0, -2.0, 0.5, 3.0], dtype=np.float32)
+    expected = [sum(0.9 ** (i - t) * r[i] for i in range(t, 4)) for t in range(4)]
+    assert np.allclose(discounted_returns(r, 0.9), expected)
+
+
+def test_detector_table_and_calibration():
+    d = np.array([0.1, 0.4, 3.0, 8.0, 0.3, 9.0])
+    goal = np.array([True, True, False, False, True, False])
+    rows = {r["threshold"]: r for r in detector_table(d, goal, np.array([0.5, 5.0]))}
+    assert rows[0.5]["precision"] == 1.0 and rows[0.5]["recall"] == 1.0
+    assert rows[5.0]["precision"] == 0.75
+    s, _ = calibrate_threshold(d, goal)
+    assert 0.4 <= s < 3.0
+
+
+def test_frozen_reward_model_has_no_gradients(trained_quick):
+    model, _ = load_checkpoint(sft_checkpoint(trained_quick))
+    reward = StepsToGoReward(model, threshold=2.0)
+    assert not any(p.requires_grad for p in reward.model.parameters()) and not reward.model.training
+
+
+def _fleet(config, threshold):
+    model, _ = load_checkpoint(sft_checkpoint(config))
+    reward = StepsToGoReward(load_checkpoint(sft_checkpoint(config))[0], threshold)
+    fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec, 4, reward)
+    return model, fleet
+
+
+def test_detector_terminates_episodes_exactly_when_d_drops_below_s(trained_quick):
+    threshold = 3.0
+    model, fleet = _fleet(trained_quick, threshold)
+    episodes = fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_episodes=24,
+                             generator=torch.Generator().manual_seed(0))
+    assert len(episodes) == 24
+    ends = {e.meta["ended_by"] for e in episodes}
+    assert ends <= {"detector", "timeout"} and "detector" in ends
+    for e in episodes:
+        assert np.all(e.stg[:-1] > threshold)  # never fired before the end (nor at the start)
+        if e.meta["ended_by"] == "detector":
+            assert e.stg[-1] <= threshold
+        else:
+            assert e.length == trained_quick.env.max_episode_steps and e.stg[-1] > threshold
+        assert e.meta["policy_version"] == 0
+
+
+def test_step_budget_finishes_running_episodes_instead_of_cutting_them(trained_quick):
+    model, fleet = _fleet(trained_quick, 2.0)
+    episodes = fleet.collect(model.state_dict(), 3, seeds=seed_stream(0), n_steps=300,
+                             generator=torch.Generator().manual_seed(0))
+    total = sum(e.length for e in episodes)
+    assert total >= 300
+    assert all(e.meta["ended_by"] in ("detector", "timeout") for e in episodes)
+    obs, tokens, returns = reinforce_batch(episodes, model, 0.9)
+    assert obs["state"].shape[0] == tokens.shape[0] == returns.shape[0] == total
+
+
+def test_a_detector_that_always_fires_is_reported(trained_quick):
+    model, fleet = _fleet(trained_quick, 1e9)
+    with pytest.raises(DetectorError, match="lower improve.success_threshold"):
+        fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_episodes=1)
