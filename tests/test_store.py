@@ -93,3 +93,19 @@ def test_appending_keeps_earlier_files_and_truncate_forgets_unfinished_ones(tmp_
     assert store.num_episodes == 2 and store.info["total_frames"] == 6
     assert not (root / "data/chunk-000/file-002.parquet").exists()
     assert pq.read_table(root / "meta/tasks.parquet").num_rows == 1
+
+
+def test_images_are_stored_as_png_and_come_back_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, size=(5, 16, 12, 3), dtype=np.uint8)
+    ep = Episode(observations={"image": frames, "effector": rng.normal(size=(5, 2)).astype(np.float32)},
+                 actions=rng.normal(size=(4, 2)).astype(np.float32), instruction="push the red moon")
+    with EpisodeWriter(tmp_path / "s") as writer:
+        writer.add(ep)
+    info = json.loads((tmp_path / "s/meta/info.json").read_text())
+    assert info["features"]["observation.image"] == {"dtype": "image", "shape": [16, 12, 3],
+                                                     "names": ["height", "width", "channel"]}
+    table = pq.read_table(tmp_path / "s/data/chunk-000/file-000.parquet")
+    assert table.schema.field("observation.image").type.names == ["bytes", "path"]
+    back = EpisodeStore(tmp_path / "s").episodes()[0]
+    assert np.array_equal(back.observations["image"], frames)

@@ -14,6 +14,7 @@ crash mid-write never leaves a half-written file where a reader looks.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from selfimprove.data.episode import Episode
 from selfimprove.errors import DatasetError
@@ -65,7 +67,38 @@ def _list_column(values: np.ndarray) -> pa.Array:
 
 
 def _feature(values: np.ndarray, names: list[str] | None = None) -> dict[str, Any]:
+    if is_image(values):
+        return {"dtype": "image", "shape": list(values.shape[1:]), "names": ["height", "width", "channel"]}
     return {"dtype": str(values.dtype), "shape": list(values.shape[1:]) or [1], "names": names}
+
+
+def is_image(values: np.ndarray) -> bool:
+    """[N, H, W, 3] uint8 arrays are stored as PNG images (LeRobot's ``image`` feature type)."""
+    return values.dtype == np.uint8 and values.ndim == 4 and values.shape[-1] in (1, 3)
+
+
+def _png(frame: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def _image_column(values: np.ndarray) -> pa.Array:
+    """LeRobot stores images in Parquet as a struct of PNG ``bytes`` and an optional ``path``."""
+    return pa.StructArray.from_arrays(
+        [pa.array([_png(f) for f in values], type=pa.binary()), pa.array([None] * len(values), type=pa.string())],
+        names=["bytes", "path"])
+
+
+def _decode_images(column: pa.Array, shape: list[int], where: Path) -> np.ndarray:
+    out = np.empty((len(column), *shape), dtype=np.uint8)
+    for i, blob in enumerate(column.field("bytes").to_pylist()):
+        try:
+            frame = np.asarray(Image.open(io.BytesIO(blob)))
+        except (OSError, TypeError) as exc:
+            raise DatasetError(f"{where}: image at row {i} cannot be decoded ({exc}); re-collect the dataset") from exc
+        out[i] = frame.reshape(shape)
+    return out
 
 
 @dataclass
@@ -203,7 +236,9 @@ class EpisodeWriter:
         features = dict(info["features"])
         for key, values in columns.items():
             stacked = np.concatenate(values)
-            if stacked.ndim == 1:
+            if is_image(stacked):
+                arrays[key] = _image_column(stacked)
+            elif stacked.ndim == 1:
                 arrays[key] = pa.array(stacked)
             else:
                 arrays[key] = _list_column(stacked)
@@ -279,8 +314,10 @@ def _read_parquet(path: Path) -> pa.Table:
         raise DatasetError(f"{path} is corrupt ({exc}); re-collect the dataset with `selfimprove collect`") from exc
 
 
-def _column_to_numpy(table: pa.Table, key: str, feature: dict[str, Any]) -> np.ndarray:
+def _column_to_numpy(table: pa.Table, key: str, feature: dict[str, Any], where: Path) -> np.ndarray:
     column = table.column(key).combine_chunks()
+    if feature["dtype"] == "image":
+        return _decode_images(column, feature["shape"], where)
     if pa.types.is_fixed_size_list(column.type):
         values = column.flatten().to_numpy(zero_copy_only=False)
         return values.reshape(len(column), *feature["shape"]).astype(feature["dtype"], copy=False)
@@ -344,7 +381,7 @@ class EpisodeStore:
             for key in table.column_names:
                 if key not in features:
                     continue
-                array = _column_to_numpy(table, key, features[key])
+                array = _column_to_numpy(table, key, features[key], path)
                 if array.dtype.kind == "f" and not np.all(np.isfinite(array)):
                     bad = int(np.argmax(~np.isfinite(array.reshape(len(array), -1)).all(axis=1)))
                     raise DatasetError(

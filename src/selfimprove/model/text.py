@@ -17,7 +17,6 @@ import importlib.metadata
 import json
 import math
 import zlib
-from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +74,9 @@ class InstructionEncoder(nn.Module):
         """Drop cached entries (e.g. to free memory); counters are kept."""
         self._cache.clear()
 
-    @abstractmethod
     def encode(self, texts: list[str]) -> torch.Tensor:
         """Embed each instruction: FloatTensor [len(texts), dim] on ``self.device``."""
+        raise NotImplementedError
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         return self.encode(texts)
@@ -197,6 +196,11 @@ class MiniLMEncoder(InstructionEncoder):
 
     def __init__(self, max_seq_length: int | None = None, batch_size: int = 128) -> None:
         super().__init__()
+        self.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+        self._load()  # eagerly, so a missing package fails at construction, not at the first encode()
+
+    def _load(self) -> None:
         try:
             from tokenizers import Tokenizer
         except ImportError:
@@ -210,14 +214,11 @@ class MiniLMEncoder(InstructionEncoder):
         config = json.loads((model_dir / "config.json").read_text())
         st_config_path = model_dir / "sentence_bert_config.json"
         st_config = json.loads(st_config_path.read_text()) if st_config_path.is_file() else {}
-        self.max_seq_length = int(max_seq_length or st_config.get("max_seq_length", 256))
-        self.batch_size = batch_size
         self.dim = int(config["hidden_size"])
 
         tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        tokenizer.enable_truncation(max_length=self.max_seq_length)
+        tokenizer.enable_truncation(max_length=int(self.max_seq_length or st_config.get("max_seq_length", 256)))
         tokenizer.enable_padding(pad_id=config.get("pad_token_id", 0), pad_token="[PAD]")  # pad to longest
-        self._tokenizer = tokenizer
 
         bert = _Bert(config)
         state = load_file(str(model_dir / "model.safetensors"), device="cpu")
@@ -234,10 +235,21 @@ class MiniLMEncoder(InstructionEncoder):
         except RuntimeError as e:
             raise CheckpointError(f"MiniLM weights in {model_dir} have unexpected shapes: {e}") from e
         bert.requires_grad_(False).eval()
-        object.__setattr__(self, "_bert", bert)  # not a registered submodule on purpose (see class doc)
+        # Not registered as submodules on purpose (see the class docstring).
+        object.__setattr__(self, "_tokenizer", tokenizer)
+        object.__setattr__(self, "_bert", bert)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle / deepcopy without the 90 MB BERT: it is reloaded from the package on first use."""
+        state = self.__dict__.copy()
+        state.pop("_bert", None)
+        state.pop("_tokenizer", None)
+        return state
 
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> torch.Tensor:
+        if "_bert" not in self.__dict__:
+            self._load()
         out = []
         for i in range(0, len(texts), self.batch_size):
             enc = self._tokenizer.encode_batch(texts[i : i + self.batch_size])
@@ -253,7 +265,7 @@ class MiniLMEncoder(InstructionEncoder):
         """Unit-norm sentence embeddings [B, 384]; each distinct string runs through BERT once."""
         missing = self._split_cached(texts)
         if missing:
-            for t, v in zip(missing, self._embed(missing)):
+            for t, v in zip(missing, self._embed(missing), strict=True):
                 self._cache[t] = v
         if not texts:
             return torch.zeros(0, self.dim, device=self.device)
