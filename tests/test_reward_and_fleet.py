@@ -71,8 +71,9 @@ def test_step_budget_finishes_running_episodes_instead_of_cutting_them(trained_q
     total = sum(e.length for e in episodes)
     assert total >= 300
     assert all(e.meta["ended_by"] in ("detector", "timeout") for e in episodes)
-    obs, tokens, returns = reinforce_batch(episodes, model, 0.9)
-    assert obs["state"].shape[0] == tokens.shape[0] == returns.shape[0] == total
+    source, acting, tokens, returns = reinforce_batch(episodes, model, 0.9)
+    assert acting.shape[0] == tokens.shape[0] == returns.shape[0] == total
+    assert source.obs(acting)["state"].shape == (total, 6)
 
 
 def test_a_detector_that_always_fires_is_reported(trained_quick):

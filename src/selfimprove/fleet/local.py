@@ -18,6 +18,7 @@ import torch
 from selfimprove.data.episode import Episode
 from selfimprove.domains import observation_dict
 from selfimprove.errors import SelfImproveError
+from selfimprove.model.inputs import from_histories
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
 
@@ -43,10 +44,6 @@ class _Slot:
     active: bool = False
 
 
-def _stack(obs: list[dict[str, np.ndarray]], keys: list[str]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.stack([o[k] for o in obs])) for k in keys}
-
-
 class LocalFleet:
     """``n_robots`` envs in this process. With ``reward`` set, episodes end when the detector fires."""
 
@@ -60,7 +57,7 @@ class LocalFleet:
             p.requires_grad_(False)
         self.reward = reward
         self.version: int | None = None
-        self.obs_keys = sorted(spec.obs_shapes)
+        self.spec = spec
         self.skipped_starts = 0  # boards where the detector fired before the first action
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
@@ -77,7 +74,7 @@ class LocalFleet:
             slot.instruction = str(info.get("instruction", getattr(env.unwrapped, "instruction", "")))
             d0 = float("nan")
             if self.reward is not None:
-                d0 = float(self.reward.steps_to_go(_stack([o], self.obs_keys))[0])
+                d0 = float(self.reward.steps_to_go(from_histories([[o]], [slot.instruction], self.spec))[0])
                 if self.reward.is_success(d0):
                     self.skipped_starts += 1
                     continue
@@ -115,7 +112,8 @@ class LocalFleet:
             live = [i for i, s in enumerate(slots) if s.active]
             if not live:
                 break
-            obs = _stack([slots[i].observations[-1] for i in live], self.obs_keys)
+            obs = from_histories([slots[i].observations for i in live], [slots[i].instruction for i in live],
+                                 self.spec)
             with torch.no_grad():
                 logits, _ = self.policy(obs)
                 tokens = self.policy.sample_tokens(logits, temperature, generator)
@@ -125,13 +123,15 @@ class LocalFleet:
                 o, _, terminated, truncated, info = self.envs[i].step(actions[k])
                 results.append((observation_dict(o), terminated, truncated, info))
             steps += len(live)
-            d_next = (self.reward.steps_to_go(_stack([r[0] for r in results], self.obs_keys))
+            for k, i in enumerate(live):
+                slots[i].observations.append(results[k][0])
+            d_next = (self.reward.steps_to_go(from_histories([slots[i].observations for i in live],
+                                                             [slots[i].instruction for i in live], self.spec))
                       if self.reward is not None else np.full(len(live), np.nan, dtype=np.float32))
             for k, i in enumerate(live):
                 slot = slots[i]
                 o, terminated, truncated, info = results[k]
                 slot.actions.append(actions[k])
-                slot.observations.append(o)
                 slot.success.append(bool(info.get("is_success", False)))
                 slot.stg.append(float(d_next[k]))
                 detected = self.reward is not None and bool(self.reward.is_success(d_next[k]))

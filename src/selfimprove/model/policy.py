@@ -29,8 +29,20 @@ class ModelSpec:
     hidden: int = 256
     layers: int = 3
     dropout: float = 0.0
-    encoder: str = "mlp"
+    encoder: str = "mlp"  # "mlp" (vector observations) or "film" (images + instruction)
+    frames: int = 1  # camera frames stacked per observation (the latest ones)
+    image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
+    text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable, scratch) or "minilm" (pretrained)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_keys(self) -> list[str]:
+        return sorted(k for k, shape in self.obs_shapes.items() if len(shape) == 3)
+
+    @property
+    def vector_keys(self) -> list[str]:
+        return sorted(k for k, shape in self.obs_shapes.items() if len(shape) != 3)
 
     @property
     def action_dim(self) -> int:
@@ -46,6 +58,9 @@ class MLPEncoder(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.keys = sorted(spec.obs_shapes)
+        if spec.image_keys:
+            raise ValueError(f"the mlp encoder takes vector observations; {spec.image_keys} are images: "
+                             "use model.encoder = 'film'")
         dim = sum(int(np.prod(spec.obs_shapes[k])) for k in self.keys)
         self.register_buffer("obs_mean", torch.zeros(dim))
         self.register_buffer("obs_std", torch.ones(dim))
@@ -64,14 +79,24 @@ class MLPEncoder(nn.Module):
         self.obs_std.copy_(torch.as_tensor(np.maximum(std, 1e-6), dtype=torch.float32))
 
     def flatten(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [obs[k].reshape(obs[k].shape[0], -1).float() for k in self.keys]
+        parts = [obs[k].reshape(obs[k].shape[0], -1).float() for k in self.keys if k != "instruction"]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def forward(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.net((self.flatten(obs) - self.obs_mean) / self.obs_std)
 
 
-ENCODERS = {"mlp": MLPEncoder}
+def _film(spec: ModelSpec) -> nn.Module:
+    from selfimprove.model.backbones import FiLMTrunk
+
+    if len(spec.image_keys) != 1:
+        raise ValueError(f"the film encoder needs exactly one image observation, got {spec.image_keys}")
+    vector_dim = sum(int(np.prod(spec.obs_shapes[k])) for k in spec.vector_keys)
+    return FiLMTrunk(spec.image_keys[0], spec.vector_keys, vector_dim, spec.frames, spec.image_init,
+                     spec.text_encoder, list(spec.channels), spec.hidden, spec.layers)
+
+
+ENCODERS = {"mlp": MLPEncoder, "film": _film}
 
 
 class EmbodiedModel(nn.Module):

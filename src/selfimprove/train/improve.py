@@ -29,10 +29,11 @@ from selfimprove.evaluate import evaluate
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           recover_checkpoint, restore_optimizer, save_checkpoint)
+from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
-from selfimprove.train.sft import checkpoint_dir, sft_checkpoint
+from selfimprove.train.sft import FrameBatches, checkpoint_dir, sft_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,9 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np
     store = EpisodeStore(config.dataset_path)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
     frames = store.frames(val_idx)
-    obs = {k: torch.as_tensor(v) for k, v in frames.observations.items() if k in reward.model.spec.obs_shapes}
-    d = np.concatenate([reward.steps_to_go({k: v[i:i + 8192] for k, v in obs.items()})
-                        for i in range(0, len(frames.frame_index), 8192)])
+    source = FrameBatches(frames, reward.model).source
+    d = np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + 1024, len(frames.frame_index)))))
+                        for i in range(0, len(frames.frame_index), 1024)])
     true = frames.extras.get("info.is_success", frames.is_terminal)
     return {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool)}
 
@@ -78,18 +79,17 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[s
 
 
 def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float
-                    ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Flatten episodes into (observations o_0..o_{T-1}, action tokens, Monte Carlo returns)."""
-    keys = sorted(policy.spec.obs_shapes)
-    obs = {k: torch.as_tensor(np.concatenate([e.observations[k][:-1] for e in episodes])) for k in keys}
+                    ) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Episodes -> (frame source, acting rows o_0..o_{T-1}, their action tokens, Monte Carlo returns)."""
+    source, acting = from_episodes(episodes, policy.spec)
     tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in episodes])))
     returns = np.concatenate([discounted_returns(StepsToGoReward.reward(e.stg[:-1], e.stg[1:]), gamma)
                               for e in episodes])
-    return obs, tokens, torch.as_tensor(returns)
+    return source, acting, tokens, torch.as_tensor(returns)
 
 
-def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, obs: dict[str, torch.Tensor],
-                     tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
+def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
+                     acting: torch.Tensor, tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
                      generator: torch.Generator) -> dict[str, float]:
     """Plain REINFORCE: shuffled minibatches of ``-c * R_t * log pi(a_t | o_t, g)``."""
     cfg = config.improve
@@ -100,7 +100,7 @@ def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, ob
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.minibatch_size):
             idx = order[start:start + cfg.minibatch_size]
-            logits, _ = policy({k: v[idx] for k, v in obs.items()})
+            logits, _ = policy(source.obs(acting[idx]))
             logp = EmbodiedModel.token_log_prob(logits / cfg.temperature, tokens[idx])
             loss = -(cfg.loss_scale * returns[idx] * logp).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -164,8 +164,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                                      n_steps=cfg.steps_per_iteration, temperature=cfg.temperature,
                                      generator=generator)
             t_collect = time.time() - t0
-            obs, tokens, returns = reinforce_batch(episodes, policy, cfg.gamma)
-            update = reinforce_update(policy, optimizer, obs, tokens, returns, config, generator)
+            source, acting, tokens, returns = reinforce_batch(episodes, policy, cfg.gamma)
+            update = reinforce_update(policy, optimizer, source, acting, tokens, returns, config, generator)
             t_update = time.time() - t0 - t_collect
             writer.extend(episodes)
             writer.flush()

@@ -19,6 +19,7 @@ from selfimprove.errors import DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
                                           save_checkpoint)
+from selfimprove.model.inputs import FrameSource
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 
@@ -37,14 +38,20 @@ class FrameBatches:
     """Frames as torch tensors, with BC targets (tokens) and steps-to-go labels, for fast batching."""
 
     def __init__(self, frames: Frames, model: EmbodiedModel) -> None:
-        self.obs = {k: torch.as_tensor(v) for k, v in frames.observations.items() if k in model.spec.obs_shapes}
+        spec = model.spec
+        missing = sorted(set(spec.obs_shapes) - set(frames.observations))
+        if missing:
+            raise DatasetError(f"the dataset has no observation {missing}; it holds {sorted(frames.observations)}")
+        self.source = FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
+                                  torch.as_tensor(frames.frame_index), torch.as_tensor(frames.task_index),
+                                  frames.instructions, spec)
         self.tokens = torch.as_tensor(model.tokenizer.tokenize(frames.actions))
         self.has_action = torch.as_tensor(~frames.is_terminal)
-        self.stg = torch.as_tensor(np.minimum(frames.steps_to_go, model.spec.max_steps))
+        self.stg = torch.as_tensor(np.minimum(frames.steps_to_go, spec.max_steps))
         self.size = len(self.stg)
 
-    def batch(self, idx: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-        return ({k: v[idx] for k, v in self.obs.items()}, self.tokens[idx], self.has_action[idx], self.stg[idx])
+    def batch(self, idx: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.source.obs(idx), self.tokens[idx], self.has_action[idx], self.stg[idx]
 
 
 def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch.Tensor,
@@ -96,8 +103,10 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     spec = model_spec(config, env)
     env.close()
     model = EmbodiedModel(spec)
-    obs_all = model.encoder.flatten({k: torch.as_tensor(v) for k, v in train.observations.items()}).numpy()
-    model.encoder.set_normalization(obs_all.mean(0), obs_all.std(0))
+    vectors = {k: torch.as_tensor(v) for k, v in train.observations.items() if k in spec.vector_keys}
+    if vectors:
+        obs_all = model.encoder.flatten(vectors).numpy()
+        model.encoder.set_normalization(obs_all.mean(0), obs_all.std(0))
     cfg = config.sft
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     metrics = MetricsLog(config.run_dir / "metrics.jsonl")

@@ -1,0 +1,126 @@
+"""Trunks of the embodied model: the CPU-size vector MLP and the multimodal image + language trunk.
+
+``FiLMTrunk`` (the tabletop default): stacked camera frames go through a conv stack in which every
+layer is FiLM-conditioned on the instruction embedding (so the image features already know which
+blocks matter), then spatial-softmax keypoints, concatenated with the proprioception and the
+instruction embedding, and a small MLP. With ``image_init="pretrained"`` a frozen ImageNet
+MobileNetV2 (truncated at stride 8) replaces the first conv layers; with ``text_encoder="minilm"``
+the pretrained MiniLM sentence encoder embeds the instruction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from selfimprove.model.text import HashedBagOfWordsEncoder, InstructionEncoder, MiniLMEncoder
+from selfimprove.model.vision import FiLM, ImageEncoder, SpatialSoftmax
+
+TEXT_ENCODERS = ("hashed_bow", "minilm")
+
+
+class HalvesMiniLM(InstructionEncoder):
+    """MiniLM embedding of the sentence and of its first and second half of words, concatenated.
+
+    MiniLM's mean pooling scores "push the red moon to the blue cube" and its swap 0.995 similar;
+    the halves keep which block is moved and which is the target.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.minilm = MiniLMEncoder()
+        self.dim = 3 * self.minilm.dim
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        for t in self._split_cached(texts):
+            words = t.split()
+            mid = len(words) // 2
+            parts = [t, " ".join(words[:mid]) or t, " ".join(words[mid:]) or t]
+            self._cache[t] = self.minilm.encode(parts).reshape(-1)
+        return torch.stack([self._cache[t] for t in texts]).to(self.device)
+
+
+def make_text_encoder(kind: str, dim: int = 128) -> InstructionEncoder:
+    if kind == "hashed_bow":
+        return HashedBagOfWordsEncoder(dim=dim)
+    if kind == "minilm":
+        return HalvesMiniLM()
+    raise ValueError(f"unknown text encoder {kind!r}; choose one of {TEXT_ENCODERS}")
+
+
+class FiLMConvStack(nn.Module):
+    """Conv -> GroupNorm -> FiLM(instruction) -> ReLU, for each layer."""
+
+    def __init__(self, in_channels: int, channels: list[int], strides: list[int], cond_dim: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        self.films = nn.ModuleList()
+        cin = in_channels
+        for c, s in zip(channels, strides):
+            self.convs.append(nn.Conv2d(cin, c, 3, s, 1))
+            self.norms.append(nn.GroupNorm(min(8, c), c))
+            self.films.append(FiLM(cond_dim, c))
+            cin = c
+        self.out_channels = cin
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for conv, norm, film in zip(self.convs, self.norms, self.films):
+            x = torch.relu(film(norm(conv(x)), cond))
+        return x
+
+
+class FiLMTrunk(nn.Module):
+    """Images + proprioception + instruction -> one feature vector (see the module docstring)."""
+
+    def __init__(self, image_key: str, vector_keys: list[str], vector_dim: int, frames: int,
+                 image_init: str, text_encoder: str, channels: list[int], hidden: int, layers: int,
+                 text_dim: int = 128) -> None:
+        super().__init__()
+        self.image_key, self.vector_keys, self.frames = image_key, vector_keys, frames
+        self.text = make_text_encoder(text_encoder, text_dim)
+        cond = self.text.dim
+        self.text_proj = nn.Sequential(nn.Linear(cond, hidden), nn.GELU())
+        if image_init == "pretrained":
+            self.stem = ImageEncoder(init="pretrained", trunk="mobilenet_v2", output_stride=8, freeze=True,
+                                     frames=frames)
+            in_channels, strides = self.stem.out_channels, [1] * len(channels)
+        elif image_init == "scratch":
+            self.stem = None
+            in_channels, strides = 3 * frames, [2, 2, 2, 1, 1, 1][: len(channels)]
+        else:
+            raise ValueError(f"image_init must be 'scratch' or 'pretrained', got {image_init!r}")
+        self.convs = FiLMConvStack(in_channels, channels, strides, hidden)
+        self.keypoints = SpatialSoftmax()
+        self.register_buffer("obs_mean", torch.zeros(vector_dim))
+        self.register_buffer("obs_std", torch.ones(vector_dim))
+        self.register_buffer("pixel_mean", torch.tensor([0.485, 0.456, 0.406]).repeat(frames).view(1, -1, 1, 1),
+                             persistent=False)
+        width = 2 * self.convs.out_channels + vector_dim + hidden
+        mlp: list[nn.Module] = []
+        for _ in range(layers):
+            mlp += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU()]
+            width = hidden
+        self.mlp = nn.Sequential(*mlp)
+        self.out_dim = width
+
+    def set_normalization(self, mean, std) -> None:
+        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
+
+    def flatten(self, obs: dict) -> torch.Tensor:
+        return torch.cat([obs[k].reshape(obs[k].shape[0], -1).float() for k in self.vector_keys], dim=-1)
+
+    def forward(self, obs: dict) -> torch.Tensor:
+        images = obs[self.image_key]
+        if images.dim() == 4:
+            images = images.unsqueeze(1)
+        cond = self.text_proj(self.text.encode(list(obs["instruction"])))
+        if self.stem is not None:
+            x = self.stem(images)
+        else:
+            b, f, h, w, c = images.shape
+            x = images.permute(0, 1, 4, 2, 3).reshape(b, f * c, h, w).float() / 255.0 - self.pixel_mean
+        features = self.keypoints(self.convs(x, cond))
+        vector = (self.flatten(obs) - self.obs_mean) / self.obs_std
+        return self.mlp(torch.cat([features, vector, cond], dim=-1))
