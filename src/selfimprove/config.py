@@ -30,6 +30,9 @@ def _preset_dir() -> Path:
 PRESET_DIR = _preset_dir()
 
 
+DOMAINS = ("pointmass", "language-table")
+
+
 @dataclass
 class EnvConfig:
     """Which gymnasium environment the robots live in."""
@@ -47,7 +50,9 @@ class DataConfig:
     path: str = ""  # empty: runs/<name>/demos
     fraction: float = 1.0  # deterministic nested subset of the training split (0.1, 0.2, 0.8, ...)
     val_fraction: float = 0.05  # held-out episodes, never trained on
-    expert_waypoints: int = 5
+    expert_waypoints: int = 5  # point mass: random waypoints the expert visits first
+    expert_noise: float = 0.003  # tabletop: expert action noise (m)
+    expert_detour_prob: float = 0.02  # tabletop: chance per step of a short detour
     collect_workers: int = 1
 
 
@@ -60,6 +65,11 @@ class ModelConfig:
     action_bins: int = 21  # uniform bins per action dimension
     max_steps: int = 100  # steps-to-go classes 0..max_steps; must cover the longest demo
     dropout: float = 0.0
+    encoder: str = "mlp"  # "mlp" (vector observations) or "film" (camera frames + instruction)
+    frames: int = 1  # latest camera frames the model sees
+    image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
+    text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable) or "minilm" (pretrained, frozen)
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
 
 
 @dataclass
@@ -152,6 +162,11 @@ class RunConfig:
             (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
             (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
+            (self.model.encoder in ("mlp", "film"), "model.encoder must be 'mlp' or 'film'"),
+            (self.model.image_init in ("scratch", "pretrained"), "model.image_init must be 'scratch' or 'pretrained'"),
+            (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
+            (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
+            (self.domain in DOMAINS, f"domain must be one of {DOMAINS}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -186,6 +201,16 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table of fields, got {value!r}")
         return _from_dict(annotation, value, where)
+    if origin is list:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{where}: expected a list such as [32, 64], got {value!r}") from exc
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict or annotation is dict:
         if isinstance(value, str):
             try:

@@ -35,15 +35,31 @@ def make_env(config: RunConfig, **overrides: Any) -> gym.Env:
 
 
 def expert_for(config: RunConfig) -> Expert:
-    kwargs = {"n_waypoints": config.data.expert_waypoints} if "PointMass" in config.env.id else {}
-    return make_expert(config.env.id, **kwargs)
+    if "PointMass" in config.env.id:
+        return make_expert(config.env.id, n_waypoints=config.data.expert_waypoints)
+    return make_expert(config.env.id, noise_scale=config.data.expert_noise,
+                       detour_prob=config.data.expert_detour_prob)
 
 
 def observation_dict(obs: Any) -> dict[str, np.ndarray]:
-    """A gym observation -> the named arrays that the store keeps and the model reads."""
+    """A gym observation -> the named arrays that the store keeps and the model reads.
+
+    Camera observations arrive as the env's latest frames ``rgb`` [F, H, W, 3]; only the newest one
+    is kept (as ``image``): the model's frame history is rebuilt from the episode, so nothing is
+    stored twice. The instruction travels separately.
+    """
     if isinstance(obs, dict):
-        return {k: np.asarray(v) for k, v in obs.items() if k != "instruction"}
+        out = {k: np.asarray(v) for k, v in obs.items() if k not in ("instruction", "rgb")}
+        if "rgb" in obs:
+            out["image"] = np.asarray(obs["rgb"])[-1]
+        return out
     return {"state": np.asarray(obs, dtype=np.float32)}
+
+
+def instruction_of(obs: Any, info: dict[str, Any], env: gym.Env) -> str:
+    if isinstance(obs, dict) and "instruction" in obs:
+        return str(obs["instruction"])
+    return str(info.get("instruction", getattr(env.unwrapped, "instruction", "")))
 
 
 def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
@@ -56,4 +72,6 @@ def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
     m = config.model
     return ModelSpec(domain=config.domain, obs_shapes=shapes, action_low=[float(x) for x in space.low],
                      action_high=[float(x) for x in space.high], action_bins=m.action_bins,
-                     max_steps=m.max_steps, hidden=m.hidden, layers=m.layers, dropout=m.dropout)
+                     max_steps=m.max_steps, hidden=m.hidden, layers=m.layers, dropout=m.dropout,
+                     encoder=m.encoder, frames=m.frames, image_init=m.image_init, text_encoder=m.text_encoder,
+                     channels=list(m.channels))

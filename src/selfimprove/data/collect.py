@@ -12,7 +12,7 @@ from tqdm import tqdm
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeWriter, read_info
-from selfimprove.domains import DEMO_SEED_BASE, expert_for, make_env, observation_dict
+from selfimprove.domains import DEMO_SEED_BASE, expert_for, instruction_of, make_env, observation_dict
 from selfimprove.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
     observations = [observation_dict(obs)]
     success_flags = [bool(info.get("is_success", False))]
     actions = []
-    instruction = info.get("instruction", getattr(env.unwrapped, "instruction", ""))
+    instruction = instruction_of(obs, info, env)
     while True:
         action = np.asarray(expert.act(env), dtype=np.float32)
         obs, _, terminated, truncated, info = env.step(action)

@@ -51,4 +51,8 @@ def make_expert(env_id: str, **kwargs) -> Expert:
     """The scripted demonstrator for a registered environment id."""
     if "PointMass" in env_id:
         return PointMassExpert(**kwargs)
+    if "Tabletop" in env_id:
+        from selfimprove.envs.tabletop_expert import TabletopExpert
+
+        return TabletopExpert(**kwargs)
     raise ValueError(f"no scripted expert for environment {env_id!r}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from selfimprove.data.episode import Episode
-from selfimprove.domains import observation_dict
+from selfimprove.domains import instruction_of, observation_dict
 from selfimprove.errors import SelfImproveError
 from selfimprove.model.inputs import from_histories
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
@@ -71,7 +71,7 @@ class LocalFleet:
             slot.seed = int(next(seeds))
             obs, info = env.reset(seed=slot.seed)
             o = observation_dict(obs)
-            slot.instruction = str(info.get("instruction", getattr(env.unwrapped, "instruction", "")))
+            slot.instruction = instruction_of(obs, info, env)
             d0 = float("nan")
             if self.reward is not None:
                 d0 = float(self.reward.steps_to_go(from_histories([[o]], [slot.instruction], self.spec))[0])
