@@ -75,3 +75,13 @@ def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
                      max_steps=m.max_steps, hidden=m.hidden, layers=m.layers, dropout=m.dropout,
                      encoder=m.encoder, frames=m.frames, image_init=m.image_init, text_encoder=m.text_encoder,
                      channels=list(m.channels))
+
+
+def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], source: str, fix: str) -> None:
+    """Raise ConfigError when ``source`` gives observations of other shapes than the model expects."""
+    for key, expected in spec.obs_shapes.items():
+        got = shapes.get(key)
+        if got is None:
+            raise ConfigError(f"{source} has no observation {key!r} (it has {sorted(shapes)}); the model needs it")
+        if list(got) != list(expected):
+            raise ConfigError(f"{source} gives {key!r} of shape {list(got)} but the model expects {list(expected)}; {fix}")

@@ -66,7 +66,7 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
         raise DatasetError(f"{out} already holds a dataset of {info['total_episodes']} episodes; "
                            "choose another --out or delete it first")
     seed_base = DEMO_SEED_BASE + config.seed * 100_000
-    writer = EpisodeWriter(out, fps=10)
+    writer = EpisodeWriter(out, fps=10, flush_every=1000)
     next_seed, kept, failed = seed_base, 0, 0
     bar = tqdm(total=n, desc=f"collect {out.name}", unit="ep", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None

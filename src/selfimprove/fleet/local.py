@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from selfimprove.data.episode import Episode
-from selfimprove.domains import instruction_of, observation_dict
+from selfimprove.domains import check_observation_shapes, instruction_of, observation_dict
 from selfimprove.errors import SelfImproveError
 from selfimprove.model.inputs import from_histories
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
@@ -52,6 +52,10 @@ class LocalFleet:
         if n_robots < 1:
             raise ValueError("a fleet needs at least one robot")
         self.envs = [make_env() for _ in range(n_robots)]
+        obs, _ = self.envs[0].reset(seed=0)
+        check_observation_shapes(spec, {k: list(v.shape) for k, v in observation_dict(obs).items()},
+                                 "the environment", "make the env config match the checkpoint "
+                                 "(e.g. env.kwargs.image_size)")
         self.policy = EmbodiedModel(spec).eval()
         for p in self.policy.parameters():
             p.requires_grad_(False)

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.store import EpisodeStore, Frames, split_episodes
-from selfimprove.domains import make_env, model_spec
-from selfimprove.errors import DatasetError
+from selfimprove.domains import check_observation_shapes, make_env, model_spec
+from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
                                           save_checkpoint)
@@ -39,9 +39,11 @@ class FrameBatches:
 
     def __init__(self, frames: Frames, model: EmbodiedModel) -> None:
         spec = model.spec
-        missing = sorted(set(spec.obs_shapes) - set(frames.observations))
-        if missing:
-            raise DatasetError(f"the dataset has no observation {missing}; it holds {sorted(frames.observations)}")
+        try:
+            check_observation_shapes(spec, {k: list(v.shape[1:]) for k, v in frames.observations.items()},
+                                     "the dataset", "collect it with the same env config as this run")
+        except ConfigError as exc:
+            raise DatasetError(str(exc)) from exc
         self.source = FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
                                   torch.as_tensor(frames.frame_index), torch.as_tensor(frames.task_index),
                                   frames.instructions, spec)
