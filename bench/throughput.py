@@ -1,8 +1,9 @@
-"""Throughput of the point-mass pipeline's hot loops on this machine.
+"""Throughput of the pipeline's hot loops on this machine, for a preset (default: point mass).
 
-Prints a table of SFT samples/s (batch 256, for 1 and 2 torch threads), fleet env-steps/s with
-batched policy + reward-model inference (for 1, 4, 16 robots), and the REINFORCE update rate; the last
-line is one JSON object with every figure. Usage: ``python bench/throughput.py [--quick]``.
+Prints a table of SFT samples/s (for 1 and 2 torch threads), fleet env-steps/s with batched policy +
+reward-model inference (for 1, 4, 16 robots), the REINFORCE update rate, and one Self-Improvement
+iteration's split between collecting and updating; the last line is one JSON object with every
+figure. Usage: ``python bench/throughput.py [--preset language-table] [--quick]``.
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ def bench_fleet(config, robots: int, steps: int) -> tuple[float, float, list]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
+    parser.add_argument("--preset", default="pointmass", help="config preset to measure")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 6.0
     fleet_steps = 2048 if args.quick else 8192
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config("pointmass", [f"runs_dir={tmp}", "data.episodes=300"])
+        config = load_config(args.preset, [f"runs_dir={tmp}", "data.episodes=300", "data.collect_workers=1"])
         collect_demos(config, progress=False)
         frames = EpisodeStore(config.dataset_path).frames()
         rows, figures = [], {}
@@ -75,9 +77,9 @@ def main() -> int:
             rate = bench_sft(config, frames, threads, seconds)
             rows.append((f"SFT, batch {config.sft.batch_size}, {threads} torch thread(s)", f"{rate:,.0f} samples/s"))
             figures[f"sft_samples_per_s_threads{threads}"] = round(rate, 1)
-        episodes = None
+        episodes, collect_s = None, 0.0
         for robots in (1, 4, 16):
-            rate, _, episodes = bench_fleet(config, robots, fleet_steps)
+            rate, collect_s, episodes = bench_fleet(config, robots, min(fleet_steps, 512 * robots))
             rows.append((f"fleet, {robots} robot(s), policy + reward inference", f"{rate:,.0f} env-steps/s"))
             figures[f"fleet_env_steps_per_s_robots{robots}"] = round(rate, 1)
         spec = model_spec(config, make_env(config))
@@ -86,9 +88,17 @@ def main() -> int:
         opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
         t0 = time.perf_counter()
         reinforce_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0))
-        rate = len(returns) / (time.perf_counter() - t0)
+        update_s = time.perf_counter() - t0
+        rate = len(returns) / update_s
         rows.append((f"REINFORCE update, minibatch {config.improve.minibatch_size}", f"{rate:,.0f} samples/s"))
         figures["reinforce_samples_per_s"] = round(rate, 1)
+        steps = int(len(returns))
+        figures["si_env_steps_per_s_with_update"] = round(steps / (collect_s + update_s), 1)
+        figures["si_update_share"] = round(update_s / (collect_s + update_s), 3)
+        rows.append(("Self-Improvement iteration, 16 robots, collect + update",
+                     f"{figures['si_env_steps_per_s_with_update']:,.0f} env-steps/s "
+                     f"({figures['si_update_share']:.0%} of the time in the update)"))
+        figures["preset"] = args.preset
         figures["fleet_speedup_16_vs_1_robot"] = round(
             figures["fleet_env_steps_per_s_robots16"] / figures["fleet_env_steps_per_s_robots1"], 2)
         figures["sft_speedup_2_vs_1_thread"] = round(

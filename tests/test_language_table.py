@@ -24,6 +24,7 @@ def test_quick_language_table_run_end_to_end(quick_run):
     config, summary = quick_run
     assert summary["domain"] == "language-table"
     assert summary["improve"]["robot_episodes"] > 0 and summary["sft"]["eval_episodes"] == config.eval.episodes
+    assert set(summary["controls"]) == {"sft_temperature_0"} and summary["demo_episodes"] == 54
     info = json.loads((config.dataset_path / "meta/info.json").read_text())
     assert info["features"]["observation.image"]["dtype"] == "image"
     assert info["features"]["observation.image"]["shape"] == [32, 32, 3]
@@ -53,3 +54,22 @@ def test_mirror_of_instruction_roles_gives_different_text_features():
     enc = make_text_encoder("hashed_bow")
     a, b = enc.encode(["push the red moon to the blue cube", "push the blue cube to the red moon"])
     assert not np.allclose(a.detach().numpy(), b.detach().numpy())
+
+
+def test_mirror_augmentation_flips_image_y_and_dy_consistently():
+    import torch
+
+    from selfimprove.domains import mirror_instruction, mirror_tabletop
+
+    image = torch.zeros(2, 2, 4, 6, 3, dtype=torch.uint8)
+    image[:, :, 1, 0] = 255  # a bright pixel at the left edge
+    obs = {"image": image, "effector": torch.tensor([[0.3, 0.1], [0.3, 0.1]]),
+           "instruction": ["push the red moon to the left side", "push the red moon to the left side"]}
+    tokens = torch.tensor([[3, 0], [3, 0]])
+    out, tok = mirror_tabletop(obs, tokens, 41, torch.tensor([True, False]))
+    assert out["image"][0, :, 1, 5].sum() > 0 and out["image"][0, :, 1, 0].sum() == 0
+    assert torch.equal(out["image"][1], image[1])
+    assert out["effector"][0].tolist() == pytest.approx([0.3, -0.1]) and out["effector"][1, 1] == pytest.approx(0.1)
+    assert tok.tolist() == [[3, 40], [3, 0]]
+    assert out["instruction"][0].endswith("right side") and mirror_instruction("push the red moon to the blue cube") \
+        == "push the red moon to the blue cube"

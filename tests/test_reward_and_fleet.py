@@ -80,3 +80,13 @@ def test_a_detector_that_always_fires_is_reported(trained_quick):
     model, fleet = _fleet(trained_quick, 1e9)
     with pytest.raises(DetectorError, match="lower improve.success_threshold"):
         fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_episodes=1)
+
+
+def test_constant_reward_control_ignores_the_reward_model():
+    from selfimprove.data.episode import Episode
+    from selfimprove.train.improve import episode_rewards
+
+    ep = Episode(observations={"state": np.zeros((4, 6), np.float32)}, actions=np.zeros((3, 2), np.float32),
+                 instruction="", stg=np.array([9.0, 5.0, 7.0, 1.0], np.float32))
+    assert episode_rewards(ep).tolist() == [4.0, -2.0, 6.0]
+    assert episode_rewards(ep, "constant").tolist() == [1.0, 1.0, 1.0]

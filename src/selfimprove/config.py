@@ -81,6 +81,7 @@ class SFTConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
+    augment: str = "none"  # "mirror": flip half of each batch left-right (tabletop)
     eval_every: int = 500
     checkpoint_every: int = 1000
 
@@ -101,6 +102,7 @@ class ImproveConfig:
     fleet: str = "local"
     temperature: float = 1.0
     max_grad_norm: float = 1.0
+    reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100
 
@@ -113,6 +115,7 @@ class EvalConfig:
     seed: int = 1_000_000  # first eval seed; training seeds are drawn far below this
     temperature: float = 1.0
     robots: int = 32
+    control_temperatures: list[float] = field(default_factory=list)  # also evaluate SFT at these (0: greedy)
 
 
 @dataclass
@@ -167,6 +170,10 @@ class RunConfig:
             (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
             (self.domain in DOMAINS, f"domain must be one of {DOMAINS}"),
+            (self.sft.augment in ("none", "mirror"), "sft.augment must be 'none' or 'mirror'"),
+            (self.improve.reward in ("steps_to_go", "constant"), "improve.reward must be 'steps_to_go' or 'constant'"),
+            (self.sft.augment == "none" or self.domain == "language-table",
+             "sft.augment='mirror' is defined for the language-table domain only"),
         ]
         for ok, message in checks:
             if not ok:

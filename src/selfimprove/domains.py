@@ -10,6 +10,7 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch
 
 import selfimprove.envs  # noqa: F401  (registers the environment ids)
 from selfimprove.config import RunConfig
@@ -85,3 +86,37 @@ def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], sour
             raise ConfigError(f"{source} has no observation {key!r} (it has {sorted(shapes)}); the model needs it")
         if list(got) != list(expected):
             raise ConfigError(f"{source} gives {key!r} of shape {list(got)} but the model expects {list(expected)}; {fix}")
+
+
+_LEFT_RIGHT = {"left": "right", "right": "left"}
+
+
+def mirror_instruction(text: str) -> str:
+    """Swap 'left' and 'right' (block names and block2block goals are mirror-invariant)."""
+    return " ".join(_LEFT_RIGHT.get(w, w) for w in text.split(" "))
+
+
+def mirror_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Mirror the board left-right for the chosen batch ``rows``: image columns, y coordinates, dy.
+
+    The board is symmetric about y = 0 and image columns run along y, so the mirrored sample is
+    as valid a demonstration as the original; action bins are symmetric about 0.
+    """
+    obs = dict(obs)
+    if not bool(rows.any()):
+        return obs, tokens
+    image = obs["image"].clone()
+    image[rows] = image[rows].flip(-2)  # [..., H, W, 3]: W is y
+    obs["image"] = image
+    for key in ("effector", "effector_target"):
+        if key in obs:
+            v = obs[key].clone()
+            v[rows, 1] = -v[rows, 1]
+            obs[key] = v
+    tokens = tokens.clone()
+    tokens[rows, 1] = bins - 1 - tokens[rows, 1]
+    obs["instruction"] = [mirror_instruction(t) if bool(r) else t for t, r in zip(obs["instruction"], rows)]
+    return obs, tokens
+
+
+AUGMENTATIONS = {"mirror": {"language-table": mirror_tabletop}}

@@ -16,7 +16,7 @@ import numpy as np
 
 from selfimprove.config import RunConfig
 from selfimprove.data.collect import collect_demos
-from selfimprove.data.store import EpisodeStore
+from selfimprove.data.store import EpisodeStore, split_episodes
 from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
@@ -80,6 +80,9 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         sft_eval = _json_step(run_dir / "eval_sft.json", resume, lambda: evaluate(config, sft_path))
         improve_path = improve(config, sft_path, resume=True, progress=progress)
         improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
+        controls = {f"sft_temperature_{t:g}": _json_step(
+            run_dir / f"eval_sft_t{t:g}.json", resume, lambda t=t: evaluate(config, sft_path, temperature=t))
+            for t in config.eval.control_temperatures}
         rollouts = rollout_detector_diagnostics(config)
     finally:
         timing["wall_time_s"] = round(timing["wall_time_s"] + time.time() - t0, 2)
@@ -99,7 +102,10 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         "wall_time_s": timing["wall_time_s"],
         "sft": {k: sft_eval[k] for k in keys},
         "improve": {**{k: improve_eval[k] for k in keys}, "robot_episodes": robot_episodes},
-        "demo_episodes": int(EpisodeStore(config.dataset_path).num_episodes),
+        "demo_episodes": int(len(split_episodes(EpisodeStore(config.dataset_path).num_episodes,
+                                                config.data.val_fraction, config.data.fraction)[0])),
+        "controls": {name: {k: result[k] for k in keys} for name, result in controls.items()},
+        "reward": config.improve.reward,
         "detector": {"threshold": rollouts.get("threshold"), "rollout_precision": rollouts.get("precision"),
                      "rollout_recall": rollouts.get("recall")},
     }

@@ -114,7 +114,14 @@ def write_report(run_dir: str | Path) -> Path:
             lines.append(f"| {name} | {_fmt(result['success_rate'])} | [{_fmt(result['ci95'][0])}, "
                          f"{_fmt(result['ci95'][1])}] | {_fmt(result['mean_episode_length'], 1)} | "
                          f"{result['eval_episodes']} | {robot} |")
+    for name, result in summary.get("controls", {}).items():
+        lines.append(f"| control: {name.replace('_', ' ')} | {_fmt(result['success_rate'])} | "
+                     f"[{_fmt(result['ci95'][0])}, {_fmt(result['ci95'][1])}] | "
+                     f"{_fmt(result['mean_episode_length'], 1)} | {result['eval_episodes']} | 0 |")
     lines.append("")
+    if summary.get("reward") == "constant":
+        lines += ["This run is the **constant-reward control** (r_t = 1): same REINFORCE loop and detector, "
+                  "no steps-to-go reward.", ""]
     if fig_improve:
         lines += ["## Self-Improvement", "", f"![improvement]({fig_improve.name})", "",
                   "Eval points use fixed eval seeds and the simulator's success (diagnostic only: the learner "

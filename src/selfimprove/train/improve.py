@@ -78,13 +78,19 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[s
     }
 
 
-def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float
+def episode_rewards(episode: Episode, kind: str = "steps_to_go") -> np.ndarray:
+    """Per-step rewards: ``d(o_t) - d(o_{t+1})``, or 1 everywhere for the constant-reward control."""
+    if kind == "constant":
+        return np.ones(episode.length, dtype=np.float32)
+    return StepsToGoReward.reward(episode.stg[:-1], episode.stg[1:])
+
+
+def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float, reward: str = "steps_to_go"
                     ) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Episodes -> (frame source, acting rows o_0..o_{T-1}, their action tokens, Monte Carlo returns)."""
     source, acting = from_episodes(episodes, policy.spec)
     tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in episodes])))
-    returns = np.concatenate([discounted_returns(StepsToGoReward.reward(e.stg[:-1], e.stg[1:]), gamma)
-                              for e in episodes])
+    returns = np.concatenate([discounted_returns(episode_rewards(e, reward), gamma) for e in episodes])
     return source, acting, tokens, torch.as_tensor(returns)
 
 
@@ -164,7 +170,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                                      n_steps=cfg.steps_per_iteration, temperature=cfg.temperature,
                                      generator=generator)
             t_collect = time.time() - t0
-            source, acting, tokens, returns = reinforce_batch(episodes, policy, cfg.gamma)
+            source, acting, tokens, returns = reinforce_batch(episodes, policy, cfg.gamma, cfg.reward)
             update = reinforce_update(policy, optimizer, source, acting, tokens, returns, config, generator)
             t_update = time.time() - t0 - t_collect
             writer.extend(episodes)

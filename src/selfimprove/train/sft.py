@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.store import EpisodeStore, Frames, split_episodes
-from selfimprove.domains import check_observation_shapes, make_env, model_spec
+from selfimprove.domains import AUGMENTATIONS, check_observation_shapes, make_env, model_spec
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
@@ -124,6 +124,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     else:
         metrics.keep(lambda r: r.get("stage") != "sft")
     data, held_out = FrameBatches(train, model), FrameBatches(val, model)
+    augment = AUGMENTATIONS[cfg.augment][config.domain] if cfg.augment != "none" else None
     log.info("stage 1: %d train frames (%d episodes), %d held-out frames", data.size,
              len(train.episode_lengths), held_out.size)
     block = max(1, cfg.checkpoint_every)
@@ -135,7 +136,11 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         if step % block == 0:
             generator = torch_generator(config.seed, 1, step // block)
         idx = torch.randint(0, data.size, (cfg.batch_size,), generator=generator)
-        losses = sft_losses(model, *data.batch(idx))
+        obs, tokens, has_action, stg = data.batch(idx)
+        if augment is not None:
+            rows = torch.rand(len(idx), generator=generator) < 0.5
+            obs, tokens = augment(obs, tokens, spec.action_bins, rows)
+        losses = sft_losses(model, obs, tokens, has_action, stg)
         loss = losses["bc"] + cfg.stg_weight * losses["stg"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
