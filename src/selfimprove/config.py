@@ -82,6 +82,7 @@ class SFTConfig:
     weight_decay: float = 0.0
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
     augment: str = "none"  # "mirror": flip half of each batch left-right (tabletop)
+    keep_best: bool = True  # the final checkpoint is the eval point with the lowest held-out loss
     eval_every: int = 500
     checkpoint_every: int = 1000
 

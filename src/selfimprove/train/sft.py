@@ -112,13 +112,15 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     cfg = config.sft
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     metrics = MetricsLog(config.run_dir / "metrics.jsonl")
-    start = 0
+    start, best = 0, float("inf")
+    best_path = checkpoint_dir(config) / "sft_best"
     if resume and state_path.exists():
         model, meta = load_checkpoint(state_path, expect_domain=config.domain)
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         tensors, train_meta = load_train_state(state_path)
         restore_optimizer(optimizer, tensors, train_meta)
         start = int(train_meta["step"])
+        best = float(train_meta.get("best", float("inf")))
         metrics.keep(lambda r: r.get("stage") != "sft" or r.get("step", 0) <= start)
         log.info("resuming stage 1 at step %d", start)
     else:
@@ -155,18 +157,28 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             record = {"stage": "sft", "step": done, "time_s": round(time.time() - t0, 2),
                       **{f"train_{k}": round(v, 5) for k, v in running.items()},
                       **{f"val_{k}": v for k, v in evaluate_losses(model, held_out).items()}}
+            score = record["val_bc"] + cfg.stg_weight * record["val_stg"]
+            if cfg.keep_best and score < best:
+                best = score
+                save_checkpoint(model, best_path, meta={"stage": "sft", "step": done, "val_loss": score})
             metrics.append(record)
             model.train()
         if done % block == 0 and done < cfg.steps:
             tensors, meta = optimizer_state_tensors(optimizer)
             save_checkpoint(model, state_path, meta={"stage": "sft", "step": done},
-                            train_state=tensors, train_meta={**meta, "step": done})
+                            train_state=tensors, train_meta={**meta, "step": done, "best": best})
     model.eval()
-    save_checkpoint(model, final, meta={"stage": "sft", "step": cfg.steps, "seed": config.seed,
+    step = cfg.steps
+    if cfg.keep_best and recover_checkpoint(best_path):
+        model, best_meta = load_checkpoint(best_path)
+        step = int(best_meta["step"])
+        log.info("keeping the step-%d checkpoint (lowest held-out loss %.4f)", step, best)
+    save_checkpoint(model, final, meta={"stage": "sft", "step": step, "seed": config.seed,
                                         "dataset": str(store.root), "fraction": config.data.fraction,
                                         "train_episodes": int(len(train.episode_lengths))})
     import shutil
     shutil.rmtree(state_path, ignore_errors=True)
+    shutil.rmtree(best_path, ignore_errors=True)
     return final
 
 
