@@ -73,3 +73,25 @@ def test_mirror_augmentation_flips_image_y_and_dy_consistently():
     assert tok.tolist() == [[3, 40], [3, 0]]
     assert out["instruction"][0].endswith("right side") and mirror_instruction("push the red moon to the blue cube") \
         == "push the red moon to the blue cube"
+
+
+def test_pretrained_initialisation_builds_and_runs_offline(monkeypatch):
+    """The paper's 'unimodally pretrained' model: frozen ImageNet MobileNetV2 stem + MiniLM, no network."""
+    import torch
+
+    from selfimprove.model.policy import EmbodiedModel, ModelSpec
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = ModelSpec(domain="language-table", obs_shapes={"image": [32, 32, 3], "effector": [2]},
+                     action_low=[-0.1, -0.1], action_high=[0.1, 0.1], action_bins=41, max_steps=50, hidden=32,
+                     layers=1, encoder="film", frames=2, image_init="pretrained", text_encoder="minilm",
+                     channels=[16])
+    model = EmbodiedModel(spec)
+    obs = {"image": torch.randint(0, 255, (3, 2, 32, 32, 3), dtype=torch.uint8), "effector": torch.zeros(3, 2),
+           "instruction": ["push the red moon to the blue cube", "push the blue cube to the red moon", "x"]}
+    action_logits, stg_logits = model(obs)
+    assert action_logits.shape == (3, 2, 41) and stg_logits.shape == (3, 51)
+    text = model.encoder.text.encode(obs["instruction"][:2])
+    assert text.shape == (2, 3 * 384) and not torch.allclose(text[0], text[1])
+    frozen = [p for p in model.encoder.stem.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
