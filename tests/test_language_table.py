@@ -95,3 +95,34 @@ def test_pretrained_initialisation_builds_and_runs_offline(monkeypatch):
     assert text.shape == (2, 3 * 384) and not torch.allclose(text[0], text[1])
     frozen = [p for p in model.encoder.stem.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
+
+
+def test_shift_augmentation_moves_image_and_coordinates_together():
+    import torch
+
+    from selfimprove.domains import shift_tabletop
+    from selfimprove.envs.tabletop import TabletopEnv
+
+    env = TabletopEnv(image_size=32)
+    obs0, _ = env.reset(seed=4)
+    image = torch.as_tensor(obs0["rgb"][-1])
+    effector = torch.as_tensor(obs0["effector"])
+    obs = {"image": image[None, None].repeat(64, 1, 1, 1, 1), "effector": effector[None].repeat(64, 1)}
+    rows = torch.ones(64, dtype=torch.bool)
+    out, _ = shift_tabletop(obs, torch.zeros(64, 2, dtype=torch.long), 41, rows,
+                            generator=torch.Generator().manual_seed(0))
+
+    def pusher_pixel(img):  # the pusher is the only light-grey object
+        mask = (img[..., 0] > 150) & (img[..., 0] == img[..., 1]) & (img[..., 1] == img[..., 2])
+        return torch.nonzero(mask).float().mean(0)
+
+    base = pusher_pixel(image)
+    moved = 0
+    for i in range(64):
+        pix = pusher_pixel(out["image"][i, 0])
+        d_pix = pix - base
+        d_m = out["effector"][i] - effector
+        # rows follow x and columns follow y: the effector moved with its drawing
+        assert torch.allclose(d_m * torch.tensor([32 / 0.5, 32 / 0.6596]), d_pix, atol=0.6)
+        moved += int(d_pix.abs().sum() > 0)
+    assert moved > 40

@@ -105,6 +105,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(si.write_report(Path(args.run_dir)))
         return 0
     config = config_from_args(args)
+    import torch
+
+    torch.set_num_threads(config.torch_threads)
     progress = not args.no_progress
     if args.command == "collect":
         path = si.collect_demos(config, out=args.out, progress=progress)

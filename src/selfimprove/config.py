@@ -81,7 +81,7 @@ class SFTConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
-    augment: str = "none"  # "mirror": flip half of each batch left-right (tabletop)
+    augment: list[str] = field(default_factory=list)  # tabletop: "mirror" (half of each batch), "shift"
     keep_best: bool = True  # the final checkpoint is the eval point with the lowest held-out loss
     eval_every: int = 500
     checkpoint_every: int = 1000
@@ -171,10 +171,10 @@ class RunConfig:
             (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
             (self.domain in DOMAINS, f"domain must be one of {DOMAINS}"),
-            (self.sft.augment in ("none", "mirror"), "sft.augment must be 'none' or 'mirror'"),
+            (set(self.sft.augment) <= {"mirror", "shift"}, "sft.augment may hold 'mirror' and 'shift'"),
             (self.improve.reward in ("steps_to_go", "constant"), "improve.reward must be 'steps_to_go' or 'constant'"),
-            (self.sft.augment == "none" or self.domain == "language-table",
-             "sft.augment='mirror' is defined for the language-table domain only"),
+            (not self.sft.augment or self.domain == "language-table",
+             "sft.augment is defined for the language-table domain only"),
         ]
         for ok, message in checks:
             if not ok:

@@ -119,4 +119,36 @@ def mirror_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tens
     return obs, tokens
 
 
-AUGMENTATIONS = {"mirror": {"language-table": mirror_tabletop}}
+def shift_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor, max_pixels: int = 3,
+                   generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor]:
+    """Translate the whole scene by a few pixels for the chosen ``rows``: image and coordinates together.
+
+    The image is padded with its edge and cropped at a random offset; the effector and its target
+    move by the same distance in metres, so the sample stays a consistent scene (actions are deltas
+    and steps-to-go are unchanged).
+    """
+    from selfimprove.envs.tabletop import VIEW_X, VIEW_Y
+
+    obs = dict(obs)
+    image = obs["image"]
+    h, w = image.shape[-3], image.shape[-2]
+    metres_per_row, metres_per_col = (VIEW_X[1] - VIEW_X[0]) / h, (VIEW_Y[1] - VIEW_Y[0]) / w
+    k = max_pixels
+    flat = image.reshape(-1, h, w, image.shape[-1]).permute(0, 3, 1, 2).float()
+    padded = torch.nn.functional.pad(flat, (k, k, k, k), mode="replicate").to(image.dtype)
+    padded = padded.permute(0, 2, 3, 1).reshape(*image.shape[:-3], h + 2 * k, w + 2 * k, image.shape[-1])
+    out = image.clone()
+    offsets = torch.randint(-k, k + 1, (len(rows), 2), generator=generator)
+    offsets[~rows] = 0
+    for i in torch.nonzero(rows).flatten().tolist():
+        dr, dc = int(offsets[i, 0]), int(offsets[i, 1])
+        out[i] = padded[i, ..., k + dr:k + dr + h, k + dc:k + dc + w, :]
+    obs["image"] = out
+    delta = torch.stack([-offsets[:, 0] * metres_per_row, -offsets[:, 1] * metres_per_col], dim=1).float()
+    for key in ("effector", "effector_target"):
+        if key in obs:
+            obs[key] = obs[key] + delta
+    return obs, tokens
+
+
+AUGMENTATIONS = {"mirror": {"language-table": mirror_tabletop}, "shift": {"language-table": shift_tabletop}}

@@ -126,7 +126,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     else:
         metrics.keep(lambda r: r.get("stage") != "sft")
     data, held_out = FrameBatches(train, model), FrameBatches(val, model)
-    augment = AUGMENTATIONS[cfg.augment][config.domain] if cfg.augment != "none" else None
+    augments = [AUGMENTATIONS[name][config.domain] for name in cfg.augment]
     log.info("stage 1: %d train frames (%d episodes), %d held-out frames", data.size,
              len(train.episode_lengths), held_out.size)
     block = max(1, cfg.checkpoint_every)
@@ -139,7 +139,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             generator = torch_generator(config.seed, 1, step // block)
         idx = torch.randint(0, data.size, (cfg.batch_size,), generator=generator)
         obs, tokens, has_action, stg = data.batch(idx)
-        if augment is not None:
+        for augment in augments:
             rows = torch.rand(len(idx), generator=generator) < 0.5
             obs, tokens = augment(obs, tokens, spec.action_bins, rows)
         losses = sft_losses(model, obs, tokens, has_action, stg)
