@@ -46,6 +46,8 @@ def test_quick_run_end_to_end_writes_summary_report_and_plots(tmp_path):
     report = (config.run_dir / "report.md").read_text()
     assert "Self-Improvement (stage 2)" in report and "precision" in report
     assert (config.run_dir / "improvement.png").stat().st_size > 1000
+    (config.run_dir / "report.md").unlink()
+    assert main(["report", str(config.run_dir)]) == 0 and (config.run_dir / "report.md").read_text() == report
     # resuming a finished run recomputes nothing and gives the same summary
     again = run_pipeline(config, resume=True, progress=False)
     assert {k: v for k, v in again.items() if k != "wall_time_s"} == {
