@@ -104,6 +104,7 @@ class ImproveConfig:
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
+    max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100
 

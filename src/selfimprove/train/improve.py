@@ -163,6 +163,9 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                initial=start, total=cfg.iterations)
     try:
         for it in bar:
+            if 0 < cfg.max_robot_episodes <= counters["robot_episodes"]:
+                log.info("robot-episode budget of %d reached after %d iterations", cfg.max_robot_episodes, it)
+                break
             t0 = time.time()
             generator = torch_generator(config.seed, 2, it)
             seeds = seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000)
@@ -188,7 +191,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
                 "collect_s": round(t_collect, 3), "update_s": round(t_update, 3),
             }
-            if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or it + 1 == cfg.iterations):
+            last = it + 1 == cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"]
+            if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
                 tmp = checkpoint_dir(config) / "improve_eval"
                 save_checkpoint(policy, tmp, meta={"stage": "improve", "iteration": it + 1})
                 record.update(_eval_point(config, tmp))
