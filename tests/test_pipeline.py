@@ -120,3 +120,13 @@ def test_checkpoint_from_another_domain_is_refused(trained_quick, tmp_path, caps
     assert main(["eval", "pointmass-quick", "--checkpoint", str(sft_checkpoint(trained_quick)),
                  "--set", "domain=language-table", "--eval-episodes", "2", "--runs-dir", str(tmp_path)]) == 2
     assert "'pointmass' domain, but this run is 'language-table'" in capsys.readouterr().err
+
+
+def test_robot_episode_budget_stops_self_improvement(trained_quick, tmp_path):
+    config = _stage2_config(trained_quick, tmp_path, "budget", 50, "improve.max_robot_episodes=20",
+                            "improve.steps_per_iteration=256")
+    improve(config, sft_checkpoint(trained_quick), progress=False)
+    records = improve_records(config)
+    used = [r["robot_episodes"] for r in records]
+    assert used[-1] >= 20 and used[-2] < 20 and records[-1]["iteration"] < 50
+    assert "eval_success_rate" in records[-1]  # the last iteration is always evaluated
