@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "eval_episodes", "temperature")
     p.add_argument("--checkpoint", required=True)
     p = sub.add_parser("run", help="the whole pipeline: collect -> sft -> improve -> eval -> report")
-    _common(p, "episodes", "fraction", "steps", "iterations", "robots", "threshold", "eval_episodes", "resume",
-            "workers")
+    _common(p, "episodes", "dataset", "fraction", "steps", "iterations", "robots", "threshold", "eval_episodes",
+            "resume", "workers")
     p = sub.add_parser("report", help="rebuild runs/<name>/report.md from the run's files")
     p.add_argument("run_dir")
     return parser
