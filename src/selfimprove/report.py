@@ -40,6 +40,8 @@ def plot_improvement(records: list[dict[str, Any]], sft_eval: dict[str, Any], ou
     if batch:
         ax1.plot([r["robot_episodes"] for r in batch], [r["detected_success_rate"] for r in batch],
                  "-", color="C1", alpha=0.6, label="detected success (practice)")
+        ax1.plot([r["robot_episodes"] for r in batch], [r["batch_true_success_rate"] for r in batch],
+                 ":", color="C3", alpha=0.6, label="true success (practice, diagnostic)")
     if sft_eval:
         ax1.axhline(sft_eval["success_rate"], ls="--", color="gray", label="SFT")
     ax1.set_xlabel("robot episodes of Self-Improvement")
