@@ -63,6 +63,6 @@ def from_episodes(episodes, spec: ModelSpec) -> tuple[FrameSource, torch.Tensor]
     arrays = {k: torch.as_tensor(np.concatenate([e.observations[k] for e in episodes])) for k in spec.obs_shapes}
     frame_index = torch.as_tensor(np.concatenate([np.arange(e.length + 1) for e in episodes]))
     task_index = torch.as_tensor(np.concatenate([np.full(e.length + 1, lookup[e.instruction]) for e in episodes]))
-    acting = torch.as_tensor(np.concatenate([np.arange(e.length) + off for e, off in
-                                             zip(episodes, np.cumsum([0] + [e.length + 1 for e in episodes[:-1]]))]))
+    is_last = np.concatenate([np.arange(e.length + 1) == e.length for e in episodes])
+    acting = torch.as_tensor(np.flatnonzero(~is_last))
     return FrameSource(arrays, frame_index, task_index, instructions, spec), acting

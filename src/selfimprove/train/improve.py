@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
-from selfimprove.train.sft import FrameBatches, checkpoint_dir, sft_checkpoint
+from selfimprove.train.sft import checkpoint_dir, frame_source, sft_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np
     store = EpisodeStore(config.dataset_path)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
     frames = store.frames(val_idx)
-    source = FrameBatches(frames, reward.model).source
+    source = frame_source(frames, reward.model.spec)
     d = np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + 1024, len(frames.frame_index)))))
                         for i in range(0, len(frames.frame_index), 1024)])
     true = frames.extras.get("info.is_success", frames.is_terminal)
@@ -161,9 +162,13 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         metrics.append(record)
     bar = tqdm(range(start, cfg.iterations), desc="improve", unit="it", disable=not progress,
                initial=start, total=cfg.iterations)
+
+    def budget_spent() -> bool:
+        return 0 < cfg.max_robot_episodes <= counters["robot_episodes"]
+
     try:
         for it in bar:
-            if 0 < cfg.max_robot_episodes <= counters["robot_episodes"]:
+            if budget_spent():
                 log.info("robot-episode budget of %d reached after %d iterations", cfg.max_robot_episodes, it)
                 break
             t0 = time.time()
@@ -191,7 +196,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
                 "collect_s": round(t_collect, 3), "update_s": round(t_update, 3),
             }
-            last = it + 1 == cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"]
+            last = it + 1 == cfg.iterations or budget_spent()
             if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
                 tmp = checkpoint_dir(config) / "improve_eval"
                 save_checkpoint(policy, tmp, meta={"stage": "improve", "iteration": it + 1})
@@ -208,7 +213,6 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                             det=f"{record['detected_success_rate']:.2f}")
     finally:
         fleet.close()
-        import shutil
         shutil.rmtree(checkpoint_dir(config) / "improve_eval", ignore_errors=True)
     if not latest.exists():  # zero iterations: the policy is the SFT policy
         save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": 0, "sft": str(sft_path)})

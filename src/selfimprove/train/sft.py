@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
                                           save_checkpoint)
 from selfimprove.model.inputs import FrameSource
-from selfimprove.model.policy import EmbodiedModel
+from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 
 log = logging.getLogger(__name__)
@@ -34,19 +35,24 @@ def sft_checkpoint(config: RunConfig) -> Path:
     return checkpoint_dir(config) / "sft"
 
 
+def frame_source(frames: Frames, spec: ModelSpec) -> FrameSource:
+    """Stored frames as model inputs, after checking they have the shapes the model expects."""
+    try:
+        check_observation_shapes(spec, {k: list(v.shape[1:]) for k, v in frames.observations.items()},
+                                 "the dataset", "collect it with the same env config as this run")
+    except ConfigError as exc:
+        raise DatasetError(str(exc)) from exc
+    return FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
+                       torch.as_tensor(frames.frame_index), torch.as_tensor(frames.task_index),
+                       frames.instructions, spec)
+
+
 class FrameBatches:
     """Frames as torch tensors, with BC targets (tokens) and steps-to-go labels, for fast batching."""
 
     def __init__(self, frames: Frames, model: EmbodiedModel) -> None:
         spec = model.spec
-        try:
-            check_observation_shapes(spec, {k: list(v.shape[1:]) for k, v in frames.observations.items()},
-                                     "the dataset", "collect it with the same env config as this run")
-        except ConfigError as exc:
-            raise DatasetError(str(exc)) from exc
-        self.source = FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
-                                  torch.as_tensor(frames.frame_index), torch.as_tensor(frames.task_index),
-                                  frames.instructions, spec)
+        self.source = frame_source(frames, spec)
         self.tokens = torch.as_tensor(model.tokenizer.tokenize(frames.actions))
         self.has_action = torch.as_tensor(~frames.is_terminal)
         self.stg = torch.as_tensor(np.minimum(frames.steps_to_go, spec.max_steps))
@@ -176,7 +182,6 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     save_checkpoint(model, final, meta={"stage": "sft", "step": step, "seed": config.seed,
                                         "dataset": str(store.root), "fraction": config.data.fraction,
                                         "train_episodes": int(len(train.episode_lengths))})
-    import shutil
     shutil.rmtree(state_path, ignore_errors=True)
     shutil.rmtree(best_path, ignore_errors=True)
     return final
