@@ -16,12 +16,12 @@ def test_unknown_key_names_the_key_and_suggests_the_fix():
     with pytest.raises(ConfigError, match=r"unknown config key improve.'learning_rate'.*Known keys"):
         load_config("pointmass", ["improve.learning_rate=1e-4"])
     with pytest.raises(ConfigError, match="Did you mean 'robots'"):
-        load_config("pointmass", ["improve.robot=4"])
+        load_config("pointmass", ["fleet.robot=4"])
 
 
 def test_wrong_types_and_ranges_are_rejected():
-    with pytest.raises(ConfigError, match="improve.robots: expected an integer"):
-        load_config("pointmass", ["improve.robots=many"])
+    with pytest.raises(ConfigError, match="fleet.robots: expected an integer"):
+        load_config("pointmass", ["fleet.robots=many"])
     with pytest.raises(ConfigError, match="data.fraction"):
         load_config("pointmass", ["data.fraction=1.5"])
     with pytest.raises(ConfigError, match="max_steps must cover"):

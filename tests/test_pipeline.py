@@ -75,9 +75,12 @@ def test_resume_continues_bit_for_bit(trained_quick, tmp_path):
     assert EpisodeStore(episodes_dir(resumed)).num_episodes == EpisodeStore(episodes_dir(straight)).num_episodes
 
 
-def test_killed_learner_resumes_to_the_same_result(trained_quick, tmp_path):
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_killed_learner_resumes_to_the_same_result(trained_quick, tmp_path, backend):
     """A real SIGKILL at an arbitrary point of Stage 2, then --resume."""
-    extra = ["improve.robots=2", "improve.steps_per_iteration=1024"]
+    if backend == "ray":
+        pytest.importorskip("ray")
+    extra = ["fleet.robots=2", "improve.steps_per_iteration=1024", f"fleet.backend={backend}"]
     reference = _stage2_config(trained_quick, tmp_path, "reference", 6, *extra)
     improve(reference, sft_checkpoint(trained_quick), progress=False)
     args = ["improve", "pointmass-quick", "--name", "killed", "--runs-dir", str(tmp_path),

@@ -15,9 +15,10 @@ from selfimprove.errors import SelfImproveError
 FLAG_FIELDS = {
     "name": "name", "seed": "seed", "runs_dir": "runs_dir", "episodes": "data.episodes",
     "fraction": "data.fraction", "dataset": "data.path", "workers": "data.collect_workers",
-    "steps": "sft.steps", "iterations": "improve.iterations", "robots": "improve.robots",
+    "steps": "sft.steps", "iterations": "improve.iterations", "robots": "fleet.robots",
     "threshold": "improve.success_threshold", "eval_episodes": "eval.episodes",
-    "temperature": "eval.temperature", "threads": "torch_threads",
+    "temperature": "eval.temperature", "threads": "torch_threads", "fleet": "fleet.backend",
+    "address": "fleet.address", "reset_free": "fleet.reset_free",
 }
 
 
@@ -42,6 +43,11 @@ def _common(p: argparse.ArgumentParser, *flags: str) -> None:
             "steps": lambda: p.add_argument("--steps", type=int, help="SFT gradient steps"),
             "iterations": lambda: p.add_argument("--iterations", type=int, help="Self-Improvement iterations"),
             "robots": lambda: p.add_argument("--robots", type=int, help="robots in the fleet"),
+            "fleet": lambda: (
+                p.add_argument("--fleet", choices=["local", "ray"], help="where robots run (fleet.backend)"),
+                p.add_argument("--address", help="ray: join this cluster (default: start a local Ray on 127.0.0.1)"),
+                p.add_argument("--reset-free", dest="reset_free", action="store_const", const=True,
+                               help="practise without resets between episodes (fleet.reset_free)")),
             "threshold": lambda: p.add_argument("--threshold", type=float, help="success threshold s (default: calibrated)"),
             "eval_episodes": lambda: p.add_argument("--eval-episodes", dest="eval_episodes", type=int),
             "temperature": lambda: p.add_argument("--temperature", type=float, help="sampling temperature (0: greedy)"),
@@ -59,14 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sft", help="stage 1: BC + steps-to-go fine-tuning")
     _common(p, "dataset", "fraction", "steps", "resume")
     p = sub.add_parser("improve", help="stage 2: Self-Improvement from an SFT checkpoint")
-    _common(p, "dataset", "fraction", "iterations", "robots", "threshold", "resume")
+    _common(p, "dataset", "fraction", "iterations", "robots", "fleet", "threshold", "resume")
     p.add_argument("--sft", help="SFT checkpoint (default runs/<name>/checkpoints/sft)")
     p = sub.add_parser("eval", help="true success rate of a checkpoint on fixed eval seeds")
     _common(p, "eval_episodes", "temperature")
     p.add_argument("--checkpoint", required=True)
     p = sub.add_parser("run", help="the whole pipeline: collect -> sft -> improve -> eval -> report")
-    _common(p, "episodes", "dataset", "fraction", "steps", "iterations", "robots", "threshold", "eval_episodes",
-            "resume", "workers")
+    _common(p, "episodes", "dataset", "fraction", "steps", "iterations", "robots", "fleet", "threshold",
+            "eval_episodes", "resume", "workers")
     p = sub.add_parser("report", help="rebuild runs/<name>/report.md from the run's files")
     p.add_argument("run_dir")
     return parser

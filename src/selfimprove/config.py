@@ -31,6 +31,7 @@ PRESET_DIR = _preset_dir()
 
 
 DOMAINS = ("pointmass", "language-table")
+FLEET_BACKENDS = ("local", "ray")
 
 
 @dataclass
@@ -99,14 +100,29 @@ class ImproveConfig:
     gamma: float = 0.9
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
     success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT
-    robots: int = 16
-    fleet: str = "local"
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100
+    max_staleness: int = 0  # policy versions an episode may lag the learner (0: strictly on-policy)
+
+
+@dataclass
+class FleetConfig:
+    """Where Stage 2's robots run and how they practise (reset-free or episodic)."""
+
+    backend: str = "local"  # "local": in this process; "ray": Ray actors on this machine or a cluster
+    robots: int = 16
+    robots_per_actor: int = 0  # ray: robots that share one actor (batched inference); 0: spread over the CPUs
+    address: str | None = None  # ray: join this cluster (e.g. "auto" or "10.0.0.5:6379"); None: start a local Ray
+    bind_host: str = "127.0.0.1"  # ray: where a local Ray's ports bind (and its dashboard, if installed)
+    timeout_s: float = 600.0  # ray: a robot actor silent this long in one collect is killed and restarted
+    max_restarts: int = 3  # ray: restarts per collect before the run stops with an error
+    reset_free: bool = False  # after an episode, keep the board and draw a new valid task
+    reset_every: int = 0  # reset-free: a scheduled human reset every K episodes per robot (0: only when needed)
+    robots_per_human: int = 10  # reset-free: robots one person supervises (for the report)
 
 
 @dataclass
@@ -134,6 +150,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     improve: ImproveConfig = field(default_factory=ImproveConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
@@ -159,11 +176,16 @@ class RunConfig:
              "model.max_steps must cover env.max_episode_steps (the longest demo)"),
             (self.sft.steps >= 1 and self.sft.batch_size >= 1, "sft.steps and sft.batch_size must be >= 1"),
             (0 < self.improve.gamma <= 1, "improve.gamma must be in (0, 1]"),
-            (self.improve.robots >= 1, "improve.robots must be >= 1"),
+            (self.fleet.robots >= 1, "fleet.robots must be >= 1"),
+            (self.fleet.robots_per_actor >= 0 and self.fleet.reset_every >= 0 and self.fleet.max_restarts >= 0,
+             "fleet.robots_per_actor, fleet.reset_every and fleet.max_restarts must be >= 0"),
+            (self.fleet.timeout_s > 0 and self.fleet.robots_per_human >= 1,
+             "fleet.timeout_s must be > 0 and fleet.robots_per_human >= 1"),
+            (self.improve.max_staleness >= 0, "improve.max_staleness must be >= 0"),
             (self.improve.iterations >= 0, "improve.iterations must be >= 0"),
             (self.improve.steps_per_iteration >= 1 and self.improve.minibatch_size >= 1,
              "improve.steps_per_iteration and improve.minibatch_size must be >= 1"),
-            (self.improve.fleet in ("local",), "improve.fleet must be 'local'"),
+            (self.fleet.backend in FLEET_BACKENDS, f"fleet.backend must be one of {FLEET_BACKENDS}"),
             (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
             (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),

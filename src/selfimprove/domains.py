@@ -35,6 +35,29 @@ def make_env(config: RunConfig, **overrides: Any) -> gym.Env:
         raise ConfigError(f"env.kwargs {kwargs} are not accepted by {config.env.id!r}: {exc}") from exc
 
 
+def continue_on_board(env: gym.Env, rng: np.random.Generator) -> tuple[Any, dict[str, Any]] | str:
+    """Reset-free practice: a new valid task on the board as it is, as ``(obs, info)``.
+
+    Returns the reason a human reset is needed instead ("unusable" board or "no_task" valid for
+    it). Envs opt in with ``new_task(rng)``, ``board_usable()`` and ``observe()``. The time-limit
+    wrapper's step count restarts, as it would on a reset.
+    """
+    base = env.unwrapped
+    if not all(hasattr(base, m) for m in ("new_task", "board_usable", "observe")):
+        raise ConfigError(f"{type(base).__name__} does not support reset-free practice (it needs new_task(rng), "
+                          "board_usable() and observe()); set fleet.reset_free=false")
+    if not base.board_usable():
+        return "unusable"
+    if base.new_task(rng) is None:
+        return "no_task"
+    wrapper = env
+    while isinstance(wrapper, gym.Wrapper):
+        if isinstance(wrapper, gym.wrappers.TimeLimit):
+            wrapper._elapsed_steps = 0
+        wrapper = wrapper.env
+    return base.observe()
+
+
 def expert_for(config: RunConfig) -> Expert:
     if "PointMass" in config.env.id:
         return make_expert(config.env.id, n_waypoints=config.data.expert_waypoints)

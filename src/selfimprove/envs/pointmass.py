@@ -86,6 +86,25 @@ class PointMassEnv(gym.Env):
         success = self.is_success()
         return self._obs(), 0.0, bool(success and self.terminate_on_success), False, self._info()
 
+    # -- reset-free support ---------------------------------------------------------------------
+    def new_task(self, rng: np.random.Generator | None = None) -> str:
+        """A new goal from where the point is now (it keeps its position and velocity)."""
+        rng = rng if rng is not None else self.np_random
+        pos = np.array(self._pos)
+        while True:
+            goal = rng.uniform(-0.9, 0.9, size=2)
+            if np.linalg.norm(pos - goal) > 2 * self.success_radius:
+                break
+        self._goal = [float(goal[0]), float(goal[1])]
+        return self.instruction
+
+    def board_usable(self) -> bool:
+        """The point can always go on (walls stop it, nothing falls off)."""
+        return True
+
+    def observe(self) -> tuple[np.ndarray, dict[str, Any]]:
+        return self._obs(), self._info()
+
     # -- helpers -------------------------------------------------------------------------------
     def distance_to_goal(self) -> float:
         return math.hypot(self._pos[0] - self._goal[0], self._pos[1] - self._goal[1])

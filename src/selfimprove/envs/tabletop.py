@@ -348,6 +348,12 @@ class TabletopEnv(gym.Env):
         self._steps = 0
         return task.instruction
 
+    def observe(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The current observation and info without stepping (after ``new_task``)."""
+        if self._space is None:
+            raise RuntimeError("call reset() before observe()")
+        return self._observation(advance=False), self._info(self._is_success())
+
     def board_usable(self) -> bool:
         """False when a block is stuck against a wall/outside the bounds or the physics blew up."""
         self._cache = None  # re-read pymunk: cheap here, and robust to bodies moved by hand
@@ -452,14 +458,14 @@ class TabletopEnv(gym.Env):
         xy, angles = self._state()
         return self._renderer.draw(xy, angles, self.effector)
 
-    def _observation(self) -> dict[str, Any]:
+    def _observation(self, advance: bool = True) -> dict[str, Any]:
         p = self._pusher.position
         obs: dict[str, Any] = {}
         if self.image_hw is not None:
-            frame = self._draw()
             if self._frames is None:
-                self._frames = np.repeat(frame[None], self.render_frames, axis=0)
-            else:
+                self._frames = np.repeat(self._draw()[None], self.render_frames, axis=0)
+            elif advance:
+                frame = self._draw()
                 self._frames[:-1] = self._frames[1:]
                 self._frames[-1] = frame
             obs["rgb"] = self._frames.copy()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from selfimprove.data.episode import Episode
-from selfimprove.domains import check_observation_shapes, instruction_of, observation_dict
+from selfimprove.domains import check_observation_shapes, continue_on_board, instruction_of, observation_dict
 from selfimprove.errors import SelfImproveError
 from selfimprove.model.inputs import from_histories
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
@@ -42,13 +42,23 @@ class _Slot:
     success: list[bool] = field(default_factory=list)
     stg: list[float] = field(default_factory=list)
     active: bool = False
+    start: str = "episodic"
+    reset_reason: str | None = None
 
 
 class LocalFleet:
-    """``n_robots`` envs in this process. With ``reward`` set, episodes end when the detector fires."""
+    """``n_robots`` envs in this process. With ``reward`` set, episodes end when the detector fires.
+
+    ``reset_free``: after an episode the robot keeps its board and draws a new valid task; the
+    board is reset (a human intervention) only when it is unusable, admits no task, or every
+    ``reset_every`` episodes. Each episode's ``meta["start"]`` says how it began: "setup" (the
+    robot's first board), "reset" (an intervention, with ``meta["reset_reason"]``), "continued", or
+    "episodic" (every episode on a fresh board, the default).
+    """
 
     def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int,
-                 reward: StepsToGoReward | None = None) -> None:
+                 reward: StepsToGoReward | None = None, reset_free: bool = False, reset_every: int = 0,
+                 robot_offset: int = 0) -> None:
         if n_robots < 1:
             raise ValueError("a fleet needs at least one robot")
         self.envs = [make_env() for _ in range(n_robots)]
@@ -62,20 +72,42 @@ class LocalFleet:
         self.reward = reward
         self.version: int | None = None
         self.spec = spec
+        self.reset_free, self.reset_every = reset_free, reset_every
+        self.robot_offset = robot_offset  # robot ids in episode meta are offset + index
         self.skipped_starts = 0  # boards where the detector fired before the first action
+        self.failures: list[dict[str, Any]] = []  # in-process robots do not fail separately from the learner
+        self._set_up = [False] * n_robots  # reset-free: has this robot's board been set up yet?
+        self._since_reset = [0] * n_robots
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         if version != self.version:
-            self.policy.load_state_dict(weights)
+            self.policy.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
             self.version = version
 
-    def _reset(self, slot: _Slot, env: gym.Env, seeds: Iterator[int]) -> None:
+    def _board(self, i: int, seed: int) -> tuple[Any, dict[str, Any], str, str | None]:
+        """The start of robot ``i``'s next episode: (obs, info, start kind, reset reason)."""
+        env = self.envs[i]
+        if not self.reset_free:
+            return (*env.reset(seed=seed), "episodic", None)
+        if not self._set_up[i]:
+            self._set_up[i], self._since_reset[i] = True, 0
+            return (*env.reset(seed=seed), "setup", None)
+        reason = "scheduled" if self.reset_every and self._since_reset[i] >= self.reset_every else None
+        if reason is None:
+            started = continue_on_board(env, np.random.default_rng(seed))
+            if not isinstance(started, str):
+                return (*started, "continued", None)
+            reason = started
+        self._since_reset[i] = 0
+        return (*env.reset(seed=seed), "reset", reason)
+
+    def _reset(self, slot: _Slot, i: int, seeds: Iterator[int]) -> None:
         """Start a new episode; boards the detector already calls solved are re-drawn."""
         for _ in range(MAX_REDRAWS):
             slot.seed = int(next(seeds))
-            obs, info = env.reset(seed=slot.seed)
+            obs, info, slot.start, slot.reset_reason = self._board(i, slot.seed)
             o = observation_dict(obs)
-            slot.instruction = instruction_of(obs, info, env)
+            slot.instruction = instruction_of(obs, info, self.envs[i])
             d0 = float("nan")
             if self.reward is not None:
                 d0 = float(self.reward.steps_to_go(from_histories([[o]], [slot.instruction], self.spec))[0])
@@ -85,6 +117,7 @@ class LocalFleet:
             slot.observations, slot.actions = [o], []
             slot.success, slot.stg = [bool(info.get("is_success", False))], [d0]
             slot.active = True
+            self._since_reset[i] += 1
             return
         raise DetectorError(
             f"the success detector fired on {MAX_REDRAWS} start boards in a row (threshold "
@@ -108,9 +141,9 @@ class LocalFleet:
         def may_start() -> bool:
             return started < n_episodes if n_episodes is not None else steps < n_steps
 
-        for slot, env in zip(slots, self.envs):
+        for i, slot in enumerate(slots):
             if may_start():
-                self._reset(slot, env, seeds)
+                self._reset(slot, i, seeds)
                 started += 1
         while True:
             live = [i for i, s in enumerate(slots) if s.active]
@@ -144,7 +177,7 @@ class LocalFleet:
                     finished.append(self._episode(slot, i, version, ended_by, temperature))
                     slot.active = False
                     if may_start():
-                        self._reset(slot, self.envs[i], seeds)
+                        self._reset(slot, i, seeds)
                         started += 1
         return finished
 
@@ -155,11 +188,15 @@ class LocalFleet:
             actions=np.stack(slot.actions).astype(np.float32),
             instruction=slot.instruction,
             true_success=bool(success.any()),
-            meta={"seed": slot.seed, "robot": robot, "policy_version": version, "ended_by": ended_by,
-                  "temperature": temperature},
+            meta={"seed": slot.seed, "robot": self.robot_offset + robot, "policy_version": version,
+                  "ended_by": ended_by, "temperature": temperature, "start": slot.start,
+                  "reset_reason": slot.reset_reason},
             info={"is_success": success},
             stg=None if self.reward is None else np.asarray(slot.stg, dtype=np.float32),
         )
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "local", "robots": len(self.envs), "nodes": 1, "failures": []}
 
     def close(self) -> None:
         for env in self.envs:

@@ -142,7 +142,6 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         restore_optimizer(optimizer, tensors, state)
         start, history, counters = int(state["iteration"]), state["history"], state["counters"]
         detector = state["detector"]
-        truncate_store(episodes_dir(config), counters["files_written"])
         log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", start, counters["robot_episodes"])
     else:
         detector = calibrate_detector(reward_model, config)
@@ -153,8 +152,11 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     for record in history:
         metrics.append(record)
     reward = StepsToGoReward(reward_model, detector["threshold"])
-    fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), policy.spec, cfg.robots, reward)
+    collected_ahead = _collected_not_trained(config, counters)
     writer = EpisodeWriter(episodes_dir(config), fps=10)
+    fleet = make_fleet(config, policy.spec, reward)
+    fleet_file = config.run_dir / "fleet.json"
+    fleet_file.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
     if start == 0 and cfg.eval_every > 0:
         record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
                   **_eval_point(config, sft_path)}
@@ -172,17 +174,26 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 log.info("robot-episode budget of %d reached after %d iterations", cfg.max_robot_episodes, it)
                 break
             t0 = time.time()
-            generator = torch_generator(config.seed, 2, it)
-            seeds = seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000)
-            episodes = fleet.collect(policy.state_dict(), version=it, seeds=seeds,
-                                     n_steps=cfg.steps_per_iteration, temperature=cfg.temperature,
-                                     generator=generator)
+            if collected_ahead is not None:  # collected and saved before the learner stopped: train on it
+                episodes, collected_ahead = collected_ahead, None
+                log.info("iteration %d: training on the %d episodes collected before the restart", it + 1,
+                         len(episodes))
+            else:
+                seeds = seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000)
+                episodes = fleet.collect(policy.state_dict(), version=it, seeds=seeds,
+                                         n_steps=cfg.steps_per_iteration, temperature=cfg.temperature,
+                                         generator=torch_generator(config.seed, 2, it))
+                writer.extend(episodes)
+                writer.flush()  # on disk (atomically) before the update: a killed learner loses nothing
             t_collect = time.time() - t0
-            source, acting, tokens, returns = reinforce_batch(episodes, policy, cfg.gamma, cfg.reward)
-            update = reinforce_update(policy, optimizer, source, acting, tokens, returns, config, generator)
+            fresh = [e for e in episodes if it - int(e.meta["policy_version"]) <= cfg.max_staleness]
+            if len(fresh) < len(episodes):
+                log.info("dropped %d episodes older than %d policy versions", len(episodes) - len(fresh),
+                         cfg.max_staleness)
+            source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward)
+            update = reinforce_update(policy, optimizer, source, acting, tokens, returns, config,
+                                      torch_generator(config.seed, 3, it))
             t_update = time.time() - t0 - t_collect
-            writer.extend(episodes)
-            writer.flush()
             counters["robot_episodes"] += len(episodes)
             counters["env_steps"] += int(sum(e.length for e in episodes))
             counters["files_written"] += 1
@@ -195,6 +206,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 # diagnostics only: the learner above never reads the simulator's success flag
                 "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
                 "collect_s": round(t_collect, 3), "update_s": round(t_update, 3),
+                "stale_dropped": len(episodes) - len(fresh), **practice_stats(episodes),
+                "robot_failures": len(fleet.failures),
             }
             last = it + 1 == cfg.iterations or budget_spent()
             if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
@@ -212,11 +225,51 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             bar.set_postfix(len=f"{record['batch_mean_length']:.1f}",
                             det=f"{record['detected_success_rate']:.2f}")
     finally:
+        try:
+            fleet_file.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
+        except Exception as exc:  # noqa: BLE001 - never mask the error that got us here
+            log.warning("could not record the fleet's state in %s: %s", fleet_file, exc)
         fleet.close()
         shutil.rmtree(checkpoint_dir(config) / "improve_eval", ignore_errors=True)
     if not latest.exists():  # zero iterations: the policy is the SFT policy
         save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": 0, "sft": str(sft_path)})
     return latest
+
+
+def _collected_not_trained(config: RunConfig, counters: dict[str, int]) -> list[Episode] | None:
+    """Episodes a stopped learner had saved but not trained on yet (the batch after the checkpoint)."""
+    root = episodes_dir(config)
+    if not (root / "meta" / "info.json").exists():
+        return None
+    store = EpisodeStore(root)
+    if store.num_episodes <= counters["robot_episodes"]:
+        return None
+    truncate_store(root, counters["files_written"] + 1)  # at most one batch can be ahead of the checkpoint
+    store = EpisodeStore(root)
+    return store.episodes(range(counters["robot_episodes"], store.num_episodes))
+
+
+def practice_stats(episodes: list[Episode]) -> dict[str, Any]:
+    """How episodes began: human resets (interventions) vs boards the robot continued on."""
+    starts = [e.meta.get("start", "episodic") for e in episodes]
+    return {"interventions": sum(s == "reset" for s in starts), "setups": sum(s == "setup" for s in starts),
+            "continued": sum(s == "continued" for s in starts)}
+
+
+def make_fleet(config: RunConfig, spec, reward: StepsToGoReward | None):
+    """The configured fleet backend for Stage 2 (episodes do not terminate on the simulator's success)."""
+    f = config.fleet
+
+    def env_factory():
+        return make_env(config, terminate_on_success=False)
+
+    if f.backend == "ray":
+        from selfimprove.fleet.ray import RayFleet
+
+        return RayFleet(env_factory, spec, f.robots, reward, robots_per_actor=f.robots_per_actor, address=f.address,
+                        bind_host=f.bind_host, timeout_s=f.timeout_s, max_restarts=f.max_restarts,
+                        reset_free=f.reset_free, reset_every=f.reset_every)
+    return LocalFleet(env_factory, spec, f.robots, reward, reset_free=f.reset_free, reset_every=f.reset_every)
 
 
 def _eval_point(config: RunConfig, checkpoint: Path) -> dict[str, Any]:

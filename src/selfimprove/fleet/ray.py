@@ -1,0 +1,248 @@
+"""Ray fleet: robots in Ray actors, on this machine or across a cluster.
+
+Each actor hosts ``robots_per_actor`` robots as a :class:`LocalFleet` (so their policy inference is
+one batched forward pass, as on a real robot with its own copy of the policy); the learner only
+trains. Weights travel once per policy version through Ray's object store; every episode carries
+the version that collected it.
+
+Work is split deterministically: actor ``j`` gets its own block of seeds and its own sampling seed,
+and results are concatenated in actor order, so a run is reproducible whichever actor finishes
+first. A robot actor that dies or stays silent longer than ``timeout_s`` is killed, restarted by
+Ray, and its share of the collection is run again from the same seeds; the partial episodes it had
+in progress are discarded and logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+from selfimprove.data.episode import Episode
+from selfimprove.errors import SelfImproveError
+from selfimprove.model.policy import EmbodiedModel, ModelSpec
+from selfimprove.reward import StepsToGoReward
+
+log = logging.getLogger(__name__)
+
+try:
+    import ray
+except ImportError:  # pragma: no cover - exercised only without the extra installed
+    ray = None
+
+
+class FleetError(SelfImproveError):
+    """The fleet could not deliver episodes (robots kept failing, or Ray is missing)."""
+
+
+def require_ray() -> Any:
+    if ray is None:
+        raise FleetError("fleet.backend='ray' needs Ray: pip install 'selfimprove[ray]'")
+    return ray
+
+
+def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus: int | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray whose ports bind to ``bind_host``.
+
+    Returns True when this call started Ray (so the caller should shut it down).
+    """
+    rt = require_ray()
+    if rt.is_initialized():
+        return False
+    quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
+    if address:
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        if host in ("127.0.0.1", "localhost"):  # a cluster bound to loopback: join it from loopback too
+            quiet["_node_ip_address"] = "127.0.0.1"
+        rt.init(address=address, **quiet)
+    else:
+        rt.init(num_cpus=num_cpus, _node_ip_address=bind_host, include_dashboard=False, **quiet)
+    return True
+
+
+def _numpy_weights(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """State dict as numpy (zero-copy reads from Ray's object store on the robots)."""
+    return {k: v.detach().cpu().numpy() for k, v in weights.items()}
+
+
+class RobotHost:
+    """One Ray actor: a few robots, a policy copy and the frozen reward model (a LocalFleet)."""
+
+    def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int, robot_offset: int,
+                 reward_state: dict[str, np.ndarray] | None, threshold: float, reset_free: bool,
+                 reset_every: int) -> None:
+        from selfimprove.fleet.local import LocalFleet
+
+        torch.set_num_threads(1)
+        reward = None
+        if reward_state is not None:
+            model = EmbodiedModel(spec)
+            model.load_state_dict({k: torch.as_tensor(v) for k, v in reward_state.items()})
+            reward = StepsToGoReward(model, threshold)
+        self.fleet = LocalFleet(make_env, spec, n_robots, reward, reset_free=reset_free, reset_every=reset_every,
+                                robot_offset=robot_offset)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def collect(self, weights: dict[str, np.ndarray], version: int, seeds: list[int], n_steps: int | None,
+                n_episodes: int | None, temperature: float, sample_seed: int) -> tuple[list[Episode], int]:
+        generator = torch.Generator().manual_seed(sample_seed)
+        episodes = self.fleet.collect(weights, version, seeds=iter(seeds), n_steps=n_steps, n_episodes=n_episodes,
+                                      temperature=temperature, generator=generator)
+        return episodes, self.fleet.skipped_starts
+
+
+class RayFleet:
+    """``n_robots`` robots spread over Ray actors; same ``collect`` contract as LocalFleet."""
+
+    def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int,
+                 reward: StepsToGoReward | None = None, *, robots_per_actor: int = 0, address: str | None = None,
+                 bind_host: str = "127.0.0.1", timeout_s: float = 600.0, max_restarts: int = 3,
+                 reset_free: bool = False, reset_every: int = 0, scheduling: str = "SPREAD") -> None:
+        rt = require_ray()
+        if n_robots < 1:
+            raise ValueError("a fleet needs at least one robot")
+        self._owns_ray = init_ray(address, bind_host)
+        if robots_per_actor <= 0:
+            cpus = max(1, int(rt.available_resources().get("CPU", 1)))
+            robots_per_actor = -(-n_robots // min(n_robots, cpus))
+        self.spec, self.timeout_s, self.max_restarts = spec, timeout_s, max_restarts
+        self.reward = reward
+        self.version: int | None = None
+        self._weights_ref = None
+        self.failures: list[dict[str, Any]] = []  # one record per robot actor that crashed or hung
+        reward_state = _numpy_weights(reward.model.state_dict()) if reward is not None else None
+        threshold = reward.threshold if reward is not None else 0.0
+        remote = rt.remote(num_cpus=1, max_restarts=-1, max_task_retries=0, scheduling_strategy=scheduling)(RobotHost)
+        self.sizes: list[int] = []
+        self.actors = []
+        offset = 0
+        while offset < n_robots:
+            k = min(robots_per_actor, n_robots - offset)
+            self.actors.append(remote.remote(make_env, spec, k, offset, reward_state, threshold, reset_free,
+                                             reset_every))
+            self.sizes.append(k)
+            offset += k
+        self.skipped_starts = 0
+        rt.get([a.pid.remote() for a in self.actors], timeout=timeout_s)  # surface start-up errors here
+
+    @property
+    def n_robots(self) -> int:
+        return sum(self.sizes)
+
+    def describe(self) -> dict[str, Any]:
+        """Where the robots run: one entry per actor (robot ids, Ray node, process id)."""
+        pids = ray.get([a.pid.remote() for a in self.actors], timeout=self.timeout_s)
+        nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.timeout_s)
+        actors, first = [], 0
+        for k, pid, node in zip(self.sizes, pids, nodes):
+            actors.append({"robots": list(range(first, first + k)), "node": node, "pid": pid})
+            first += k
+        return {"backend": "ray", "robots": self.n_robots, "nodes": len(set(nodes)), "actors": actors,
+                "failures": self.failures}
+
+    def _shares(self, total: int) -> list[int]:
+        """Split ``total`` steps or episodes over the actors in proportion to their robots."""
+        n = self.n_robots
+        shares = [total * k // n for k in self.sizes]
+        for j in range(total - sum(shares)):
+            shares[j % len(shares)] += 1
+        return shares
+
+    def collect(self, weights: dict[str, torch.Tensor], version: int, *, seeds: Iterator[int],
+                n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,
+                generator: torch.Generator | None = None) -> list[Episode]:
+        """Collect on every actor in parallel; episodes come back in actor order."""
+        if (n_steps is None) == (n_episodes is None):
+            raise ValueError("give exactly one of n_steps or n_episodes")
+        if version != self.version:
+            self._weights_ref = ray.put(_numpy_weights(weights))
+            self.version = version
+        shares = self._shares(n_steps if n_steps is not None else n_episodes)
+        tasks = []
+        for j, (k, share) in enumerate(zip(self.sizes, shares)):
+            # every started episode takes >= 1 step; detector re-draws take a few more seeds
+            block = [int(next(seeds)) for _ in range(share + 4 * k + 64)]
+            sample_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else j
+            tasks.append((block, sample_seed))
+        results: dict[int, list[Episode]] = {}
+        restarts = 0
+        pending = {self._submit(j, shares, tasks, n_steps is not None, temperature): (j, time.time())
+                   for j in range(len(self.actors)) if shares[j] > 0}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in ready:
+                j, _started = pending.pop(ref)
+                try:
+                    episodes, skipped = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # the robot's own code raised: restart it
+                    ray.kill(self.actors[j], no_restart=False)
+                    what = f"crashed: {exc.cause!r}" if exc.cause is not None else "crashed"
+                except ray.exceptions.RayError as exc:  # the actor process died or is unreachable
+                    what = f"died ({type(exc).__name__})"
+                else:
+                    results[j] = episodes
+                    self.skipped_starts += skipped
+                    continue
+                restarts = self._failed(j, what, restarts)
+                pending[self._resubmit(j, shares, tasks, n_steps is not None, temperature)] = (j, time.time())
+            now = time.time()
+            for ref, (j, started) in list(pending.items()):
+                if now - started > self.timeout_s:
+                    del pending[ref]
+                    ray.kill(self.actors[j], no_restart=False)
+                    restarts = self._failed(j, f"silent for {self.timeout_s:g} s (hung); killed", restarts)
+                    pending[self._resubmit(j, shares, tasks, n_steps is not None, temperature)] = (j, time.time())
+        return [e for j in sorted(results) for e in results[j]]
+
+    def _resubmit(self, j: int, shares: list[int], tasks: list, by_steps: bool, temperature: float):
+        """Wait for Ray to restart actor ``j`` (a fresh process), then give it its share again."""
+        deadline = time.time() + self.timeout_s
+        while True:
+            try:
+                ray.get(self.actors[j].pid.remote(), timeout=10)
+                break
+            except ray.exceptions.RayError as exc:
+                if time.time() > deadline:
+                    raise FleetError(f"robot actor {j} did not come back within {self.timeout_s:g} s after a "
+                                     f"failure: {exc}") from exc
+                time.sleep(0.2)
+        return self._submit(j, shares, tasks, by_steps, temperature)
+
+    def _submit(self, j: int, shares: list[int], tasks: list, by_steps: bool, temperature: float):
+        block, sample_seed = tasks[j]
+        share = shares[j]
+        return self.actors[j].collect.remote(self._weights_ref, self.version, block,
+                                             share if by_steps else None, None if by_steps else share,
+                                             temperature, sample_seed)
+
+    def _failed(self, j: int, what: str, restarts: int) -> int:
+        restarts += 1
+        first = sum(self.sizes[:j])
+        record = {"actor": j, "robots": list(range(first, first + self.sizes[j])), "what": what,
+                  "policy_version": self.version, "time": time.time()}
+        self.failures.append(record)
+        log.warning("robot actor %d (robots %d-%d) %s; its episodes in progress are discarded and its share "
+                    "is collected again after a restart", j, first, first + self.sizes[j] - 1, what)
+        if restarts > self.max_restarts:
+            raise FleetError(f"robot actors failed {restarts} times in one collection (limit fleet.max_restarts="
+                             f"{self.max_restarts}); last: actor {j} {what}")
+        return restarts
+
+    def close(self) -> None:
+        if ray is None or not ray.is_initialized():
+            return
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+        if self._owns_ray:
+            ray.shutdown()

@@ -1,0 +1,177 @@
+"""The Ray fleet: a two-node cluster, robots killed mid-collection, a learner that crashes mid-iteration."""
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from selfimprove.data.store import EpisodeStore  # noqa: E402
+from selfimprove.domains import make_env  # noqa: E402
+from selfimprove.fleet.local import seed_stream  # noqa: E402
+from selfimprove.fleet.ray import RayFleet  # noqa: E402
+from selfimprove.model.checkpoint import load_checkpoint  # noqa: E402
+from selfimprove.reward import StepsToGoReward  # noqa: E402
+from selfimprove.train import improve as improve_mod  # noqa: E402
+from selfimprove.train.improve import episodes_dir, improve  # noqa: E402
+from selfimprove.train.sft import sft_checkpoint  # noqa: E402
+
+from conftest import quick_config  # noqa: E402
+from test_pipeline import improve_records  # noqa: E402
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    yield
+    ray.shutdown()
+
+
+def _episode_key(e):
+    return (e.meta["seed"], e.meta["robot"], e.length, e.actions.tobytes(), e.stg.tobytes())
+
+
+def _ray_fleet(trained_quick, **kwargs):
+    model, _ = load_checkpoint(sft_checkpoint(trained_quick))
+    reward = StepsToGoReward(model, threshold=1.0)
+    fleet = RayFleet(lambda: make_env(trained_quick, terminate_on_success=False), model.spec, 4, reward,
+                     robots_per_actor=2, **kwargs)
+    return fleet, model
+
+
+def test_collect_is_deterministic_and_versioned(trained_quick, local_ray):
+    fleet, model = _ray_fleet(trained_quick)
+    try:
+        runs = [fleet.collect(model.state_dict(), 7, seeds=seed_stream(100), n_steps=600,
+                              generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    finally:
+        fleet.close()
+    assert [_episode_key(e) for e in runs[0]] == [_episode_key(e) for e in runs[1]]
+    assert sum(e.length for e in runs[0]) >= 600
+    assert {e.meta["policy_version"] for e in runs[0]} == {7}
+    assert {e.meta["robot"] for e in runs[0]} == {0, 1, 2, 3}
+    assert len({e.meta["seed"] for e in runs[0]}) == len(runs[0])  # no seed used twice
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _kill_when_busy(pid: int, cpu_s: float) -> None:
+    """SIGKILL ``pid`` once it has worked ``cpu_s`` seconds from now: surely mid-collection."""
+    start = _cpu_seconds(pid)
+    deadline = time.time() + 60
+    while _cpu_seconds(pid) - start < cpu_s and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_robot_actor_killed_mid_collection_is_restarted_and_nothing_is_lost(trained_quick, local_ray, caplog):
+    fleet, model = _ray_fleet(trained_quick)
+    try:
+        def collect():
+            return fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_steps=8000,
+                                 generator=torch.Generator().manual_seed(0))
+
+        reference = collect()
+        victim = fleet.describe()["actors"][1]["pid"]
+        killer = threading.Thread(target=_kill_when_busy, args=(victim, 0.3))
+        killer.start()
+        with caplog.at_level(logging.WARNING, logger="selfimprove.fleet.ray"):
+            survived = collect()
+        killer.join()
+        assert len(fleet.failures) == 1 and fleet.failures[0]["robots"] == [2, 3]
+        assert "died" in caplog.text and "discarded" in caplog.text
+        assert fleet.describe()["actors"][1]["pid"] != victim  # a new process hosts those robots
+    finally:
+        fleet.close()
+    # the restarted actor re-ran its share from the same seeds: the batch is the one without the kill
+    assert [_episode_key(e) for e in survived] == [_episode_key(e) for e in reference]
+
+
+def test_two_node_cluster_runs_a_self_improvement_iteration(trained_quick, tmp_path):
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        config = quick_config(tmp_path, "name=cluster", f"data.path={trained_quick.dataset_path}",
+                              "improve.iterations=1", "improve.eval_every=0", "improve.steps_per_iteration=256",
+                              "fleet.backend=ray", f"fleet.address={cluster.address}", "fleet.robots=4",
+                              "fleet.robots_per_actor=2")
+        improve(config, sft_checkpoint(trained_quick), progress=False)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    placement = json.loads((config.run_dir / "fleet.json").read_text())
+    assert placement["backend"] == "ray" and placement["nodes"] == 2 and len(placement["actors"]) == 2
+    (record,) = improve_records(config)
+    store = EpisodeStore(episodes_dir(config))
+    assert record["iteration"] == 1 and record["robot_episodes"] == store.num_episodes > 0
+    assert {store.episode_meta(i)["robot"] for i in range(store.num_episodes)} == {0, 1, 2, 3}
+
+
+def test_learner_crash_after_saving_a_batch_trains_on_it_after_resume(trained_quick, tmp_path, monkeypatch):
+    """Episodes are on disk before the update; --resume trains on them instead of collecting again."""
+    sft_path = sft_checkpoint(trained_quick)
+
+    def config(name):
+        return quick_config(tmp_path, f"name={name}", f"data.path={trained_quick.dataset_path}",
+                            "improve.iterations=3", "improve.eval_every=0")
+
+    straight = config("straight")
+    improve(straight, sft_path, progress=False)
+    crashed = config("crashed")
+    real_update, calls = improve_mod.reinforce_update, []
+
+    def update_then_crash(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("learner crashed")
+        return real_update(*args, **kwargs)
+
+    monkeypatch.setattr(improve_mod, "reinforce_update", update_then_crash)
+    with pytest.raises(RuntimeError, match="learner crashed"):
+        improve(crashed, sft_path, progress=False)
+    monkeypatch.setattr(improve_mod, "reinforce_update", real_update)
+    saved = EpisodeStore(episodes_dir(crashed)).num_episodes
+    assert saved == EpisodeStore(episodes_dir(straight)).num_episodes  # batch 3 was saved before the crash
+    collected = []
+    monkeypatch.setattr(improve_mod.LocalFleet, "collect", lambda *a, **k: collected.append(1) or [])
+    improve(crashed, sft_path, resume=True, progress=False)
+    assert not collected  # nothing was collected again
+    assert improve_records(crashed) == improve_records(straight)
+    a, _ = load_checkpoint(crashed.run_dir / "checkpoints/improve")
+    b, _ = load_checkpoint(straight.run_dir / "checkpoints/improve")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_stale_episodes_are_dropped(trained_quick, tmp_path, monkeypatch):
+    """Only episodes within improve.max_staleness policy versions of the learner are trained on."""
+    real_collect = improve_mod.LocalFleet.collect
+
+    def collect_one_version_behind(self, weights, version, **kwargs):
+        episodes = real_collect(self, weights, version, **kwargs)
+        for e in episodes[::2]:
+            e.meta["policy_version"] = version - 1
+        return episodes
+
+    monkeypatch.setattr(improve_mod.LocalFleet, "collect", collect_one_version_behind)
+    for staleness, expect_dropped in ((0, True), (1, False)):
+        config = quick_config(tmp_path, f"name=stale{staleness}", f"data.path={trained_quick.dataset_path}",
+                              "improve.iterations=2", "improve.eval_every=0", f"improve.max_staleness={staleness}")
+        improve(config, sft_checkpoint(trained_quick), progress=False)
+        records = improve_records(config)
+        dropped = [r["stale_dropped"] for r in records]
+        assert (all(d > 0 for d in dropped) if expect_dropped else dropped == [0, 0]), dropped
+    assert np.isfinite(records[-1]["loss"])
