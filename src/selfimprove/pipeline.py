@@ -62,6 +62,42 @@ def rollout_detector_diagnostics(config: RunConfig) -> dict[str, Any]:
             "per_threshold": detector_table(d, true)}
 
 
+def practice_summary(config: RunConfig, control_hz: float = 10.0) -> dict[str, Any]:
+    """How much human help Stage 2 needed: resets (interventions) per 100 episodes, robot-hour and success.
+
+    "setup" starts (each robot's first board) are not counted as interventions; in episodic mode
+    (``fleet.reset_free = false``) every episode starts on a fresh board and none is counted.
+    """
+    root = episodes_dir(config)
+    if not (root / "meta" / "info.json").exists():
+        return {}
+    store = EpisodeStore(root)
+    metas = [store.episode_meta(i) for i in range(store.num_episodes)]
+    n = len(metas)
+    steps = int(store.episode_lengths.sum())
+    reasons: dict[str, int] = {}
+    for m in metas:
+        if m.get("start") == "reset":
+            reasons[m.get("reset_reason") or "unknown"] = reasons.get(m.get("reset_reason") or "unknown", 0) + 1
+    interventions = sum(reasons.values())
+    detected = sum(m.get("ended_by") == "detector" for m in metas)
+    truly = sum(bool(t) for t in store.true_success)
+    robot_hours = steps / control_hz / 3600.0
+    humans = -(-config.fleet.robots // config.fleet.robots_per_human)
+    return {
+        "mode": "reset-free" if config.fleet.reset_free else "episodic (every episode on a fresh board)",
+        "episodes": n, "env_steps": steps, "robot_hours": round(robot_hours, 3),
+        "interventions": interventions, "intervention_reasons": reasons,
+        "setups": sum(m.get("start") == "setup" for m in metas),
+        "interventions_per_100_episodes": round(100.0 * interventions / n, 2) if n else None,
+        "interventions_per_robot_hour": round(interventions / robot_hours, 2) if robot_hours else None,
+        "interventions_per_detected_success": round(interventions / detected, 3) if detected else None,
+        "interventions_per_true_success": round(interventions / truly, 3) if truly else None,
+        "robots": config.fleet.robots, "robots_per_human": config.fleet.robots_per_human, "humans": humans,
+        "episodes_per_human": round(n / humans, 1),
+    }
+
+
 def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every stage for ``config`` and return the summary (also written to ``summary.json``)."""
     run_dir = config.run_dir
@@ -84,6 +120,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
             run_dir / f"eval_sft_t{t:g}.json", resume, lambda t=t: evaluate(config, sft_path, temperature=t))
             for t in config.eval.control_temperatures}
         rollouts = rollout_detector_diagnostics(config)
+        practice = practice_summary(config)
     finally:
         timing["wall_time_s"] = round(timing["wall_time_s"] + time.time() - t0, 2)
         timing_path.write_text(json.dumps(timing) + "\n")
@@ -109,6 +146,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         "detector": {"threshold": rollouts.get("threshold"), "rollout_precision": rollouts.get("precision"),
                      "rollout_recall": rollouts.get("recall")},
     }
+    summary["practice"] = practice
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "detector_rollouts.json").write_text(json.dumps(rollouts, indent=2) + "\n")
     write_report(run_dir)

@@ -128,6 +128,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Self-Improvement", "", f"![improvement]({fig_improve.name})", "",
                   "Eval points use fixed eval seeds and the simulator's success (diagnostic only: the learner "
                   "sees only the frozen model's reward and detector).", ""]
+    lines += _practice_lines(summary.get("practice", {}) if summary else {}, _load(run_dir / "fleet.json"))
     if fig_sft:
         lines += ["## Stage 1 (SFT)", "", f"![sft]({fig_sft.name})", ""]
     if detector:
@@ -152,3 +153,33 @@ def write_report(run_dir: str | Path) -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _practice_lines(practice: dict, fleet: dict) -> list[str]:
+    """The fleet and the human help Stage 2 needed."""
+    if not practice:
+        return []
+    lines = ["## Practice and human help", ""]
+    if fleet:
+        where = f"{fleet.get('robots')} robots on the `{fleet.get('backend')}` backend"
+        if fleet.get("backend") == "ray":
+            where += f" ({len(fleet.get('actors', []))} actors on {fleet.get('nodes')} node(s))"
+        failures = fleet.get("failures", [])
+        lines += [f"Fleet: {where}; robot failures survived: {len(failures)}."]
+        lines += [f"- robots {f['robots'][0]}-{f['robots'][-1]}: {f['what']} (policy version "
+                  f"{f.get('policy_version')})" for f in failures[:10]]
+        lines.append("")
+    lines += [f"Mode: {practice['mode']}. {practice['episodes']} episodes, {practice['env_steps']} env steps "
+              f"({practice['robot_hours']:.2f} robot-hours at 10 Hz).", ""]
+    if practice["mode"] == "reset-free":
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(practice["intervention_reasons"].items())) or "none"
+        lines += ["| human interventions (resets) | per 100 episodes | per robot-hour | per detected success "
+                  "| per true success | episodes per human |",
+                  "|---|---|---|---|---|---|",
+                  f"| {practice['interventions']} ({reasons}) | {_fmt(practice['interventions_per_100_episodes'])} "
+                  f"| {_fmt(practice['interventions_per_robot_hour'])} "
+                  f"| {_fmt(practice['interventions_per_detected_success'])} "
+                  f"| {_fmt(practice['interventions_per_true_success'])} "
+                  f"| {practice['episodes_per_human']} (one person per {practice['robots_per_human']} robots) |", "",
+                  f"Each robot's first board ({practice['setups']} set-ups) is not counted as an intervention.", ""]
+    return lines

@@ -354,6 +354,11 @@ class EpisodeStore:
         return json.loads(self._episodes["meta"][i])
 
     @property
+    def episode_lengths(self) -> np.ndarray:
+        """Steps (actions) of each episode, from the metadata alone (no frames are read)."""
+        return np.asarray(self._episodes.get("length", []), dtype=np.int64) - 1
+
+    @property
     def true_success(self) -> list[bool | None]:
         return list(self._episodes.get("true_success", []))
 

@@ -120,7 +120,8 @@ class RayFleet:
         self.version: int | None = None
         self._weights_ref = None
         self.failures: list[dict[str, Any]] = []  # one record per robot actor that crashed or hung
-        reward_state = _numpy_weights(reward.model.state_dict()) if reward is not None else None
+        # held for the fleet's lifetime: a restarted actor is rebuilt from these same arguments
+        self._reward_ref = rt.put(_numpy_weights(reward.model.state_dict())) if reward is not None else None
         threshold = reward.threshold if reward is not None else 0.0
         remote = rt.remote(num_cpus=1, max_restarts=-1, max_task_retries=0, scheduling_strategy=scheduling)(RobotHost)
         self.sizes: list[int] = []
@@ -128,7 +129,7 @@ class RayFleet:
         offset = 0
         while offset < n_robots:
             k = min(robots_per_actor, n_robots - offset)
-            self.actors.append(remote.remote(make_env, spec, k, offset, reward_state, threshold, reset_free,
+            self.actors.append(remote.remote(make_env, spec, k, offset, self._reward_ref, threshold, reset_free,
                                              reset_every))
             self.sizes.append(k)
             offset += k
