@@ -175,3 +175,48 @@ def test_stale_episodes_are_dropped(trained_quick, tmp_path, monkeypatch):
         dropped = [r["stale_dropped"] for r in records]
         assert (all(d > 0 for d in dropped) if expect_dropped else dropped == [0, 0]), dropped
     assert np.isfinite(records[-1]["loss"])
+
+
+def test_a_hung_robot_actor_is_killed_after_the_timeout_and_replaced(trained_quick, local_ray, caplog):
+    fleet, model = _ray_fleet(trained_quick, timeout_s=3.0)
+    try:
+        def collect():
+            return fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_steps=2000,
+                                 generator=torch.Generator().manual_seed(0))
+
+        reference = collect()
+        victim = fleet.describe()["actors"][0]["pid"]
+        freezer = threading.Thread(target=_stop_when_busy, args=(victim, 0.1))
+        freezer.start()
+        with caplog.at_level(logging.WARNING, logger="selfimprove.fleet.ray"):
+            survived = collect()
+        freezer.join()
+        assert len(fleet.failures) == 1 and "hung" in fleet.failures[0]["what"] and "hung" in caplog.text
+        assert fleet.describe()["actors"][0]["pid"] != victim
+    finally:
+        fleet.close()
+    assert [_episode_key(e) for e in survived] == [_episode_key(e) for e in reference]
+
+
+def _stop_when_busy(pid: int, cpu_s: float) -> None:
+    """SIGSTOP ``pid`` (a real hang: the process stays alive and silent) once it is mid-collection."""
+    start = _cpu_seconds(pid)
+    deadline = time.time() + 60
+    while _cpu_seconds(pid) - start < cpu_s and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(pid, signal.SIGSTOP)
+
+
+def test_overlapped_collection_trains_on_one_version_old_episodes(trained_quick, tmp_path):
+    """max_staleness=1 on Ray: the next batch is collected during the update, by the previous policy."""
+    config = quick_config(tmp_path, "name=overlap", f"data.path={trained_quick.dataset_path}",
+                          "improve.iterations=3", "improve.eval_every=0", "improve.max_staleness=1",
+                          "fleet.backend=ray", "fleet.robots=4")
+    improve(config, sft_checkpoint(trained_quick), progress=False)
+    store = EpisodeStore(episodes_dir(config))
+    versions = [store.episode_meta(i)["policy_version"] for i in range(store.num_episodes)]
+    records = improve_records(config)
+    assert [r["iteration"] for r in records] == [1, 2, 3] and all(r["stale_dropped"] == 0 for r in records)
+    sizes = [r["batch_episodes"] for r in records]
+    # batch 1 by policy 0; batches 2 and 3 were started before updates 1 and 2, by policies 0 and 1
+    assert versions == [0] * sizes[0] + [0] * sizes[1] + [1] * sizes[2]

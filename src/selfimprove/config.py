@@ -106,7 +106,8 @@ class ImproveConfig:
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100
-    max_staleness: int = 0  # policy versions an episode may lag the learner (0: strictly on-policy)
+    max_staleness: int = 0  # policy versions an episode may lag the learner (0: on-policy; >= 1 lets a Ray
+    # fleet collect the next batch while the learner updates, and makes --resume no longer bit-exact)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import gymnasium as gym
@@ -70,6 +71,21 @@ def _numpy_weights(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in weights.items()}
 
 
+@dataclass
+class _Collection:
+    """A collection in flight: what each actor was given, and what came back."""
+
+    weights_ref: Any
+    version: int
+    shares: list[int]
+    by_steps: bool
+    temperature: float
+    tasks: list[tuple[list[int], int]] = field(default_factory=list)
+    pending: dict[Any, tuple[int, float]] = field(default_factory=dict)
+    results: dict[int, list[Episode]] = field(default_factory=dict)
+    restarts: int = 0
+
+
 class RobotHost:
     """One Ray actor: a few robots, a policy copy and the frozen reward model (a LocalFleet)."""
 
@@ -116,6 +132,7 @@ class RayFleet:
             cpus = max(1, int(rt.available_resources().get("CPU", 1)))
             robots_per_actor = -(-n_robots // min(n_robots, cpus))
         self.spec, self.timeout_s, self.max_restarts = spec, timeout_s, max_restarts
+        self.startup_s = max(120.0, timeout_s)  # starting a robot process (imports, envs) is not a hang
         self.reward = reward
         self.version: int | None = None
         self._weights_ref = None
@@ -134,7 +151,7 @@ class RayFleet:
             self.sizes.append(k)
             offset += k
         self.skipped_starts = 0
-        rt.get([a.pid.remote() for a in self.actors], timeout=timeout_s)  # surface start-up errors here
+        rt.get([a.pid.remote() for a in self.actors], timeout=self.startup_s)  # surface start-up errors here
 
     @property
     def n_robots(self) -> int:
@@ -142,8 +159,8 @@ class RayFleet:
 
     def describe(self) -> dict[str, Any]:
         """Where the robots run: one entry per actor (robot ids, Ray node, process id)."""
-        pids = ray.get([a.pid.remote() for a in self.actors], timeout=self.timeout_s)
-        nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.timeout_s)
+        pids = ray.get([a.pid.remote() for a in self.actors], timeout=self.startup_s)
+        nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.startup_s)
         actors, first = [], 0
         for k, pid, node in zip(self.sizes, pids, nodes):
             actors.append({"robots": list(range(first, first + k)), "node": node, "pid": pid})
@@ -163,26 +180,34 @@ class RayFleet:
                 n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,
                 generator: torch.Generator | None = None) -> list[Episode]:
         """Collect on every actor in parallel; episodes come back in actor order."""
+        return self.finish(self.start(weights, version, seeds=seeds, n_steps=n_steps, n_episodes=n_episodes,
+                                      temperature=temperature, generator=generator))
+
+    def start(self, weights: dict[str, torch.Tensor], version: int, *, seeds: Iterator[int],
+              n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,
+              generator: torch.Generator | None = None) -> "_Collection":
+        """Launch a collection and return at once (the learner may train meanwhile); see ``finish``."""
         if (n_steps is None) == (n_episodes is None):
             raise ValueError("give exactly one of n_steps or n_episodes")
         if version != self.version:
             self._weights_ref = ray.put(_numpy_weights(weights))
             self.version = version
-        shares = self._shares(n_steps if n_steps is not None else n_episodes)
-        tasks = []
-        for j, (k, share) in enumerate(zip(self.sizes, shares)):
+        c = _Collection(self._weights_ref, version, self._shares(n_steps if n_steps is not None else n_episodes),
+                        n_steps is not None, temperature)
+        for j, (k, share) in enumerate(zip(self.sizes, c.shares)):
             # every started episode takes >= 1 step; detector re-draws take a few more seeds
             block = [int(next(seeds)) for _ in range(share + 4 * k + 64)]
             sample_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else j
-            tasks.append((block, sample_seed))
-        results: dict[int, list[Episode]] = {}
-        restarts = 0
-        pending = {self._submit(j, shares, tasks, n_steps is not None, temperature): (j, time.time())
-                   for j in range(len(self.actors)) if shares[j] > 0}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            c.tasks.append((block, sample_seed))
+        c.pending = {self._submit(j, c): (j, time.time()) for j in range(len(self.actors)) if c.shares[j] > 0}
+        return c
+
+    def finish(self, c: "_Collection") -> list[Episode]:
+        """Wait for a started collection, restarting robot actors that die or hang on the way."""
+        while c.pending:
+            ready, _ = ray.wait(list(c.pending), num_returns=1, timeout=1.0)
             for ref in ready:
-                j, _started = pending.pop(ref)
+                j, _started = c.pending.pop(ref)
                 try:
                     episodes, skipped = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:  # the robot's own code raised: restart it
@@ -191,40 +216,39 @@ class RayFleet:
                 except ray.exceptions.RayError as exc:  # the actor process died or is unreachable
                     what = f"died ({type(exc).__name__})"
                 else:
-                    results[j] = episodes
+                    c.results[j] = episodes
                     self.skipped_starts += skipped
                     continue
-                restarts = self._failed(j, what, restarts)
-                pending[self._resubmit(j, shares, tasks, n_steps is not None, temperature)] = (j, time.time())
+                c.restarts = self._failed(j, what, c.restarts)
+                c.pending[self._resubmit(j, c)] = (j, time.time())
             now = time.time()
-            for ref, (j, started) in list(pending.items()):
+            for ref, (j, started) in list(c.pending.items()):
                 if now - started > self.timeout_s:
-                    del pending[ref]
+                    del c.pending[ref]
                     ray.kill(self.actors[j], no_restart=False)
-                    restarts = self._failed(j, f"silent for {self.timeout_s:g} s (hung); killed", restarts)
-                    pending[self._resubmit(j, shares, tasks, n_steps is not None, temperature)] = (j, time.time())
-        return [e for j in sorted(results) for e in results[j]]
+                    c.restarts = self._failed(j, f"silent for {self.timeout_s:g} s (hung); killed", c.restarts)
+                    c.pending[self._resubmit(j, c)] = (j, time.time())
+        return [e for j in sorted(c.results) for e in c.results[j]]
 
-    def _resubmit(self, j: int, shares: list[int], tasks: list, by_steps: bool, temperature: float):
+    def _resubmit(self, j: int, c: "_Collection"):
         """Wait for Ray to restart actor ``j`` (a fresh process), then give it its share again."""
-        deadline = time.time() + self.timeout_s
+        deadline = time.time() + self.startup_s
         while True:
             try:
                 ray.get(self.actors[j].pid.remote(), timeout=10)
                 break
             except ray.exceptions.RayError as exc:
                 if time.time() > deadline:
-                    raise FleetError(f"robot actor {j} did not come back within {self.timeout_s:g} s after a "
+                    raise FleetError(f"robot actor {j} did not come back within {self.startup_s:g} s after a "
                                      f"failure: {exc}") from exc
                 time.sleep(0.2)
-        return self._submit(j, shares, tasks, by_steps, temperature)
+        return self._submit(j, c)
 
-    def _submit(self, j: int, shares: list[int], tasks: list, by_steps: bool, temperature: float):
-        block, sample_seed = tasks[j]
-        share = shares[j]
-        return self.actors[j].collect.remote(self._weights_ref, self.version, block,
-                                             share if by_steps else None, None if by_steps else share,
-                                             temperature, sample_seed)
+    def _submit(self, j: int, c: "_Collection"):
+        block, sample_seed = c.tasks[j]
+        share = c.shares[j]
+        return self.actors[j].collect.remote(c.weights_ref, c.version, block, share if c.by_steps else None,
+                                             None if c.by_steps else share, c.temperature, sample_seed)
 
     def _failed(self, j: int, what: str, restarts: int) -> int:
         restarts += 1

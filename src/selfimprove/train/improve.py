@@ -165,6 +165,15 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     bar = tqdm(range(start, cfg.iterations), desc="improve", unit="it", disable=not progress,
                initial=start, total=cfg.iterations)
 
+    def collect_args(it: int) -> dict[str, Any]:
+        return {"seeds": seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000),
+                "n_steps": cfg.steps_per_iteration, "temperature": cfg.temperature,
+                "generator": torch_generator(config.seed, 2, it)}
+
+    # with max_staleness >= 1 a fleet that can collect in the background (Ray) overlaps the next
+    # batch with this update; those episodes are one policy version old when trained on
+    overlap, prefetched = cfg.max_staleness >= 1 and hasattr(fleet, "start"), None
+
     def budget_spent() -> bool:
         return 0 < cfg.max_robot_episodes <= counters["robot_episodes"]
 
@@ -179,10 +188,10 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 log.info("iteration %d: training on the %d episodes collected before the restart", it + 1,
                          len(episodes))
             else:
-                seeds = seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000)
-                episodes = fleet.collect(policy.state_dict(), version=it, seeds=seeds,
-                                         n_steps=cfg.steps_per_iteration, temperature=cfg.temperature,
-                                         generator=torch_generator(config.seed, 2, it))
+                if prefetched is not None:  # collected by the previous policy while it was being updated
+                    episodes, prefetched = fleet.finish(prefetched), None
+                else:
+                    episodes = fleet.collect(policy.state_dict(), version=it, **collect_args(it))
                 writer.extend(episodes)
                 writer.flush()  # on disk (atomically) before the update: a killed learner loses nothing
             t_collect = time.time() - t0
@@ -190,6 +199,9 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             if len(fresh) < len(episodes):
                 log.info("dropped %d episodes older than %d policy versions", len(episodes) - len(fresh),
                          cfg.max_staleness)
+            stopping = it + 1 >= cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"] + len(episodes)
+            if overlap and not stopping:  # the robots practise on while the learner trains
+                prefetched = fleet.start(policy.state_dict(), version=it, **collect_args(it + 1))
             source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward)
             update = reinforce_update(policy, optimizer, source, acting, tokens, returns, config,
                                       torch_generator(config.seed, 3, it))
