@@ -220,3 +220,35 @@ def test_overlapped_collection_trains_on_one_version_old_episodes(trained_quick,
     sizes = [r["batch_episodes"] for r in records]
     # batch 1 by policy 0; batches 2 and 3 were started before updates 1 and 2, by policies 0 and 1
     assert versions == [0] * sizes[0] + [0] * sizes[1] + [1] * sizes[2]
+
+
+def test_run_survives_a_killed_robot_and_matches_an_undisturbed_run(trained_quick, tmp_path):
+    """Stage 2 on Ray with a robot process SIGKILLed mid-run: same episodes, same learner, kill logged."""
+    sft_path = sft_checkpoint(trained_quick)
+
+    def config(name):
+        return quick_config(tmp_path, f"name={name}", f"data.path={trained_quick.dataset_path}",
+                            "improve.iterations=2", "improve.eval_every=0", "improve.steps_per_iteration=4096",
+                            "fleet.backend=ray", "fleet.robots=4")
+
+    calm, stormy = config("calm"), config("stormy")
+    improve(calm, sft_path, progress=False)
+
+    def kill_a_robot():
+        placement = stormy.run_dir / "fleet.json"
+        deadline = time.time() + 120
+        while not placement.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        _kill_when_busy(json.loads(placement.read_text())["actors"][1]["pid"], 0.3)
+
+    killer = threading.Thread(target=kill_a_robot)
+    killer.start()
+    improve(stormy, sft_path, progress=False)
+    killer.join()
+    failures = json.loads((stormy.run_dir / "fleet.json").read_text())["failures"]
+    assert len(failures) == 1 and "died" in failures[0]["what"]
+    drop = {"robot_failures"}
+    assert [{k: v for k, v in r.items() if k not in drop} for r in improve_records(stormy)] == [
+        {k: v for k, v in r.items() if k not in drop} for r in improve_records(calm)]
+    assert improve_records(stormy)[-1]["robot_failures"] == 1
+    assert EpisodeStore(episodes_dir(stormy)).num_episodes == EpisodeStore(episodes_dir(calm)).num_episodes
