@@ -238,3 +238,19 @@ def test_minilm_copies_cheaply_and_still_encodes(minilm):
     assert "_bert" not in clone.__dict__ and clone.cache_size == minilm.cache_size
     new = clone.encode(["move the green star down"])  # reloads the BERT from the package
     assert torch.allclose(new, minilm.encode(["move the green star down"]), atol=1e-6)
+
+
+def test_late_fusion_image_features_ignore_the_instruction():
+    """The fusion ablation: without FiLM the conv features are the same whatever the instruction."""
+    from selfimprove.model.backbones import FiLMTrunk
+
+    torch.manual_seed(0)
+    images = torch.randint(0, 255, (2, 2, 16, 16, 3), dtype=torch.uint8)
+    x = images.permute(0, 1, 4, 2, 3).reshape(2, 6, 16, 16).float() / 255.0
+    for film, same in ((False, True), (True, False)):
+        trunk = FiLMTrunk("image", ["effector"], 2, 2, "scratch", "hashed_bow", [8, 8], 16, 1, film=film)
+        for f in trunk.convs.films:  # move FiLM away from its identity initialisation
+            torch.nn.init.normal_(f.proj.weight)
+        a = trunk.convs(x, trunk.text_proj(trunk.text.encode(["push the red moon to the blue cube"] * 2)))
+        b = trunk.convs(x, trunk.text_proj(trunk.text.encode(["push the green star to the yellow pentagon"] * 2)))
+        assert torch.equal(a, b) == same

@@ -66,7 +66,7 @@ class ModelConfig:
     action_bins: int = 21  # uniform bins per action dimension
     max_steps: int = 100  # steps-to-go classes 0..max_steps; must cover the longest demo
     dropout: float = 0.0
-    encoder: str = "mlp"  # "mlp" (vector observations) or "film" (camera frames + instruction)
+    encoder: str = "mlp"  # "mlp" (vector observations), "film" (camera frames + instruction), "late_fusion" (ablation)
     frames: int = 1  # latest camera frames the model sees
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
     text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable) or "minilm" (pretrained, frozen)
@@ -190,7 +190,8 @@ class RunConfig:
             (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
             (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
-            (self.model.encoder in ("mlp", "film"), "model.encoder must be 'mlp' or 'film'"),
+            (self.model.encoder in ("mlp", "film", "late_fusion"),
+             "model.encoder must be 'mlp', 'film' or 'late_fusion'"),
             (self.model.image_init in ("scratch", "pretrained"), "model.image_init must be 'scratch' or 'pretrained'"),
             (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),

@@ -51,8 +51,10 @@ def make_text_encoder(kind: str, dim: int = 128) -> InstructionEncoder:
 class FiLMConvStack(nn.Module):
     """Conv -> GroupNorm -> FiLM(instruction) -> ReLU, for each layer."""
 
-    def __init__(self, in_channels: int, channels: list[int], strides: list[int], cond_dim: int) -> None:
+    def __init__(self, in_channels: int, channels: list[int], strides: list[int], cond_dim: int,
+                 film: bool = True) -> None:
         super().__init__()
+        self.film = film  # False: plain conv stack (late fusion: the instruction joins after it)
         self.convs = nn.ModuleList()
         self.norms = nn.ModuleList()
         self.films = nn.ModuleList()
@@ -66,7 +68,8 @@ class FiLMConvStack(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         for conv, norm, film in zip(self.convs, self.norms, self.films):
-            x = torch.relu(film(norm(conv(x)), cond))
+            x = norm(conv(x))
+            x = torch.relu(film(x, cond) if self.film else x)
         return x
 
 
@@ -75,7 +78,7 @@ class FiLMTrunk(nn.Module):
 
     def __init__(self, image_key: str, vector_keys: list[str], vector_dim: int, frames: int,
                  image_init: str, text_encoder: str, channels: list[int], hidden: int, layers: int,
-                 text_dim: int = 128) -> None:
+                 text_dim: int = 128, film: bool = True) -> None:
         super().__init__()
         self.image_key, self.vector_keys, self.frames = image_key, vector_keys, frames
         self.text = make_text_encoder(text_encoder, text_dim)
@@ -90,7 +93,7 @@ class FiLMTrunk(nn.Module):
             in_channels, strides = 3 * frames, [2, 2, 2, 1, 1, 1][: len(channels)]
         else:
             raise ValueError(f"image_init must be 'scratch' or 'pretrained', got {image_init!r}")
-        self.convs = FiLMConvStack(in_channels, channels, strides, hidden)
+        self.convs = FiLMConvStack(in_channels, channels, strides, hidden, film=film)
         self.keypoints = SpatialSoftmax()
         self.register_buffer("obs_mean", torch.zeros(vector_dim))
         self.register_buffer("obs_std", torch.ones(vector_dim))

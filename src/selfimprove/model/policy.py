@@ -29,7 +29,7 @@ class ModelSpec:
     hidden: int = 256
     layers: int = 3
     dropout: float = 0.0
-    encoder: str = "mlp"  # "mlp" (vector observations) or "film" (images + instruction)
+    encoder: str = "mlp"  # "mlp" (vector observations), "film" (images + instruction) or "late_fusion"
     frames: int = 1  # camera frames stacked per observation (the latest ones)
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
     text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable, scratch) or "minilm" (pretrained)
@@ -86,17 +86,22 @@ class MLPEncoder(nn.Module):
         return self.net((self.flatten(obs) - self.obs_mean) / self.obs_std)
 
 
-def _film(spec: ModelSpec) -> nn.Module:
+def _film(spec: ModelSpec, film: bool = True) -> nn.Module:
     from selfimprove.model.backbones import FiLMTrunk
 
     if len(spec.image_keys) != 1:
-        raise ValueError(f"the film encoder needs exactly one image observation, got {spec.image_keys}")
+        raise ValueError(f"the {spec.encoder} encoder needs exactly one image observation, got {spec.image_keys}")
     vector_dim = sum(int(np.prod(spec.obs_shapes[k])) for k in spec.vector_keys)
     return FiLMTrunk(spec.image_keys[0], spec.vector_keys, vector_dim, spec.frames, spec.image_init,
-                     spec.text_encoder, list(spec.channels), spec.hidden, spec.layers)
+                     spec.text_encoder, list(spec.channels), spec.hidden, spec.layers, film=film)
 
 
-ENCODERS = {"mlp": MLPEncoder, "film": _film}
+def _late_fusion(spec: ModelSpec) -> nn.Module:
+    """The FiLM trunk without FiLM: image features are computed blind to the instruction (ablation)."""
+    return _film(spec, film=False)
+
+
+ENCODERS = {"mlp": MLPEncoder, "film": _film, "late_fusion": _late_fusion}
 
 
 class EmbodiedModel(nn.Module):
