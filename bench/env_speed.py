@@ -28,9 +28,10 @@ def _pin_one_core() -> None:
             pass
 
 
-def measure_random(image_size: int | None, seconds: float, seed: int = 0) -> tuple[float, float]:
+def measure_random(image_size: int | None, seconds: float, seed: int = 0, task: str = "block2block"
+                   ) -> tuple[float, float]:
     """Steps/s under uniform random actions (episodes reset when they end) and mean reset time (s)."""
-    env = TabletopEnv(image_size=image_size)
+    env = TabletopEnv(task=task, image_size=image_size)
     rng = np.random.default_rng(seed)
     actions = rng.uniform(-0.05, 0.05, (4096, 2))
     env.reset(seed=seed)
@@ -85,6 +86,8 @@ def main() -> None:
         label = "no render" if size is None else f"{size}x{size}"
         rates[label] = sps
         rows.append((f"random actions, {label}", sps, reset_s * 1e3))
+    banana_sps, banana_reset_s = measure_random(96, args.seconds, task="banana2location")
+    rows.append(("random actions, banana 96x96", banana_sps, banana_reset_s * 1e3))
     expert = measure_expert(96, args.seconds)
     expert_bare = measure_expert(None, args.seconds)
     rows.append(("expert + env, 96x96", expert["steps_per_s"], float("nan")))
@@ -102,6 +105,7 @@ def main() -> None:
         "image_size": 96,
         "steps_per_s_64": round(rates["64x64"], 1),
         "steps_per_s_128": round(rates["128x128"], 1),
+        "steps_per_s_banana": round(banana_sps, 1),
         "render_ratio": round(ratio, 3),
         "expert_steps_per_s": round(expert["steps_per_s"], 1),
         "expert_steps_per_s_no_render": round(expert_bare["steps_per_s"], 1),

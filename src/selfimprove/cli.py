@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from selfimprove.cli_dataset import add_dataset_commands, run_dataset_command
 from selfimprove.config import RunConfig, available_presets, load_config
 from selfimprove.errors import SelfImproveError
 
@@ -73,8 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: collect -> sft -> improve -> eval -> report")
     _common(p, "episodes", "dataset", "fraction", "steps", "iterations", "robots", "fleet", "threshold",
             "eval_episodes", "resume", "workers")
-    p = sub.add_parser("report", help="rebuild runs/<name>/report.md from the run's files")
-    p.add_argument("run_dir")
+    add_dataset_commands(sub)
+    p = sub.add_parser("report", help="rebuild runs/<name>/report.md from the run's files (also mid-run)")
+    p.add_argument("run", metavar="RUN", help="run name (a folder in --runs-dir) or path of a run folder")
+    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="where run names are looked up")
+    p = sub.add_parser("diagnose", help="reward-model diagnostics of an SFT checkpoint and the recommended s")
+    p.add_argument("checkpoint", help="checkpoint folder, e.g. runs/<name>/checkpoints/sft")
+    p.add_argument("--dataset", help="store whose validation split holds the held-out demos (data.path; "
+                                     "default: the run's)")
+    p.add_argument("--rollouts", type=int, help="policy episodes on the eval seeds (diagnose.rollouts; 0: demos only)")
+    p.add_argument("--out", help="output folder (default: runs/<name>/diagnostics)")
+    p.add_argument("--config", help="preset or .toml, when the checkpoint is not inside a run folder")
+    p.add_argument("--threads", type=int, help="torch threads (torch_threads)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p = sub.add_parser("experiment", help="run a named grid of runs (configs/experiments/) and summarise it")
+    p.add_argument("experiment", metavar="NAME", help="experiment name in configs/experiments/ or a .toml path")
+    p.add_argument("--quick", action="store_true", help="run the '<NAME>-quick' variant (tiny budgets)")
+    p.add_argument("--resume", action="store_true", help="continue: finished cells are kept, interrupted ones resume")
+    p.add_argument("--parallel", type=int, help="worker processes, one cell each (default: one per CPU core)")
+    p.add_argument("--only", nargs="+", metavar="CELL", help="run only these cells (names or globs) and their controls")
+    p.add_argument("--runs-dir", dest="runs_dir", default="runs", help="results go to <runs-dir>/experiments/<NAME>/")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override a config field in every cell (before the grid's axes), e.g. --set data.path=data/lt10k")
+    p.add_argument("--report-only", action="store_true", help="only rebuild summary.json and report.md from disk")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("-v", "--verbose", action="store_true")
     return parser
 
 
@@ -107,9 +132,28 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     import selfimprove as si
 
+    if args.command == "dataset":
+        return run_dataset_command(args)
     if args.command == "report":
-        print(si.write_report(Path(args.run_dir)))
+        print(si.write_report(args.run, runs_dir=args.runs_dir))
         return 0
+    if args.command == "diagnose":
+        from selfimprove.diagnose import print_summary
+
+        overrides = list(args.set) + [f"{field}={getattr(args, flag)}" for flag, field in
+                                      (("rollouts", "diagnose.rollouts"), ("threads", "torch_threads"))
+                                      if getattr(args, flag) is not None]
+        print_summary(si.diagnose(args.checkpoint, dataset=args.dataset, out=args.out, preset=args.config,
+                                  overrides=overrides))
+        return 0
+    if args.command == "experiment":
+        from selfimprove.experiment_report import format_summary
+
+        summary = si.run_experiment(args.experiment, quick=args.quick, resume=args.resume, parallel=args.parallel,
+                                    only=args.only, runs_dir=args.runs_dir, overrides=args.set,
+                                    progress=not args.no_progress, report_only=args.report_only)
+        print(format_summary(summary, Path(args.runs_dir)))
+        return 1 if summary["counts"]["failed"] or summary["failed_runs"] else 0
     config = config_from_args(args)
     import torch
 

@@ -66,11 +66,16 @@ class ModelConfig:
     action_bins: int = 21  # uniform bins per action dimension
     max_steps: int = 100  # steps-to-go classes 0..max_steps; must cover the longest demo
     dropout: float = 0.0
-    encoder: str = "mlp"  # "mlp" (vector observations), "film" (camera frames + instruction), "late_fusion" (ablation)
+    encoder: str = "mlp"  # "mlp" (vectors), "film" (frames + instruction), "late_fusion" (ablation), "hf" (HF VLM)
     frames: int = 1  # latest camera frames the model sees
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
     text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable) or "minilm" (pretrained, frozen)
     channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
+    hf_model: str = ""  # encoder "hf": local folder or hub id (docs/hf_backbones.md)
+    hf_dtype: str = "auto"  # encoder "hf": "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16" or "float32"
+    hf_device: str = "auto"  # encoder "hf": where the VLM runs: "auto" (CUDA when present), "cpu" or "cuda"
+    hf_train: str = "all"  # encoder "hf": what learns: "all", "language" (vision tower frozen), "heads" (VLM frozen)
+    hf_batch_size: int = 64  # encoder "hf": observations per VLM forward pass (larger batches run in chunks)
 
 
 @dataclass
@@ -95,7 +100,9 @@ class ImproveConfig:
     iterations: int = 40
     steps_per_iteration: int = 2048  # env steps that fill one on-policy batch
     minibatch_size: int = 64
-    epochs: int = 1  # passes over each batch (1 = the paper's plain REINFORCE)
+    objective: str = "reinforce"  # "reinforce" (the paper's) or "ppo" (clipped ratio, batch reused; train/objectives.py)
+    ppo_clip: float = 0.2  # ppo: eps of the clip range [1 - eps, 1 + eps] of pi / pi_old
+    epochs: int | None = None  # passes over each batch; None: 1 for reinforce (the paper's), 4 for ppo
     lr: float = 3e-4
     gamma: float = 0.9
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
@@ -103,6 +110,7 @@ class ImproveConfig:
     temperature: float = 1.0
     max_grad_norm: float = 1.0
     reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
+    reward_model: str = ""  # frozen reward model + detector checkpoint; empty: the SFT checkpoint Stage 2 starts from
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100
@@ -135,6 +143,14 @@ class EvalConfig:
     temperature: float = 1.0
     robots: int = 32
     control_temperatures: list[float] = field(default_factory=list)  # also evaluate SFT at these (0: greedy)
+    videos: int = 2  # eval episodes recorded as GIFs under runs/<name>/videos/ for the report (0: none)
+
+
+@dataclass
+class DiagnoseConfig:
+    """Reward-model diagnostics of a frozen SFT checkpoint (``selfimprove diagnose``)."""
+
+    rollouts: int = 50  # policy episodes on the fixed eval seeds (simulator success: diagnostics only); 0: demos only
 
 
 @dataclass
@@ -146,6 +162,7 @@ class RunConfig:
     seed: int = 0
     runs_dir: str = "runs"
     torch_threads: int = 1
+    tensorboard: bool | None = None  # mirror metrics to runs/<name>/tensorboard/; None: if installed
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -153,6 +170,7 @@ class RunConfig:
     improve: ImproveConfig = field(default_factory=ImproveConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -189,15 +207,30 @@ class RunConfig:
             (self.fleet.backend in FLEET_BACKENDS, f"fleet.backend must be one of {FLEET_BACKENDS}"),
             (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
             (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
+            (self.diagnose.rollouts >= 0, "diagnose.rollouts must be >= 0 (0: held-out demos only)"),
+            (self.eval.videos >= 0, "eval.videos must be >= 0 (0: no rollout videos)"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
-            (self.model.encoder in ("mlp", "film", "late_fusion"),
-             "model.encoder must be 'mlp', 'film' or 'late_fusion'"),
+            (self.model.encoder in ("mlp", "film", "late_fusion", "hf"),
+             "model.encoder must be 'mlp', 'film', 'late_fusion' or 'hf'"),
+            (self.model.encoder != "hf" or bool(self.model.hf_model),
+             "model.encoder = 'hf' needs model.hf_model (a local folder or a hub id); see docs/hf_backbones.md"),
+            (self.model.hf_dtype in ("auto", "bfloat16", "float32"),
+             "model.hf_dtype must be 'auto', 'bfloat16' or 'float32'"),
+            (self.model.hf_device in ("auto", "cpu", "cuda") or self.model.hf_device.startswith("cuda:"),
+             "model.hf_device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+            (self.model.hf_train in ("all", "language", "heads"), "model.hf_train must be 'all', 'language' or 'heads'"),
+            (self.model.hf_batch_size >= 1, "model.hf_batch_size must be >= 1"),
             (self.model.image_init in ("scratch", "pretrained"), "model.image_init must be 'scratch' or 'pretrained'"),
             (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
             (self.domain in DOMAINS, f"domain must be one of {DOMAINS}"),
             (set(self.sft.augment) <= {"mirror", "shift"}, "sft.augment may hold 'mirror' and 'shift'"),
             (self.improve.reward in ("steps_to_go", "constant"), "improve.reward must be 'steps_to_go' or 'constant'"),
+            (self.improve.objective in ("reinforce", "ppo"),
+             f"improve.objective must be 'reinforce' or 'ppo', got {self.improve.objective!r}"),
+            (0 < self.improve.ppo_clip < 1, f"improve.ppo_clip must be in (0, 1) (e.g. 0.2), got {self.improve.ppo_clip}"),
+            (self.improve.epochs is None or self.improve.epochs >= 1,
+             f"improve.epochs must be >= 1 (or none for the objective's default), got {self.improve.epochs}"),
             (not self.sft.augment or self.domain == "language-table",
              "sft.augment is defined for the language-table domain only"),
         ]

@@ -98,7 +98,8 @@ def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
                      action_high=[float(x) for x in space.high], action_bins=m.action_bins,
                      max_steps=m.max_steps, hidden=m.hidden, layers=m.layers, dropout=m.dropout,
                      encoder=m.encoder, frames=m.frames, image_init=m.image_init, text_encoder=m.text_encoder,
-                     channels=list(m.channels))
+                     channels=list(m.channels), hf_model=m.hf_model, hf_dtype=m.hf_dtype, hf_device=m.hf_device,
+                     hf_train=m.hf_train, hf_batch_size=m.hf_batch_size)
 
 
 def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], source: str, fix: str) -> None:

@@ -20,9 +20,11 @@ from selfimprove.data.store import EpisodeStore, split_episodes
 from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
+from selfimprove.diagnose import headline, run_diagnostics
 from selfimprove.runlog import prepare_run
 from selfimprove.train.improve import episodes_dir, improve
 from selfimprove.train.sft import sft
+from selfimprove.videos import record_videos
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +116,11 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
             collect_demos(config, progress=progress)
         sft_path = sft(config, resume=True, progress=progress)
         sft_eval = _json_step(run_dir / "eval_sft.json", resume, lambda: evaluate(config, sft_path))
+        reward_model = run_diagnostics(config, sft_path, resume)  # runs/<name>/diagnostics/
+        record_videos(config, sft_path, "sft", resume=resume)
         improve_path = improve(config, sft_path, resume=True, progress=progress)
         improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
+        record_videos(config, improve_path, "improve", resume=resume)
         controls = {f"sft_temperature_{t:g}": _json_step(
             run_dir / f"eval_sft_t{t:g}.json", resume, lambda t=t: evaluate(config, sft_path, temperature=t))
             for t in config.eval.control_temperatures}
@@ -147,6 +152,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
                      "rollout_recall": rollouts.get("recall")},
     }
     summary["practice"] = practice
+    summary["reward_model"] = headline(reward_model)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "detector_rollouts.json").write_text(json.dumps(rollouts, indent=2) + "\n")
     write_report(run_dir)

@@ -12,11 +12,18 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from selfimprove.runlog import MetricsLog  # noqa: E402
+from selfimprove.diagnose import report_lines as diagnostics_lines  # noqa: E402
+from selfimprove.runlog import MetricsLog, resolve_run_dir  # noqa: E402
+from selfimprove.runstatus import run_status, status_lines  # noqa: E402
+from selfimprove.videos import report_lines as video_lines  # noqa: E402
 
 
 def _load(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """A JSON file of the run, or {} when it is missing or still being written."""
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, OSError):
+        return {}
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -90,9 +97,12 @@ def _detector_rows(rows: list[dict[str, Any]], chosen: float | None) -> list[str
     return lines
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """(Re)build ``report.md`` and its plots from the run folder; safe while a run is going."""
-    run_dir = Path(run_dir)
+def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
+    """(Re)build ``report.md`` and its plots from the run folder (a path, or a run name in ``runs_dir``).
+
+    Safe at any time, also while the run is going: what is missing is said in a Status section.
+    """
+    run_dir = resolve_run_dir(run, runs_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     config = _load(run_dir / "config.json")
     summary = _load(run_dir / "summary.json")
@@ -107,19 +117,25 @@ def write_report(run_dir: str | Path) -> Path:
                   f"{config.get('data', {}).get('episodes')} demos (fraction {config.get('data', {}).get('fraction')}).", ""]
     if summary:
         lines += [f"Wall time: {summary.get('wall_time_s', 0):.0f} s.", ""]
+    lines += status_lines(run_status(run_dir), run_dir.name)
     lines += ["## Results (true success from the simulator, fixed unseen eval seeds)", "",
               "| stage | success rate | 95% interval | mean episode length | eval episodes | robot episodes |",
               "|---|---|---|---|---|---|"]
     for name, result in (("SFT (stage 1)", sft_eval), ("Self-Improvement (stage 2)", improve_eval)):
         if result:
-            robot = summary.get("improve", {}).get("robot_episodes", "") if "Self" in name else 0
+            robot = summary.get("improve", {}).get(
+                "robot_episodes", max((r.get("robot_episodes", 0) for r in improve_records), default="")
+            ) if "Self" in name else 0
             lines.append(f"| {name} | {_fmt(result['success_rate'])} | [{_fmt(result['ci95'][0])}, "
                          f"{_fmt(result['ci95'][1])}] | {_fmt(result['mean_episode_length'], 1)} | "
                          f"{result['eval_episodes']} | {robot} |")
+    lines += _eval_point_rows(improve_records, sft_eval, improve_eval, config)
     for name, result in summary.get("controls", {}).items():
         lines.append(f"| control: {name.replace('_', ' ')} | {_fmt(result['success_rate'])} | "
                      f"[{_fmt(result['ci95'][0])}, {_fmt(result['ci95'][1])}] | "
                      f"{_fmt(result['mean_episode_length'], 1)} | {result['eval_episodes']} | 0 |")
+    if lines[-1] == "|---|---|---|---|---|---|":
+        lines.append("| no evaluation yet | | | | | |")
     lines.append("")
     if summary.get("reward") == "constant":
         lines += ["This run is the **constant-reward control** (r_t = 1): same REINFORCE loop and detector, "
@@ -128,6 +144,7 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["## Self-Improvement", "", f"![improvement]({fig_improve.name})", "",
                   "Eval points use fixed eval seeds and the simulator's success (diagnostic only: the learner "
                   "sees only the frozen model's reward and detector).", ""]
+    lines += video_lines(run_dir)
     lines += _practice_lines(summary.get("practice", {}) if summary else {}, _load(run_dir / "fleet.json"))
     if fig_sft:
         lines += ["## Stage 1 (SFT)", "", f"![sft]({fig_sft.name})", ""]
@@ -150,9 +167,27 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"Per frame, on the {rollouts['frames']} frames of Self-Improvement rollouts:", ""]
         lines += _detector_rows(rollouts.get("per_threshold", []), rollouts.get("threshold"))
         lines.append("")
+    lines += diagnostics_lines(run_dir)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _eval_point_rows(records: list[dict[str, Any]], sft_eval: dict, improve_eval: dict, config: dict) -> list[str]:
+    """Stage 2's eval points standing in for final evaluations that are not written yet."""
+    points = [r for r in records if "eval_success_rate" in r]
+    chosen = []
+    if not sft_eval and points and points[0].get("iteration") == 0:
+        chosen.append(("SFT (Stage-2 eval point, iteration 0)", points[0]))
+    if not improve_eval and points and points[-1].get("iteration", 0) > 0:
+        chosen.append((f"Self-Improvement so far (eval point, iteration {points[-1]['iteration']})", points[-1]))
+    n = config.get("improve", {}).get("eval_episodes", "")
+    rows = []
+    for label, r in chosen:
+        ci = r.get("eval_ci95") or [None, None]
+        rows.append(f"| {label} | {_fmt(r['eval_success_rate'])} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
+                    f"{_fmt(r.get('eval_mean_length'), 1)} | {n} | {r.get('robot_episodes', '')} |")
+    return rows
 
 
 def _practice_lines(practice: dict, fleet: dict) -> list[str]:

@@ -13,21 +13,42 @@ import numpy as np
 import torch
 
 from selfimprove.config import RunConfig, save_config
+from selfimprove.errors import RunStateError
 
 log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    """Append-only JSONL metrics; each line is flushed so a live run can be read at any time."""
+    """Append-only JSONL metrics; each line is flushed so a live run can be read at any time.
 
-    def __init__(self, path: str | Path) -> None:
+    With ``tensorboard`` every record is mirrored as scalars to ``<folder>/tensorboard/``.
+    """
+
+    def __init__(self, path: str | Path, tensorboard: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = None
+        if tensorboard:
+            from selfimprove.tracking import TENSORBOARD_DIR, TensorBoardWriter
+
+            self.tensorboard = TensorBoardWriter(self.path.parent / TENSORBOARD_DIR)
+
+    @classmethod
+    def for_run(cls, config: RunConfig) -> "MetricsLog":
+        """The run's ``metrics.jsonl``, mirrored to TensorBoard as ``config.tensorboard`` says."""
+        from selfimprove.tracking import resolve_tensorboard
+
+        return cls(config.run_dir / "metrics.jsonl", tensorboard=resolve_tensorboard(config.tensorboard))
 
     def append(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, default=_default) + "\n")
             fh.flush()
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.append([json.loads(json.dumps(record, default=_default))])
+            except OSError as exc:  # the event files are derived data: never stop training for them
+                log.warning("could not write TensorBoard events to %s: %s", self.tensorboard.logdir, exc)
 
     def read(self, stage: str | None = None) -> list[dict[str, Any]]:
         if not self.path.exists():
@@ -51,6 +72,11 @@ class MetricsLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r, default=_default) + "\n" for r in records))
         tmp.replace(self.path)
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.rebuild(records)
+            except OSError as exc:
+                log.warning("could not rebuild TensorBoard events in %s: %s", self.tensorboard.logdir, exc)
 
 
 def _default(value: Any) -> Any:
@@ -61,6 +87,21 @@ def _default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(type(value).__name__)
+
+
+def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
+    """A run folder given as a path or as a run name under ``runs_dir``."""
+    candidates = (Path(run), Path(runs_dir) / str(run))
+    for candidate in candidates:
+        if (candidate / "config.json").exists() or (candidate / "metrics.jsonl").exists():
+            return candidate
+    for candidate in candidates:
+        if candidate.is_dir():
+            raise RunStateError(f"{candidate} is not a run folder (it has no config.json or metrics.jsonl)")
+    root = Path(runs_dir)
+    known = sorted(p.name for p in root.iterdir() if (p / "config.json").exists()) if root.is_dir() else []
+    raise RunStateError(f"no run {str(run)!r}: neither {Path(run)} nor {root / str(run)} is a folder. "
+                        f"Runs in {root}/: {', '.join(known) or 'none'} (or pass --runs-dir)")
 
 
 def prepare_run(config: RunConfig) -> Path:

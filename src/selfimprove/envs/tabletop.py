@@ -50,6 +50,9 @@ VIEW_X = (X_BOUNDS[0] - WALL_MARGIN, X_BOUNDS[1] + WALL_MARGIN)
 VIEW_Y = (Y_BOUNDS[0] - WALL_MARGIN, Y_BOUNDS[1] + WALL_MARGIN)
 #: a block whose centre is farther than this outside the bounds counts as stuck (board unusable).
 USABLE_MARGIN = 0.012
+#: the banana lies flat against a wall with its centre ~0.01 m outside the bounds, where the pusher
+#: (its centre clipped to the bounds) can never get behind it: any centre outside the bounds is stuck.
+NOVEL_USABLE_MARGIN = {"banana": -0.02}
 
 FOOTPRINTS = {  # (extent along body x, extent along body y), metres
     "cube": (0.0397, 0.0397),
@@ -63,6 +66,10 @@ COLOURS_RGB = {
     "green": (102, 255, 102),
     "yellow": (255, 255, 102),
 }
+#: novel objects (BananaTable): never in a demo, named by themselves; (length, depth) of the
+#: bounding box in the body frame, metres, and a colour of their own.
+NOVEL_FOOTPRINTS = {"banana": (0.088, 0.030)}
+NOVEL_COLOURS_RGB = {"banana": (250, 215, 40)}
 BOARD_RGB = (48, 48, 48)
 PUSHER_RGB = (205, 205, 205)
 
@@ -108,7 +115,7 @@ def _regular(n: int, radius: float, phase: float) -> np.ndarray:
 
 
 def _make_geometry(shape: str) -> BlockGeometry:
-    size = FOOTPRINTS[shape]
+    size = FOOTPRINTS.get(shape, (1.0, 1.0))
     if shape == "cube":
         outline = _fit_box(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float), size)
         pieces = [outline]
@@ -125,8 +132,10 @@ def _make_geometry(shape: str) -> BlockGeometry:
         pieces = [inner] + [np.stack([inner[i - 1], outer[i], inner[i]]) for i in range(5)]
     elif shape == "moon":
         outline, pieces = _moon(size)
+    elif shape == "banana":
+        outline, pieces = _banana(NOVEL_FOOTPRINTS[shape])
     else:
-        raise ConfigError(f"unknown shape {shape!r}; valid shapes: {', '.join(FOOTPRINTS)}")
+        raise ConfigError(f"unknown shape {shape!r}; valid shapes: {', '.join([*FOOTPRINTS, *NOVEL_FOOTPRINTS])}")
     centre = _area_centroid(pieces)
     pieces = [p - centre for p in pieces]
     outline = outline - centre
@@ -152,12 +161,46 @@ def _moon(size: tuple[float, float], n: int = 5) -> tuple[np.ndarray, list[np.nd
     return (outline - mid) * scale, [(p - mid) * scale for p in pieces]
 
 
+def _banana(size: tuple[float, float], n: int = 8) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A banana: a curved body, thick in the middle and tapering to blunt tips, with a short stem.
+
+    The centreline is a parabolic arc; each of the n body pieces spans a vertical strip between
+    the outer and inner edges (a trapezoid, hence convex) and the stem is one more trapezoid along
+    the tangent at the +x tip. The whole outline is then scaled to the footprint ``size``.
+    """
+    length, sagitta, h_mid, h_tip = 1.0, 0.17, 0.115, 0.03  # relative to the body length
+    stem_len, h_stem = 0.09, 0.022
+    t = np.linspace(-1, 1, n + 1)
+    x = t * length / 2
+    centre = sagitta * (1 - t**2)
+    half = h_tip + (h_mid - h_tip) * (1 - t**2) ** 0.7
+    outer, inner = np.stack([x, centre + half], 1), np.stack([x, centre - half], 1)
+    pieces = [np.stack([inner[i], inner[i + 1], outer[i + 1], outer[i]]) for i in range(n)]
+    slope = -4 * sagitta / length  # d(centre)/dx at the +x tip
+    x0, x1 = length / 2, length / 2 + stem_len
+    stem = np.array([[x0, -h_stem], [x1, -h_stem + slope * stem_len], [x1, h_stem + slope * stem_len], [x0, h_stem]])
+    pieces.append(stem)
+    pieces = [p[::-1] if _signed_area(p) < 0 else p for p in pieces]
+    outline = np.concatenate([inner, stem, outer[::-1]])
+    lo, hi = outline.min(0), outline.max(0)
+    scale, mid = np.asarray(size) / (hi - lo), (lo + hi) / 2
+    return (outline - mid) * scale, [(p - mid) * scale for p in pieces]
+
+
 def _signed_area(p: np.ndarray) -> float:
     x, y = p[:, 0], p[:, 1]
     return float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum() / 2)
 
 
-GEOMETRY = {shape: _make_geometry(shape) for shape in FOOTPRINTS}
+GEOMETRY = {shape: _make_geometry(shape) for shape in (*FOOTPRINTS, *NOVEL_FOOTPRINTS)}
+
+
+def object_look(name: str) -> tuple[BlockGeometry, tuple[int, int, int]]:
+    """Geometry and colour of a '<colour> <shape>' block or of a novel object named by itself."""
+    if name in NOVEL_FOOTPRINTS:
+        return GEOMETRY[name], NOVEL_COLOURS_RGB[name]
+    colour, shape = name.split()
+    return GEOMETRY[shape], COLOURS_RGB[colour]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +220,7 @@ class TabletopEnv(gym.Env):
         self,
         task: str = "block2block",
         image_size: int | tuple[int, int] | None = 96,
-        block_mode: str = "BLOCK_8",
+        block_mode: str | None = None,
         max_episode_steps: int = 200,
         terminate_on_success: bool = True,
         render_frames: int = 2,
@@ -190,8 +233,8 @@ class TabletopEnv(gym.Env):
     ) -> None:
         if task not in tasks_mod.TASK_FAMILIES:
             raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(tasks_mod.TASK_FAMILIES)}")
-        if block_mode not in BLOCK_MODES:
-            raise ConfigError(f"unknown block_mode {block_mode!r}; valid: {', '.join(BLOCK_MODES)}")
+        block_mode = block_mode if block_mode is not None else tasks_mod.DEFAULT_BLOCK_MODES[task]
+        tasks_mod.check_block_mode(task, block_mode)
         if render_frames < 1 or physics_substeps < 1 or max_episode_steps < 1:
             raise ConfigError("render_frames, physics_substeps and max_episode_steps must be >= 1")
         self.task_family = task
@@ -208,10 +251,11 @@ class TabletopEnv(gym.Env):
         self.render_mode = render_mode
         self.image_hw: tuple[int, int] | None = _parse_size(image_size)
 
-        self._geoms = [GEOMETRY[name.split()[1]] for name in self.block_names]
+        looks = [object_look(name) for name in self.block_names]
+        self._geoms = [geom for geom, _ in looks]
         self.block_radii = np.array([g.radius for g in self._geoms])
-        self._renderer = _Renderer(self._geoms, [COLOURS_RGB[n.split()[0]] for n in self.block_names],
-                                   self.image_hw or (96, 96))
+        self._usable_margins = np.array([NOVEL_USABLE_MARGIN.get(n, USABLE_MARGIN) for n in self.block_names])
+        self._renderer = _Renderer(self._geoms, [colour for _, colour in looks], self.image_hw or (96, 96))
         self.action_space = spaces.Box(-ACTION_LIMIT, ACTION_LIMIT, shape=(2,), dtype=np.float32)
         self.observation_space = self._make_observation_space()
 
@@ -360,7 +404,7 @@ class TabletopEnv(gym.Env):
         xy = self.block_array()
         if not np.all(np.isfinite(xy)):
             return False
-        m = USABLE_MARGIN
+        m = self._usable_margins
         return bool(np.all((xy[:, 0] >= X_BOUNDS[0] - m) & (xy[:, 0] <= X_BOUNDS[1] + m)
                            & (xy[:, 1] >= Y_BOUNDS[0] - m) & (xy[:, 1] <= Y_BOUNDS[1] + m)))
 
@@ -541,6 +585,7 @@ ENV_IDS = {
     "selfimprove/Tabletop-Block2Block-v0": "block2block",
     "selfimprove/Tabletop-Block2Location-v0": "block2location",
     "selfimprove/Tabletop-SeparateBlocks-v0": "separate_blocks",
+    "selfimprove/Tabletop-Banana-v0": "banana2location",  # BananaTable: one banana, no blocks
 }
 
 

@@ -1,4 +1,4 @@
-"""Scripted pushing expert for the tabletop world (block2block, block2location, separate_blocks).
+"""Scripted pushing expert for the tabletop world (block2block, block2location, separate_blocks, banana).
 
 It reads privileged state (block poses, the task) from ``env.unwrapped`` and mimics the original
 oracle's speed profile (<= 0.035 m per step, slower near the goal), plus configurable human-like
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from selfimprove.envs.tabletop import PUSHER_RADIUS, X_BOUNDS, Y_BOUNDS, TabletopEnv
+from selfimprove.envs.tasks import LOCATION_FAMILIES
 
 MAX_STEP = 0.035
 #: (distance to goal, speed factor) pairs of the original oracle, nearest first.
@@ -122,7 +123,7 @@ def _stop_distance(task) -> float:
     """How close to the goal point the block centre must get (inside the success radius)."""
     if task.family == "block2block":
         return 0.045  # success < 0.05; blocks in contact are 0.04-0.05 apart
-    if task.family == "block2location":
+    if task.family in LOCATION_FAMILIES:
         return task.threshold - 0.03
     return 0.012
 

@@ -22,12 +22,17 @@ from selfimprove.errors import ConfigError
 COLOURS: tuple[str, ...] = ("red", "blue", "green", "yellow")
 SHAPES: tuple[str, ...] = ("moon", "cube", "star", "pentagon")
 
+#: novel objects are named by themselves, not '<colour> <shape>'; no demo ever shows one.
+BANANA = "banana"
+NOVEL_OBJECTS: tuple[str, ...] = (BANANA,)
+
 BLOCK_MODES: dict[str, tuple[str, ...]] = {
     "BLOCK_4": ("red moon", "blue cube", "green star", "yellow pentagon"),
     "BLOCK_8": (
         "red moon", "red pentagon", "blue moon", "blue cube",
         "green cube", "green star", "yellow star", "yellow pentagon",
     ),
+    "BANANA": (BANANA,),  # BananaTable: every block replaced by one banana
 }
 
 PUSH_VERBS: tuple[str, ...] = ("push the", "move the", "slide the", "put the")
@@ -86,7 +91,12 @@ SEPARATE_JOINED_DISTANCE = 0.08
 SEPARATE_MAGNITUDE = 0.1
 SEPARATE_SUCCESS_DISTANCE = 0.025
 
-TASK_FAMILIES: tuple[str, ...] = ("block2block", "block2location", "separate_blocks")
+TASK_FAMILIES: tuple[str, ...] = ("block2block", "block2location", "separate_blocks", "banana2location")
+#: families whose goal is one of the 9 absolute locations (same success radii).
+LOCATION_FAMILIES: tuple[str, ...] = ("block2location", "banana2location")
+#: the object set a family is played with when the env is given no block_mode.
+DEFAULT_BLOCK_MODES: dict[str, str] = {"block2block": "BLOCK_8", "block2location": "BLOCK_8",
+                                       "separate_blocks": "BLOCK_8", "banana2location": "BANANA"}
 
 Positions = Mapping[str, np.ndarray]
 
@@ -189,7 +199,27 @@ class SeparateBlocksTask:
         return self.distance(positions) < SEPARATE_SUCCESS_DISTANCE
 
 
-Task = Block2BlockTask | Block2LocationTask | SeparateBlocksTask
+@dataclass(frozen=True)
+class Banana2LocationTask(Block2LocationTask):
+    """BananaTable: push the banana (the only object on the board) to one of the 9 locations.
+
+    Wording, locations and success radii are block2location's, so a block2block/block2location
+    policy meets a familiar instruction about an object it has never seen.
+    """
+
+    family: str = field(default="banana2location", init=False)
+
+
+Task = Block2BlockTask | Block2LocationTask | SeparateBlocksTask | Banana2LocationTask
+
+
+def check_block_mode(family: str, block_mode: str) -> None:
+    """Raise ConfigError when ``family`` cannot be played with the objects of ``block_mode``."""
+    if block_mode not in BLOCK_MODES:
+        raise ConfigError(f"unknown block_mode {block_mode!r}; valid: {', '.join(BLOCK_MODES)}")
+    if (family == "banana2location") != (block_mode == "BANANA"):
+        raise ConfigError(f"task {family!r} cannot be played with block_mode {block_mode!r}; use "
+                          f"{DEFAULT_BLOCK_MODES.get(family, 'BLOCK_8')!r} (or leave block_mode unset)")
 
 
 def _avoid_text(avoid: Sequence[str], n_blocks: int, group_choice: int) -> str:
@@ -266,10 +296,20 @@ def sample_separate_blocks(positions: Positions, rng: np.random.Generator) -> Se
     return task
 
 
+def sample_banana2location(positions: Positions, rng: np.random.Generator) -> Banana2LocationTask | None:
+    """Draws a location the banana is not already at, worded like block2location; None if none."""
+    if BANANA not in positions:
+        raise ConfigError(f"banana2location needs a banana on the board, got {sorted(positions)}; "
+                          "use block_mode 'BANANA'")
+    task = sample_block2location({BANANA: positions[BANANA]}, rng)
+    return None if task is None else Banana2LocationTask(task.block, task.location, task.location_text, task.verb)
+
+
 SAMPLERS = {
     "block2block": sample_block2block,
     "block2location": sample_block2location,
     "separate_blocks": sample_separate_blocks,
+    "banana2location": sample_banana2location,
 }
 
 
@@ -295,6 +335,11 @@ def all_block2location_instructions(block_mode: str = "BLOCK_8") -> list[str]:
             for s in LOCATION_SYNONYMS[loc] for v in LOCATION_VERBS]
 
 
+def all_banana2location_instructions() -> list[str]:
+    """All 93 BananaTable instructions (3 verbs x 31 location phrases)."""
+    return [f"{v} {BANANA} to the {s}" for loc in LOCATIONS for s in LOCATION_SYNONYMS[loc] for v in LOCATION_VERBS]
+
+
 def _blocks_of(block_mode: str) -> tuple[str, ...]:
     if block_mode not in BLOCK_MODES:
         raise ConfigError(f"unknown block_mode {block_mode!r}; valid: {', '.join(BLOCK_MODES)}")
@@ -306,6 +351,9 @@ _ALL_BLOCKS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 
 def _parse_block(text: str, instruction: str) -> str:
     """Validates a '<colour> <shape>' name, saying which word is wrong."""
+    if text in NOVEL_OBJECTS:
+        raise ConfigError(f"the {text} in {instruction!r} can only be pushed to a location, e.g. "
+                          f"'push the {text} to the top left corner' (locations: {sorted(_LOCATION_BY_TEXT)})")
     words = text.split()
     if len(words) != 2:
         raise ConfigError(f"cannot read a block name from {text!r} in {instruction!r}; "
@@ -331,7 +379,7 @@ _LOCATION_BY_TEXT = {s: loc for loc, syns in LOCATION_SYNONYMS.items() for s in 
 def parse_instruction(text: str) -> Task:
     """Turns an instruction string back into a task object; raises ConfigError naming what is wrong.
 
-    Round-trips every instruction this module generates (block2block, block2location,
+    Round-trips every instruction this module generates (block2block, block2location, banana2location,
     separate_blocks with explicitly named blocks; group words cannot be resolved without a board).
     """
     instruction = " ".join(text.strip().lower().split())
@@ -345,20 +393,25 @@ def parse_instruction(text: str) -> Task:
     verb, rest = head
     if " to the " in rest:
         block_text, loc_text = rest.split(" to the ", 1)
+        if loc_text in _LOCATION_BY_TEXT and block_text in NOVEL_OBJECTS:
+            return Banana2LocationTask(block_text, _LOCATION_BY_TEXT[loc_text], loc_text, verb)
         if loc_text in _LOCATION_BY_TEXT and len(block_text.split()) == 2:
             return Block2LocationTask(_parse_block(block_text, text), _LOCATION_BY_TEXT[loc_text], loc_text, verb)
     words = rest.split()
-    if len(words) < 5:
+    name_words = 1 if words and words[0] in NOVEL_OBJECTS else 2
+    if len(words) < name_words + 3:
         raise ConfigError(f"cannot parse {text!r}: expected '<verb> <block> <preposition> <block>' with "
                           f"prepositions {list(PREPOSITIONS)} or a location in {sorted(_LOCATION_BY_TEXT)}")
-    moved = _parse_block(" ".join(words[:2]), text)
-    remainder = " ".join(words[2:])
+    moved = words[0] if name_words == 1 else _parse_block(" ".join(words[:2]), text)
+    remainder = " ".join(words[name_words:])
     prep = _strip_prefix(remainder, PREPOSITIONS)
     if prep is None:
         raise ConfigError(f"unknown preposition in {text!r}; valid prepositions: {', '.join(PREPOSITIONS)}")
     preposition, target_text = prep
     if target_text in _LOCATION_BY_TEXT:
-        return Block2LocationTask(moved, _LOCATION_BY_TEXT[target_text], target_text, verb)
+        kind = Banana2LocationTask if moved in NOVEL_OBJECTS else Block2LocationTask
+        return kind(moved, _LOCATION_BY_TEXT[target_text], target_text, verb)
+    _parse_block(moved, text)  # a novel object has no block2block task: say so
     target = _parse_block(target_text, text)
     if target == moved:
         raise ConfigError(f"{text!r} names the same block twice; block2block needs two distinct blocks")

@@ -67,8 +67,12 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
 
 
 def _numpy_weights(weights: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """State dict as numpy (zero-copy reads from Ray's object store on the robots)."""
-    return {k: v.detach().cpu().numpy() for k, v in weights.items()}
+    """State dict as numpy (zero-copy reads from Ray's object store on the robots).
+
+    bfloat16 tensors (a Hugging Face backbone on a GPU) travel as float32: numpy has no bfloat16.
+    """
+    return {k: (v.detach().cpu().float() if v.dtype == torch.bfloat16 else v.detach().cpu()).numpy()
+            for k, v in weights.items()}
 
 
 @dataclass

@@ -29,12 +29,18 @@ class ModelSpec:
     hidden: int = 256
     layers: int = 3
     dropout: float = 0.0
-    encoder: str = "mlp"  # "mlp" (vector observations), "film" (images + instruction) or "late_fusion"
+    encoder: str = "mlp"  # "mlp" (vector observations), "film" (images + instruction), "late_fusion" or "hf"
     frames: int = 1  # camera frames stacked per observation (the latest ones)
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
     text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable, scratch) or "minilm" (pretrained)
     channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
-    extra: dict[str, Any] = field(default_factory=dict)
+    # encoder "hf": a Hugging Face vision-language model as the trunk (see model/hf_backbone.py)
+    hf_model: str = ""  # local folder or hub id
+    hf_dtype: str = "auto"  # "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16" or "float32"
+    hf_device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    hf_train: str = "all"  # "all", "language" (vision tower frozen) or "heads" (whole VLM frozen)
+    hf_batch_size: int = 64  # observations per VLM forward pass (bigger batches run in chunks)
+    extra: dict[str, Any] = field(default_factory=dict)  # hf: the VLM's config ("hf_config")
 
     @property
     def image_keys(self) -> list[str]:
@@ -101,7 +107,14 @@ def _late_fusion(spec: ModelSpec) -> nn.Module:
     return _film(spec, film=False)
 
 
-ENCODERS = {"mlp": MLPEncoder, "film": _film, "late_fusion": _late_fusion}
+def _hf(spec: ModelSpec) -> nn.Module:
+    """A Hugging Face vision-language model as the trunk (needs the optional ``hf`` extra)."""
+    from selfimprove.model.hf_backbone import hf_trunk
+
+    return hf_trunk(spec)
+
+
+ENCODERS = {"mlp": MLPEncoder, "film": _film, "late_fusion": _late_fusion, "hf": _hf}
 
 
 class EmbodiedModel(nn.Module):

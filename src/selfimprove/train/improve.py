@@ -32,8 +32,9 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
                                           recover_checkpoint, restore_optimizer, save_checkpoint)
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
-from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
+from selfimprove.reward import StepsToGoReward, detector_table, discounted_returns, recommend_threshold
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
+from selfimprove.train.objectives import ppo_update, update_epochs
 from selfimprove.train.sft import checkpoint_dir, frame_source, sft_checkpoint
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,11 @@ def episodes_dir(config: RunConfig) -> Path:
 
 @torch.no_grad()
 def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np.ndarray]:
-    """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels."""
+    """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels.
+
+    Also each frame's ``frame_index`` and true ``steps_to_go`` (T - t) and each episode's first row
+    (``episode_start``), for the diagnostics.
+    """
     store = EpisodeStore(config.dataset_path)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
     frames = store.frames(val_idx)
@@ -57,15 +62,17 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np
     d = np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + 1024, len(frames.frame_index)))))
                         for i in range(0, len(frames.frame_index), 1024)])
     true = frames.extras.get("info.is_success", frames.is_terminal)
-    return {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool)}
+    return {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool),
+            "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
 
 
 def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[str, Any]:
     """Choose the success threshold ``s`` on held-out demos (or take the configured one)."""
     probe = StepsToGoReward(reward_model, threshold=0.0)
     frames = demo_steps_to_go(probe, config)
-    recommended, table = calibrate_threshold(frames["d"], frames["goal_frame"])
-    if max(row["f1"] for row in table) == 0:
+    choice = recommend_threshold(frames["d"], frames["goal_frame"])  # the one rule; `selfimprove diagnose` too
+    recommended = choice["threshold"]
+    if max(row["f1"] for row in choice["table"]) == 0:
         log.warning("the steps-to-go head does not separate goal frames on held-out demos (no threshold "
                     "fires on them); Stage 2 will see no detected success. Train Stage 1 longer.")
     fixed = config.improve.success_threshold
@@ -73,6 +80,7 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[s
         "threshold": float(fixed) if fixed is not None else recommended,
         "recommended": recommended,
         "source": "config" if fixed is not None else "calibrated on held-out demos (max F1 vs goal frames)",
+        "rule": choice["rule"],
         "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
         "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
         "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
@@ -103,7 +111,7 @@ def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, so
     policy.train()
     n = len(returns)
     losses, norms = [], []
-    for _ in range(cfg.epochs):
+    for _ in range(update_epochs(cfg)):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.minibatch_size):
             idx = order[start:start + cfg.minibatch_size]
@@ -129,10 +137,11 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         raise RunStateError(f"{latest} already exists; pass --resume to continue it or choose another --name")
     prepare_run(config)
     seed_everything(config.seed, config.torch_threads)
-    reward_model, _ = load_checkpoint(sft_path, expect_domain=config.domain)
+    reward_path = Path(cfg.reward_model) if cfg.reward_model else sft_path  # e.g. practising on from an SI policy
+    reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
     policy, _ = load_checkpoint(sft_path, expect_domain=config.domain)  # a separate, trainable copy
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
-    metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+    metrics = MetricsLog.for_run(config)
     start, history = 0, []
     counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
     if resume and latest.exists():
@@ -203,8 +212,9 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             if overlap and not stopping:  # the robots practise on while the learner trains
                 prefetched = fleet.start(policy.state_dict(), version=it, **collect_args(it + 1))
             source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward)
-            update = reinforce_update(policy, optimizer, source, acting, tokens, returns, config,
-                                      torch_generator(config.seed, 3, it))
+            learner = ppo_update if cfg.objective == "ppo" else reinforce_update
+            update = learner(policy, optimizer, source, acting, tokens, returns, config,
+                             torch_generator(config.seed, 3, it))
             t_update = time.time() - t0 - t_collect
             counters["robot_episodes"] += len(episodes)
             counters["env_steps"] += int(sum(e.length for e in episodes))
@@ -229,7 +239,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             history.append(record)
             tensors, opt_meta = optimizer_state_tensors(optimizer)
             save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": it + 1, "seed": config.seed,
-                                                  "sft": str(sft_path), "threshold": detector["threshold"]},
+                                                  "sft": str(sft_path), "threshold": detector["threshold"],
+                                                  "reward_model": str(reward_path)},
                             train_state=tensors,
                             train_meta={**opt_meta, "iteration": it + 1, "history": history,
                                         "counters": counters, "detector": detector})

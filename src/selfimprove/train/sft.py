@@ -117,7 +117,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         model.encoder.set_normalization(obs_all.mean(0), obs_all.std(0))
     cfg = config.sft
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    metrics = MetricsLog(config.run_dir / "metrics.jsonl")
+    metrics = MetricsLog.for_run(config)
     start, best = 0, float("inf")
     best_path = checkpoint_dir(config) / "sft_best"
     if resume and state_path.exists():

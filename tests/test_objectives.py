@@ -1,0 +1,104 @@
+"""Stage 2 objectives: the PPO-style clipped surrogate beside REINFORCE (train/objectives.py)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfimprove.config import load_config
+from selfimprove.errors import ConfigError
+from selfimprove.evaluate import evaluate
+from selfimprove.train.improve import improve
+from selfimprove.train.objectives import clipped_surrogate_loss, normalized_advantages, update_epochs
+from selfimprove.train.sft import sft_checkpoint
+
+from conftest import quick_config
+
+
+def _grad(loss_fn, logp):
+    logp = logp.clone().requires_grad_(True)
+    loss_fn(logp).backward()
+    return logp.grad
+
+
+def test_at_ratio_one_the_clipped_loss_has_the_reinforce_gradient():
+    gen = torch.Generator().manual_seed(0)
+    logp = torch.randn(32, generator=gen) - 3.0
+    adv = torch.randn(32, generator=gen)
+    ppo = _grad(lambda lp: clipped_surrogate_loss(lp, logp.detach(), adv, 0.2)[0], logp)
+    reinforce = _grad(lambda lp: -(adv * lp).mean(), logp)
+    torch.testing.assert_close(ppo, reinforce)
+    loss, stats = clipped_surrogate_loss(logp, logp, adv, 0.2)
+    assert float(loss) == pytest.approx(float(-adv.mean()), abs=1e-6)
+    assert stats["clip_fraction"] == 0.0 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_loss_clips_when_the_ratio_leaves_the_trust_region():
+    eps = 0.2
+    old = torch.zeros(4)
+    # ratios 1.5, 1.5, 0.5, 0.5 against advantages +1, -1, +1, -1
+    logp = torch.log(torch.tensor([1.5, 1.5, 0.5, 0.5]))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    grad = _grad(lambda lp: clipped_surrogate_loss(lp, old, adv, eps)[0], logp)
+    # pushed past the region in the favoured direction: clipped, no gradient
+    assert grad[0] == 0.0 and grad[3] == 0.0
+    # moved the wrong way: the pessimistic (unclipped) term keeps pulling back
+    assert grad[1] == pytest.approx(1.5 / 4) and grad[2] == pytest.approx(-0.5 / 4)
+    loss, stats = clipped_surrogate_loss(logp, old, adv, eps)
+    expected = -np.mean([(1 + eps) * 1.0, 1.5 * -1.0, 0.5 * 1.0, (1 - eps) * -1.0])
+    assert float(loss) == pytest.approx(expected)
+    assert stats["clip_fraction"] == 1.0 and stats["approx_kl"] > 0
+    # inside the region nothing is clipped: the gradient is ratio * advantage / N
+    inside = torch.log(torch.tensor([1.1, 0.9]))
+    g = _grad(lambda lp: clipped_surrogate_loss(lp, torch.zeros(2), torch.tensor([1.0, -1.0]), eps)[0], inside)
+    torch.testing.assert_close(g, torch.tensor([-1.1 / 2, 0.9 / 2]))
+
+
+def test_normalized_advantages_keep_order_with_zero_mean_unit_spread():
+    returns = torch.tensor([3.0, -1.0, 0.5, 10.0, 2.0])
+    adv = normalized_advantages(returns)
+    assert float(adv.mean()) == pytest.approx(0.0, abs=1e-6) and float(adv.std()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(torch.argsort(adv), torch.argsort(returns))
+
+
+def test_objective_config_defaults_and_clear_errors():
+    assert load_config("pointmass").improve.objective == "reinforce"
+    assert update_epochs(load_config("pointmass").improve) == 1
+    ppo = load_config("pointmass", ["improve.objective=ppo"]).improve
+    assert ppo.ppo_clip == 0.2 and update_epochs(ppo) == 4
+    assert update_epochs(load_config("pointmass", ["improve.objective=ppo", "improve.epochs=2"]).improve) == 2
+    for override, word in [("improve.objective=trpo", "improve.objective"), ("improve.ppo_clip=0", "improve.ppo_clip"),
+                           ("improve.ppo_clip=1.5", "improve.ppo_clip"), ("improve.epochs=0", "improve.epochs")]:
+        with pytest.raises(ConfigError, match=word):
+            load_config("pointmass", [override])
+
+
+def _ppo_run(trained, tmp_path, name):
+    config = quick_config(tmp_path, f"name={name}", f"data.path={trained.dataset_path}", "improve.objective=ppo",
+                          "improve.iterations=15", "improve.steps_per_iteration=2048", "improve.eval_every=0")
+    path = improve(config, sft_checkpoint(trained), progress=False)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return config, path, [r for r in records if r.get("stage") == "improve"]
+
+
+def test_ppo_self_improvement_is_deterministic_and_beats_sft(trained_quick, tmp_path):
+    config, path, history = _ppo_run(trained_quick, tmp_path, "ppo_a")
+    _, path_b, history_b = _ppo_run(trained_quick, tmp_path, "ppo_b")
+    drop = ("collect_s", "update_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in history] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in history_b]
+    weights, weights_b = load_file(path / "model.safetensors"), load_file(path_b / "model.safetensors")
+    assert all(torch.equal(weights[k], weights_b[k]) for k in weights)
+    steps = np.diff([0] + [r["env_steps"] for r in history])
+    assert [r["updates"] for r in history] == [4 * -(-int(n) // 64) for n in steps]  # 4 epochs of minibatches of 64
+    assert all(0.0 <= r["clip_fraction"] <= 1.0 for r in history)
+    # the learner saw only its detector: detected success rises over practice ...
+    detected = [r["detected_success_rate"] for r in history]
+    assert np.mean(detected[-3:]) > detected[0]
+    # ... and the simulator's success (evaluation only) beats the SFT policy on fixed eval boards
+    sft_eval = evaluate(config, sft_checkpoint(trained_quick), episodes=200)
+    ppo_eval = evaluate(config, path, episodes=200)
+    assert ppo_eval["success_rate"] > sft_eval["success_rate"]
+    assert ppo_eval["mean_episode_length"] < sft_eval["mean_episode_length"]
