@@ -233,7 +233,7 @@ def test_sft_and_one_self_improvement_iteration_with_a_vlm_backbone(tmp_path):
     pretrained = EmbodiedModel(load_checkpoint_spec(config, folder)).encoder.vlm.state_dict()
     sft_path = sft(config, progress=False)
     tuned, _ = load_checkpoint(sft_path, expect_domain="language-table")
-    assert tuned.spec.encoder == "hf" and tuned.spec.hf_model == str(folder)
+    assert tuned.spec.encoder == "hf" and tuned.spec.hf_model == str(folder.resolve())
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     sft_record = [r for r in records if r.get("stage") == "sft"][-1]
     assert all(math.isfinite(sft_record[k]) for k in ("train_bc", "train_stg", "val_bc", "val_stg"))

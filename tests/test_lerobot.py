@@ -17,6 +17,7 @@ from selfimprove.data.lerobot import (LEROBOT_PRESETS, LeRobotMapping, check_ler
                                       import_lerobot, load_mapping)
 from selfimprove.data.store import EpisodeStore
 from selfimprove.errors import ConfigError, DatasetError
+from selfimprove.model.checkpoint import load_checkpoint
 from selfimprove.train.sft import sft
 
 TINY = Path(__file__).parent / "data" / "lerobot_v3_tiny"  # written by LeRobot's own writer (see its README)
@@ -141,8 +142,12 @@ def test_import_sft_export_reimport_keeps_every_frame(domain, pointmass_lerobot,
     config = load_config(f"{domain}-quick", [f"runs_dir={tmp_path}", "name=lr", f"data.path={store}",
                                              "sft.steps=2", "sft.eval_every=2", "sft.checkpoint_every=2",
                                              "sft.batch_size=16"])
-    checkpoint = sft(config, progress=False)
-    assert (checkpoint / "config.json").exists() or any(checkpoint.iterdir())
+    model, meta = load_checkpoint(sft(config, progress=False), expect_domain=config.domain)
+    assert sorted(model.spec.obs_shapes) == sorted(imported[0].observations)  # trained on the imported keys
+    assert meta["dataset"] == str(store)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r.get("stage") == "sft"] == [2]
+    assert all(np.isfinite(r["val_bc"]) for r in records if r.get("stage") == "sft")
 
     exported = export_lerobot(store, tmp_path / "exported", progress=False)
     assert check_lerobot(exported) == []
@@ -317,7 +322,8 @@ def test_exported_layout_matches_lerobot_v3(tabletop_lerobot, tmp_path):
 # -- the mapping -----------------------------------------------------------------------------------------
 
 def test_mapping_overrides_files_and_bad_specs(tmp_path):
-    mapping = load_mapping("language-table", ["observation.images.front=image", "observation.state[0:2]=", "act=actions"])
+    mapping = load_mapping("language-table",
+                           ["observation.images.front=image", "observation.state[0:2]=", "act=actions"])
     assert mapping.observations == {"image": "observation.images.front", "effector_target": "observation.state[2:4]"}
     assert mapping.actions == "act" and mapping.instruction == "task"
     assert load_mapping("auto", auto=LEROBOT_PRESETS["pointmass"]).name == "pointmass"

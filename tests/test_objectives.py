@@ -80,7 +80,7 @@ def _ppo_run(trained, tmp_path, name):
                           "improve.iterations=15", "improve.steps_per_iteration=2048", "improve.eval_every=0")
     path = improve(config, sft_checkpoint(trained), progress=False)
     records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return config, path, [r for r in records if r.get("stage") == "improve"]
+    return config, path, [r for r in records if r.get("stage") == "improve" and r["iteration"] >= 1]
 
 
 def test_ppo_self_improvement_is_deterministic_and_beats_sft(trained_quick, tmp_path):

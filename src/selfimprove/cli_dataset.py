@@ -69,4 +69,6 @@ def run_dataset_command(args: argparse.Namespace) -> int:
             print("  layout      " + ("LeRobot v3 ok" if not problems else "PROBLEMS:"))
             for problem in problems or []:
                 print(f"    - {problem}")
+            if problems and summary["format"].startswith("selfimprove"):
+                print("  (an episode store: `selfimprove dataset export` writes it as a LeRobot v3 dataset)")
     return 1 if problems else 0

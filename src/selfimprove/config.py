@@ -114,6 +114,9 @@ class ImproveConfig:
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100
+    guard: bool = True  # score the policy on validation boards with the frozen model; keep checkpoints/best
+    guard_every: int | None = None  # iterations between guard checks; None: eval_every (0: first and last only)
+    guard_episodes: int = 32  # validation episodes per guard check (robot episodes, reported apart from practice)
     max_staleness: int = 0  # policy versions an episode may lag the learner (0: on-policy; >= 1 lets a Ray
     # fleet collect the next batch while the learner updates, and makes --resume no longer bit-exact)
 
@@ -201,6 +204,9 @@ class RunConfig:
             (self.fleet.timeout_s > 0 and self.fleet.robots_per_human >= 1,
              "fleet.timeout_s must be > 0 and fleet.robots_per_human >= 1"),
             (self.improve.max_staleness >= 0, "improve.max_staleness must be >= 0"),
+            (self.improve.guard_every is None or self.improve.guard_every >= 0,
+             "improve.guard_every must be >= 0 (0: guard only the SFT and the final policy; none: eval_every)"),
+            (self.improve.guard_episodes >= 1, "improve.guard_episodes must be >= 1 (validation episodes per check)"),
             (self.improve.iterations >= 0, "improve.iterations must be >= 0"),
             (self.improve.steps_per_iteration >= 1 and self.improve.minibatch_size >= 1,
              "improve.steps_per_iteration and improve.minibatch_size must be >= 1"),

@@ -21,7 +21,8 @@ from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
 from selfimprove.diagnose import headline, run_diagnostics
-from selfimprove.runlog import prepare_run
+from selfimprove.runlog import MetricsLog, prepare_run
+from selfimprove.train.guard import evaluate_best, guard_summary
 from selfimprove.train.improve import episodes_dir, improve
 from selfimprove.train.sft import sft
 from selfimprove.videos import record_videos
@@ -120,6 +121,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         record_videos(config, sft_path, "sft", resume=resume)
         improve_path = improve(config, sft_path, resume=True, progress=progress)
         improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
+        best_eval = evaluate_best(config, resume)  # the guard's checkpoints/best (true success: diagnostic)
         record_videos(config, improve_path, "improve", resume=resume)
         controls = {f"sft_temperature_{t:g}": _json_step(
             run_dir / f"eval_sft_t{t:g}.json", resume, lambda t=t: evaluate(config, sft_path, temperature=t))
@@ -152,6 +154,8 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
                      "rollout_recall": rollouts.get("recall")},
     }
     summary["practice"] = practice
+    if config.improve.guard:
+        summary["guard"] = guard_summary(run_dir, MetricsLog(metrics_path).read("improve"), best_eval)
     summary["reward_model"] = headline(reward_model)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir / "detector_rollouts.json").write_text(json.dumps(rollouts, indent=2) + "\n")

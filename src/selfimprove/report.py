@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from selfimprove.diagnose import report_lines as diagnostics_lines  # noqa: E402
 from selfimprove.runlog import MetricsLog, resolve_run_dir  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
+from selfimprove.train.guard import guard_report_lines, guard_table_rows  # noqa: E402
 from selfimprove.videos import report_lines as video_lines  # noqa: E402
 
 
@@ -130,6 +131,7 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
                          f"{_fmt(result['ci95'][1])}] | {_fmt(result['mean_episode_length'], 1)} | "
                          f"{result['eval_episodes']} | {robot} |")
     lines += _eval_point_rows(improve_records, sft_eval, improve_eval, config)
+    lines += guard_table_rows(summary)
     for name, result in summary.get("controls", {}).items():
         lines.append(f"| control: {name.replace('_', ' ')} | {_fmt(result['success_rate'])} | "
                      f"[{_fmt(result['ci95'][0])}, {_fmt(result['ci95'][1])}] | "
@@ -144,6 +146,7 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         lines += ["## Self-Improvement", "", f"![improvement]({fig_improve.name})", "",
                   "Eval points use fixed eval seeds and the simulator's success (diagnostic only: the learner "
                   "sees only the frozen model's reward and detector).", ""]
+    lines += guard_report_lines(run_dir, improve_records, summary)
     lines += video_lines(run_dir)
     lines += _practice_lines(summary.get("practice", {}) if summary else {}, _load(run_dir / "fleet.json"))
     if fig_sft:

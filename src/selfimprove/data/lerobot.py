@@ -608,7 +608,7 @@ def import_lerobot(path: str | Path, out: str | Path, mapping: str | Path | LeRo
         raise mapping_error(source.root, chosen, problems, source.features)
     ignored = sorted(set(source.features) - _mapped_features(chosen) - set(DEFAULT_FEATURES))
     log.info("importing %s with mapping %s: %s; not imported: %s", source.root, chosen.name,
-             {k: v for k, v in chosen.to_dict()["observations"].items()}, ignored or "nothing")
+             chosen.observations, ignored or "nothing")
     out = Path(out)
     tmp = _claim_output(out)
     try:
@@ -651,7 +651,8 @@ class _Target:
     names: list[str] | None
 
 
-def _export_plan(store: EpisodeStore, mapping: LeRobotMapping) -> tuple[dict[str, _Target], dict[str, Any]]:
+def _export_plan(store: EpisodeStore, mapping: LeRobotMapping) -> dict[str, _Target]:
+    """The exported features (actions first, cameras last) and how each is assembled from a store."""
     features = store.info["features"]
     ours = {k.removeprefix("observation."): f for k, f in features.items() if k.startswith("observation.")}
     sources = mapping.sources()
@@ -707,7 +708,7 @@ def _export_plan(store: EpisodeStore, mapping: LeRobotMapping) -> tuple[dict[str
         targets[feature] = _Target(feature, "float32" if len(dtypes) > 1 else dtypes.pop(), [position], parts, names)
     order = [action.feature] + sorted((f for f in targets if f != action.feature),
                                       key=lambda f: (targets[f].dtype == "image", f))
-    return {f: targets[f] for f in order}, ours
+    return {f: targets[f] for f in order}
 
 
 def _vector_dtype(dtype: str) -> str:
@@ -842,7 +843,7 @@ def export_lerobot(store: str | Path, out: str | Path, mapping: str | Path | LeR
     keys = {k.removeprefix("observation.") for k in source.info["features"] if k.startswith("observation.")}
     auto = next((m for m in LEROBOT_PRESETS.values() if set(m.observations) == keys),
                 LeRobotMapping(name="generic", observations={"state": "observation.state"} if "state" in keys else {}))
-    targets, _ = _export_plan(source, load_mapping(mapping, overrides, auto=auto))
+    targets = _export_plan(source, load_mapping(mapping, overrides, auto=auto))
     out = Path(out)
     tmp = _claim_output(out)
     data = _RollingParquet(tmp, DATA_PATH, DATA_FILE_SIZE_MB)
@@ -1047,7 +1048,8 @@ def check_lerobot(path: str | Path) -> list[str]:
         problems.append(f"the data files hold {rows_seen} rows; meta/episodes says {expected}")
     for key in source.video_keys:
         for i in range(source.num_episodes):
-            video = root / info["video_path"].format(video_key=key, chunk_index=episodes[f"videos/{key}/chunk_index"][i],
+            video = root / info["video_path"].format(video_key=key,
+                                                     chunk_index=episodes[f"videos/{key}/chunk_index"][i],
                                                      file_index=episodes[f"videos/{key}/file_index"][i])
             if not video.exists():
                 problems.append(f"episode {i}: {video.relative_to(root)} is missing")

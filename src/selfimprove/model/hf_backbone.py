@@ -1,13 +1,14 @@
 """A Hugging Face vision-language model (SmolVLM / Idefics3, PaliGemma, ...) as the trunk of the embodied model.
 
 ``model.encoder = "hf"`` with ``model.hf_model = <local folder or hub id>`` loads the model's base
-(``AutoModel``: vision tower + connector + language model, no LM head) and its ``AutoProcessor``.
-Each observation becomes one prompt: the camera frames as images, then the instruction (through the
-processor's chat template when it has one). One forward pass gives the last hidden states; they are
-pooled (the last prompt token's state, which under causal attention has read every frame and word,
-concatenated with the masked mean over all tokens), joined with the normalised proprioception (the
-effector position, which the VLM does not see) in a small MLP, and fed to the same two heads as
-every other trunk: per-dimension action-token logits and steps-to-go logits.
+(vision tower + connector + language model, without the LM head; the ``AutoModel`` class of its
+config) and its ``AutoProcessor``. Each observation becomes one prompt: the camera frames as images,
+then the instruction (through the processor's chat template when it has one); :class:`VLMInputs`
+makes the processor's inputs without running it on every batch. One forward pass gives the last
+hidden states; they are pooled (the last prompt token's state, which under causal attention has read
+every frame and word, concatenated with the masked mean over all tokens), joined with the normalised
+proprioception (the effector position, which the VLM does not see) in a small MLP, and fed to the
+same two heads as every other trunk: per-dimension action-token logits and steps-to-go logits.
 
 Why heads on fused features rather than RT-2-style action text: the action and steps-to-go heads,
 the BC / steps-to-go / REINFORCE losses, ``d(o, g)``, the success detector and the checkpoints stay
@@ -43,8 +44,8 @@ from selfimprove.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["HF_DEVICES", "HF_DTYPES", "HF_TRAIN", "HFVisionLanguageTrunk", "TRANSFORMERS_VERSION",
-           "resolve_device", "resolve_dtype"]
+__all__ = ["HF_DEVICES", "HF_DTYPES", "HF_TRAIN", "HFVisionLanguageTrunk", "TRANSFORMERS_VERSION", "VLMInputs",
+           "hf_trunk", "pool_hidden_states", "resolve_device", "resolve_dtype"]
 
 TRANSFORMERS_VERSION = "5.24.0"
 HF_DTYPES = ("auto", "bfloat16", "float32")
@@ -156,9 +157,10 @@ def build_from_config(data: dict[str, Any], dtype: torch.dtype, device: torch.de
 def pool_hidden_states(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, L, D] states and [B, L] attention mask -> [B, 2D]: last real token's state and masked mean.
 
-    The last real token is found from the mask, so left- and right-padded batches pool alike.
+    The last real token is found from the mask, so left- and right-padded batches pool alike; sums
+    are taken in float32 (a bfloat16 mean over hundreds of tokens loses digits).
     """
-    mask = mask.to(hidden.device)
+    hidden, mask = hidden.float(), mask.to(hidden.device)
     positions = torch.arange(mask.shape[1], device=mask.device)
     last = (positions * (mask > 0)).argmax(-1)
     last_state = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
@@ -325,7 +327,7 @@ class HFVisionLanguageTrunk(nn.Module):
         self.processor = load_processor(source)
         if hf_config is None:
             vlm = load_pretrained(source, run_dtype)
-            log.info("loaded %s (%s, %.0fM parameters) on %s in %s", source, type(vlm).__name__,
+            log.info("loaded %s (%s, %.1fM parameters) on %s in %s", source, type(vlm).__name__,
                      sum(p.numel() for p in vlm.parameters()) / 1e6, run_device, run_dtype)
         else:
             vlm = build_from_config(hf_config, run_dtype, run_device)
@@ -379,7 +381,7 @@ class HFVisionLanguageTrunk(nn.Module):
         return torch.cat([obs[k].reshape(obs[k].shape[0], -1).float() for k in self.vector_keys], dim=-1)
 
     def encode(self, images: torch.Tensor, instructions: list[str], fast: bool | None = None) -> torch.Tensor:
-        """uint8 frames [B, F, H, W, 3] + instructions -> pooled VLM features [B, 2 * text hidden] (VLM dtype)."""
+        """uint8 frames [B, F, H, W, 3] + instructions -> pooled VLM features [B, 2 * text hidden], float32."""
         param = next(self.vlm.parameters())
         inputs = self.inputs(images, instructions, param.device, param.dtype, fast=fast)
         with torch.no_grad() if self.train_mode == "heads" else contextlib.nullcontext():
@@ -411,6 +413,9 @@ def hf_trunk(spec) -> HFVisionLanguageTrunk:
     if len(spec.image_keys) != 1:
         raise ConfigError(f"the hf encoder needs exactly one image observation, got {spec.image_keys}")
     vector_dim = sum(int(np.prod(spec.obs_shapes[k])) for k in spec.vector_keys)
+    if "hf_config" not in spec.extra and spec.hf_model and Path(spec.hf_model).expanduser().is_dir():
+        # a fresh model from a local folder: checkpoints record where it is, wherever they are loaded from
+        spec.hf_model = str(Path(spec.hf_model).expanduser().resolve())
     image_key = spec.image_keys[0]
     height, width = spec.obs_shapes[image_key][:2]
     trunk = HFVisionLanguageTrunk(image_key, (height, width), spec.vector_keys, vector_dim, spec.frames, spec.hf_model,

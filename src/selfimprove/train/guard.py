@@ -6,12 +6,17 @@ module measures, from the frozen reward model alone, how much each detected succ
 trusted, and keeps the policy that scores best on a fixed set of held-out validation boards
 (``checkpoints/best``).
 
-Signals at the frame where the detector fired (per episode):
+Signals at the frame where the detector fired (per episode, :func:`fire_frame_signals`):
 - ``d``, ``std``, ``entropy``, ``p_fire``: the frozen steps-to-go distribution there (its mean, spread,
   entropy and the probability mass at or below ``s``);
-- ``d_view``: ``d`` of the same frame under a label-preserving view change (a left-right mirror of the
-  board), which a true success survives and a spurious one often does not;
+- ``d_views``: ``d`` of the same frame under label-preserving view changes (the left-right mirror and
+  small scene shifts that SFT trains with); a true success survives them more often than a spurious one;
 - ``d_policy``: the current policy trunk's own steps-to-go head (it drifts as the trunk is trained).
+
+The guard score is the **view-confirmed detected success**: the mean over validation episodes of
+``1[detector ended it] x (fraction of view changes under which d <= s also holds)``. It was chosen
+by measuring every signal above on finished tabletop runs (``bench/guard_signals.py``): view
+agreement was the only signal that separated truly successful from spurious firings in every run.
 
 Nothing here reads ``true_success`` or ``info``: episodes are blinded (:func:`blind`) before they
 are scored, as on a real robot where the simulator's flag does not exist.
@@ -19,24 +24,44 @@ are scored, as on a real robot where the simulator's flag does not exist.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import shutil
 from dataclasses import replace
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from selfimprove.config import ImproveConfig, RunConfig
 from selfimprove.data.episode import Episode
-from selfimprove.domains import mirror_instruction, shift_tabletop
+from selfimprove.domains import make_env, mirror_instruction, shift_tabletop
+from selfimprove.evaluate import evaluate
+from selfimprove.fleet.local import LocalFleet, seed_stream
+from selfimprove.model.checkpoint import load_train_state, read_checkpoint_config, recover_checkpoint, save_checkpoint
 from selfimprove.model.inputs import from_episodes
-from selfimprove.model.policy import EmbodiedModel
+from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
+from selfimprove.runlog import torch_generator
 
 log = logging.getLogger(__name__)
 
 # Validation boards: disjoint from demo seeds (0 + seed * 100_000 + i), eval seeds (eval.seed, 1e6 + i)
 # and practice seeds (IMPROVE_SEED_BASE = 2e9 + seed * 1e8 + iteration * 1e5 + i).
 GUARD_SEED_BASE = 1_500_000_000
+GUARD_SHIFTS = 4  # tabletop: random scene shifts scored beside the mirror
+
+
+def best_checkpoint(config: RunConfig) -> Path:
+    """``checkpoints/best``: the policy with the highest guard score so far."""
+    return config.run_dir / "checkpoints" / "best"
+
+
+def guard_cadence(cfg: ImproveConfig) -> int:
+    """Iterations between guard checks (``guard_every``, else the eval cadence; 0: first and last only)."""
+    return cfg.eval_every if cfg.guard_every is None else cfg.guard_every
 
 
 def blind(episode: Episode) -> Episode:
@@ -156,3 +181,224 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def confirmed_detections(signals: dict[str, np.ndarray], threshold: float) -> np.ndarray:
+    """Per episode: 1[detector ended it] x the fraction of view changes under which ``d <= s`` too."""
+    detected = signals["detected"].astype(np.float64)
+    views = signals["d_views"]
+    if views.shape[1] == 0:
+        return detected
+    return detected * (views <= threshold).mean(1)
+
+
+def score_episodes(reward: StepsToGoReward, episodes: list[Episode], views: list[Callable[[dict], dict]]
+                   ) -> dict[str, float]:
+    """Guard score of blinded episodes, with its standard error and its parts (no true success)."""
+    signals = fire_frame_signals(reward, episodes, views=views)
+    confirmed = confirmed_detections(signals, reward.threshold)
+    detected = signals["detected"]
+    n = len(episodes)
+    agreement = (signals["d_views"][detected] <= reward.threshold).mean() if detected.any() and views else float("nan")
+    return {"score": float(confirmed.mean()) if n else float("nan"),
+            "score_se": float(confirmed.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"),
+            "detected_rate": float(detected.mean()) if n else float("nan"),
+            "view_agreement": float(agreement),
+            "mean_length": float(signals["length"].mean()) if n else float("nan")}
+
+
+class Guard:
+    """Scores the policy on fixed validation boards with the frozen reward model; keeps the best.
+
+    The validation episodes run like practice (episodes end when the detector fires or at the time
+    limit, never on the simulator's success) on seeds from ``GUARD_SEED_BASE``, the same boards and
+    sampling noise at every check, so two policies are compared on equal terms. They count as
+    robot episodes and are reported apart from practice. The best policy is saved as
+    ``checkpoints/best`` with its iteration and score in its meta; that checkpoint is the source of
+    truth on ``--resume``.
+    """
+
+    def __init__(self, config: RunConfig, reward: StepsToGoReward, spec: ModelSpec,
+                 resume_from: Path | None = None) -> None:
+        self.config, self.reward, self.spec = config, reward, spec
+        self.every = guard_cadence(config.improve)
+        self.views = views_for(config.domain, GUARD_SHIFTS)
+        self.path = best_checkpoint(config)
+        self.state: dict[str, Any] = {"checks": 0, "robot_episodes": 0, "env_steps": 0,
+                                      "best_iteration": None, "best_score": None}
+        self._fleet: LocalFleet | None = None
+        if resume_from is None:  # a fresh Stage 2: an old best belongs to an abandoned attempt
+            shutil.rmtree(self.path, ignore_errors=True)
+            return
+        _, train_meta = load_train_state(resume_from)
+        self.state.update(train_meta.get("guard") or {})
+        if recover_checkpoint(self.path):  # the saved best wins: it may be newer than the resumed state
+            meta = read_checkpoint_config(self.path).get("meta", {})
+            self.state["best_iteration"], self.state["best_score"] = meta.get("iteration"), meta.get("guard_score")
+
+    def due(self, iteration: int, last: bool) -> bool:
+        return iteration == 0 or last or (self.every > 0 and iteration % self.every == 0)
+
+    def practice_signals(self, episodes: list[Episode]) -> dict[str, float]:
+        """The guard's signals on a practice batch (tracked per iteration; nothing is collected)."""
+        result = score_episodes(self.reward, [blind(e) for e in episodes], self.views)
+        return {"confirmed_detected_rate": result["score"], "view_agreement": result["view_agreement"]}
+
+    def check(self, policy: EmbodiedModel, iteration: int) -> dict[str, Any]:
+        """Roll out ``policy`` on the validation boards, score it, and keep it if it is the best so far."""
+        cfg = self.config.improve
+        if self._fleet is None:
+            self._fleet = LocalFleet(lambda: make_env(self.config, terminate_on_success=False), self.spec,
+                                     min(self.config.fleet.robots, cfg.guard_episodes), self.reward)
+        episodes = self._fleet.collect(policy.state_dict(), version=iteration,
+                                       seeds=seed_stream(GUARD_SEED_BASE + self.config.seed * 1_000_000),
+                                       n_episodes=cfg.guard_episodes, temperature=self.config.eval.temperature,
+                                       generator=torch_generator(self.config.seed, 11))
+        result = score_episodes(self.reward, [blind(e) for e in episodes], self.views)
+        st = self.state
+        st["checks"] += 1
+        st["robot_episodes"] += len(episodes)
+        st["env_steps"] += int(sum(e.length for e in episodes))
+        if st["best_score"] is None or result["score"] > st["best_score"]:
+            save_checkpoint(policy, self.path, meta={"stage": "improve", "iteration": iteration,
+                                                     "guard_score": result["score"], "selected_by": "guard",
+                                                     "seed": self.config.seed})
+            st["best_iteration"], st["best_score"] = iteration, result["score"]
+            log.info("guard: iteration %d is the best so far (score %.3f)", iteration, result["score"])
+        return {"guard_score": result["score"], "guard_score_se": result["score_se"],
+                "guard_detected_rate": result["detected_rate"], "guard_view_agreement": result["view_agreement"],
+                "guard_mean_length": result["mean_length"], "guard_episodes": len(episodes),
+                "guard_robot_episodes": st["robot_episodes"], "guard_best_iteration": st["best_iteration"],
+                "guard_best_score": st["best_score"]}
+
+    def after_iteration(self, policy: EmbodiedModel, iteration: int, last: bool,
+                        episodes: list[Episode]) -> dict[str, Any]:
+        """Fields for an iteration's metrics record: practice signals, and a check when one is due."""
+        out = self.practice_signals(episodes)
+        if self.due(iteration, last):
+            out.update(self.check(policy, iteration))
+        return out
+
+    def close(self) -> None:
+        if self._fleet is not None:
+            self._fleet.close()
+            self._fleet = None
+
+
+# -- after a run: summary and report --------------------------------------------------------------
+
+def evaluate_best(config: RunConfig, resume: bool = False) -> dict[str, Any] | None:
+    """True success of ``checkpoints/best`` on the eval seeds (diagnostic only), cached in ``eval_best.json``.
+
+    The cache is reused on ``resume`` only while it belongs to the same best iteration.
+    """
+    path = best_checkpoint(config)
+    if not config.improve.guard or not recover_checkpoint(path):
+        return None
+    iteration = read_checkpoint_config(path).get("meta", {}).get("iteration")
+    cache = config.run_dir / "eval_best.json"
+    if resume and cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("best_iteration") == iteration:
+            return cached
+    result = {k: v for k, v in evaluate(config, path).items() if k != "episodes"}
+    result["best_iteration"] = iteration
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(cache)
+    return result
+
+
+def guard_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if "guard_score" in r]
+
+
+def guard_summary(run_dir: Path, records: list[dict[str, Any]], best_eval: dict[str, Any] | None
+                  ) -> dict[str, Any]:
+    """The guarded best for ``summary.json``: iteration, score, true success (diagnostic), costs."""
+    checks = guard_records(records)
+    path = Path(run_dir) / "checkpoints" / "best"
+    if not checks or not path.exists():
+        return {}
+    meta = read_checkpoint_config(path).get("meta", {})
+    keys = ("success_rate", "ci95", "mean_episode_length", "eval_episodes")
+    scored = [r for r in checks if "eval_success_rate" in r]
+    return {
+        "best": {"iteration": meta.get("iteration"), "guard_score": meta.get("guard_score"),
+                 **({k: best_eval[k] for k in keys} if best_eval else {})},
+        "final": {"iteration": checks[-1]["iteration"], "guard_score": checks[-1]["guard_score"]},
+        "checks": len(checks), "episodes_per_check": checks[-1]["guard_episodes"],
+        "robot_episodes": checks[-1]["guard_robot_episodes"],
+        "spearman_score_vs_eval": spearman([r["guard_score"] for r in scored],
+                                           [r["eval_success_rate"] for r in scored]) if len(scored) >= 3 else None,
+    }
+
+
+def plot_guard(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """True success at the eval points and the guard score at its checks, against iterations."""
+    checks = guard_records(records)
+    if not checks:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    x = [r["iteration"] for r in checks]
+    score = np.array([r["guard_score"] for r in checks])
+    se = np.nan_to_num(np.array([r.get("guard_score_se", np.nan) for r in checks], dtype=float))
+    ax.fill_between(x, score - se, score + se, color="C1", alpha=0.2)
+    ax.plot(x, score, "s-", color="C1", label="guard score (validation boards, frozen model only)")
+    ax.plot(x, [r["guard_detected_rate"] for r in checks], ":", color="C1", alpha=0.7,
+            label="detected success (validation boards)")
+    evals = [r for r in records if "eval_success_rate" in r]
+    if evals:
+        ax.plot([r["iteration"] for r in evals], [r["eval_success_rate"] for r in evals], "o-", color="C0",
+                label="true success (eval seeds, diagnostic)")
+    best = checks[-1].get("guard_best_iteration")
+    if best is not None:
+        ax.axvline(best, ls="--", color="gray", label=f"kept as best (iteration {best})")
+    ax.set_xlabel("Self-Improvement iteration")
+    ax.set_ylabel("rate")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+
+
+def guard_table_rows(summary: dict[str, Any]) -> list[str]:
+    """A row for the report's results table: the guarded best checkpoint's true success."""
+    best = (summary or {}).get("guard", {}).get("best", {})
+    if "success_rate" not in best:
+        return []
+    return [f"| Self-Improvement, guarded best (iteration {best['iteration']}, guard score "
+            f"{_fmt(best['guard_score'])}) | {_fmt(best['success_rate'])} | [{_fmt(best['ci95'][0])}, "
+            f"{_fmt(best['ci95'][1])}] | {_fmt(best['mean_episode_length'], 1)} | {best['eval_episodes']} | |"]
+
+
+def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """The report's guard section: what was kept, why, and the plot of score vs true success."""
+    fig = plot_guard(records, Path(run_dir) / "guard.png")
+    if fig is None:
+        return []
+    g = (summary or {}).get("guard", {})
+    checks = guard_records(records)
+    last = checks[-1]
+    lines = ["## Guard: keeping the best policy without true success", "",
+             f"Every check scores the policy on {last['guard_episodes']} fixed validation boards with the frozen "
+             "reward model only: the share of episodes the detector ended, each counted by the fraction of "
+             "label-preserving view changes (mirror, scene shifts) under which the detector also fires. The "
+             f"best-scoring policy is `checkpoints/best` (iteration {last.get('guard_best_iteration')}, score "
+             f"{_fmt(last.get('guard_best_score'))}). Validation episodes: {last['guard_robot_episodes']} "
+             "(robot episodes, not counted as practice).", ""]
+    if g.get("spearman_score_vs_eval") is not None:
+        lines += [f"Spearman rank correlation of the guard score with true success across the eval points "
+                  f"(diagnostic): {_fmt(g['spearman_score_vs_eval'], 2)}.", ""]
+    lines += [f"![guard]({fig.name})", ""]
+    return lines

@@ -35,6 +35,7 @@ from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, detector_table, discounted_returns, recommend_threshold
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 from selfimprove.train.objectives import ppo_update, update_epochs
+from selfimprove.train.guard import Guard
 from selfimprove.train.sft import checkpoint_dir, frame_source, sft_checkpoint
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,12 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     fleet = make_fleet(config, policy.spec, reward)
     fleet_file = config.run_dir / "fleet.json"
     fleet_file.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
-    if start == 0 and cfg.eval_every > 0:
+    # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
+    guard = Guard(config, reward, policy.spec, resume_from=latest if start > 0 else None) if cfg.guard else None
+    if start == 0 and (cfg.eval_every > 0 or guard is not None):
         record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
-                  **_eval_point(config, sft_path)}
+                  **(_eval_point(config, sft_path) if cfg.eval_every > 0 else {}),
+                  **(guard.check(policy, 0) if guard is not None else {})}
         history.append(record)
         metrics.append(record)
     bar = tqdm(range(start, cfg.iterations), desc="improve", unit="it", disable=not progress,
@@ -236,6 +240,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 tmp = checkpoint_dir(config) / "improve_eval"
                 save_checkpoint(policy, tmp, meta={"stage": "improve", "iteration": it + 1})
                 record.update(_eval_point(config, tmp))
+            if guard is not None:
+                record.update(guard.after_iteration(policy, it + 1, last, episodes))
             history.append(record)
             tensors, opt_meta = optimizer_state_tensors(optimizer)
             save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": it + 1, "seed": config.seed,
@@ -243,7 +249,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                                                   "reward_model": str(reward_path)},
                             train_state=tensors,
                             train_meta={**opt_meta, "iteration": it + 1, "history": history,
-                                        "counters": counters, "detector": detector})
+                                        "counters": counters, "detector": detector,
+                                        **({"guard": guard.state} if guard is not None else {})})
             metrics.append(record)
             bar.set_postfix(len=f"{record['batch_mean_length']:.1f}",
                             det=f"{record['detected_success_rate']:.2f}")
@@ -253,6 +260,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         except Exception as exc:  # noqa: BLE001 - never mask the error that got us here
             log.warning("could not record the fleet's state in %s: %s", fleet_file, exc)
         fleet.close()
+        if guard is not None:
+            guard.close()
         shutil.rmtree(checkpoint_dir(config) / "improve_eval", ignore_errors=True)
     if not latest.exists():  # zero iterations: the policy is the SFT policy
         save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": 0, "sft": str(sft_path)})
