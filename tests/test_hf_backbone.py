@@ -5,6 +5,7 @@ layers, a byte-level BPE tokenizer trained in memory and an image processor, and
 ``save_pretrained`` to a temporary folder: exactly what a user's local copy of a hub model looks like.
 """
 
+import dataclasses
 import json
 import math
 
@@ -14,7 +15,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from selfimprove.config import load_config  # noqa: E402
+from selfimprove.config import ImproveConfig, load_config  # noqa: E402
 from selfimprove.data.collect import collect_demos  # noqa: E402
 from selfimprove.errors import CheckpointError, ConfigError  # noqa: E402
 from selfimprove.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
@@ -227,7 +228,8 @@ def test_sft_and_one_self_improvement_iteration_with_a_vlm_backbone(tmp_path):
         f"model.hf_model={folder}", "model.hidden=32", "model.layers=1", "sft.steps=2", "sft.batch_size=8",
         "sft.eval_every=2", "sft.checkpoint_every=2", "sft.lr=1e-3", "improve.iterations=1",
         "improve.steps_per_iteration=16", "improve.minibatch_size=16", "improve.eval_every=0", "improve.lr=1e-3",
-        "fleet.robots=2", "env.max_episode_steps=30"])
+        "fleet.robots=2", "env.max_episode_steps=30",
+        *(["improve.guard=false"] if "guard" in {f.name for f in dataclasses.fields(ImproveConfig)} else [])])
     assert config.model.hf_dtype == "auto" and config.model.hf_device == "auto"
     collect_demos(config, progress=False)
     pretrained = EmbodiedModel(load_checkpoint_spec(config, folder)).encoder.vlm.state_dict()

@@ -30,7 +30,7 @@ def _preset_dir() -> Path:
 PRESET_DIR = _preset_dir()
 
 
-DOMAINS = ("pointmass", "language-table")
+DOMAINS = ("pointmass", "language-table")  # built-in domains; any other name is a task of your own (docs/tutorial.md)
 FLEET_BACKENDS = ("local", "ray")
 
 
@@ -41,6 +41,7 @@ class EnvConfig:
     id: str = "selfimprove/PointMass-v0"
     max_episode_steps: int = 100
     kwargs: dict[str, Any] = field(default_factory=dict)
+    module: str = ""  # imported before gym.make so it can register env.id (e.g. "my_robot.envs"); empty: none
 
 
 @dataclass
@@ -100,7 +101,7 @@ class ImproveConfig:
     iterations: int = 40
     steps_per_iteration: int = 2048  # env steps that fill one on-policy batch
     minibatch_size: int = 64
-    objective: str = "reinforce"  # "reinforce" (the paper's) or "ppo" (clipped ratio, batch reused; train/objectives.py)
+    objective: str = "reinforce"  # "reinforce" (the paper's) or "ppo" (clipped ratio; train/objectives.py)
     ppo_clip: float = 0.2  # ppo: eps of the clip range [1 - eps, 1 + eps] of pi / pi_old
     epochs: int | None = None  # passes over each batch; None: 1 for reinforce (the paper's), 4 for ppo
     lr: float = 3e-4
@@ -229,7 +230,8 @@ class RunConfig:
             (self.model.image_init in ("scratch", "pretrained"), "model.image_init must be 'scratch' or 'pretrained'"),
             (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
-            (self.domain in DOMAINS, f"domain must be one of {DOMAINS}"),
+            (bool(self.domain) and not any(c.isspace() for c in self.domain),
+             f"domain must be a name without spaces: one of {DOMAINS} or your task's own (e.g. 'reach')"),
             (set(self.sft.augment) <= {"mirror", "shift"}, "sft.augment may hold 'mirror' and 'shift'"),
             (self.improve.reward in ("steps_to_go", "constant"), "improve.reward must be 'steps_to_go' or 'constant'"),
             (self.improve.objective in ("reinforce", "ppo"),

@@ -6,6 +6,8 @@ the functions here.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from typing import Any
 
 import gymnasium as gym
@@ -23,16 +25,61 @@ DEMO_SEED_BASE = 0  # + run seed * 100_000 + episode
 IMPROVE_SEED_BASE = 2_000_000_000
 
 
+class EndOnSuccess(gym.Wrapper):
+    """Ends an episode when ``info["is_success"]`` turns true, for envs without ``terminate_on_success``."""
+
+    def step(self, action: Any) -> tuple[Any, float, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        return obs, reward, bool(terminated or info.get("is_success", False)), truncated, info
+
+
+def import_env_module(module: str) -> None:
+    """Import ``env.module``: a module of your own whose import registers ``env.id`` with gymnasium."""
+    if not module:
+        return
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ConfigError(f"env.module {module!r} cannot be imported ({exc}); install the package that holds it "
+                          "or add its folder to PYTHONPATH") from exc
+
+
+def _takes_keyword(env_id: str, name: str) -> bool:
+    """Whether the constructor registered for ``env_id`` accepts the keyword ``name``."""
+    spec = gym.spec(env_id)
+    if name in (spec.kwargs or {}):
+        return True
+    try:
+        creator = spec.entry_point if callable(spec.entry_point) else \
+            gym.envs.registration.load_env_creator(spec.entry_point)
+        params = inspect.signature(creator).parameters.values()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return True  # gym.make says what is wrong
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def make_env(config: RunConfig, **overrides: Any) -> gym.Env:
-    """A gymnasium env for this run; ``overrides`` change constructor kwargs (e.g. termination)."""
+    """A gymnasium env for this run; ``overrides`` change constructor kwargs (e.g. termination).
+
+    ``terminate_on_success`` (True in evaluation; False in Stage 2, where only the detector or the
+    time limit ends an episode) goes to the env's constructor when it takes that keyword; otherwise
+    True wraps the env in :class:`EndOnSuccess` and False leaves the env as it is.
+    """
+    import_env_module(config.env.module)
     kwargs = {**config.env.kwargs, **overrides}
     try:
-        return gym.make(config.env.id, max_episode_steps=config.env.max_episode_steps, **kwargs)
+        end_on_success = False
+        if "terminate_on_success" in overrides and not _takes_keyword(config.env.id, "terminate_on_success"):
+            end_on_success = bool(kwargs.pop("terminate_on_success"))
+        env = gym.make(config.env.id, max_episode_steps=config.env.max_episode_steps, **kwargs)
     except gym.error.Error as exc:
         raise ConfigError(f"cannot make environment {config.env.id!r}: {exc}. Registered selfimprove ids: "
-                          f"{sorted(k for k in gym.registry if k.startswith('selfimprove/'))}") from exc
+                          f"{sorted(k for k in gym.registry if k.startswith('selfimprove/'))}; an env of your own "
+                          "must be registered with gymnasium.register by the module named in env.module "
+                          "(docs/tutorial.md)") from exc
     except TypeError as exc:
         raise ConfigError(f"env.kwargs {kwargs} are not accepted by {config.env.id!r}: {exc}") from exc
+    return EndOnSuccess(env) if end_on_success else env
 
 
 def continue_on_board(env: gym.Env, rng: np.random.Generator) -> tuple[Any, dict[str, Any]] | str:
@@ -59,6 +106,10 @@ def continue_on_board(env: gym.Env, rng: np.random.Generator) -> tuple[Any, dict
 
 
 def expert_for(config: RunConfig) -> Expert:
+    if "PointMass" not in config.env.id and "Tabletop" not in config.env.id:
+        raise ConfigError(f"selfimprove has no scripted expert for {config.env.id!r}, so it cannot collect demos for "
+                          "it: import your own (`selfimprove dataset import`, docs/tutorial.md) and point data.path "
+                          "(--dataset) at the store")
     if "PointMass" in config.env.id:
         return make_expert(config.env.id, n_waypoints=config.data.expert_waypoints)
     return make_expert(config.env.id, noise_scale=config.data.expert_noise,

@@ -207,7 +207,10 @@ def object_look(name: str) -> tuple[BlockGeometry, tuple[int, int, int]]:
 # The environment
 # ---------------------------------------------------------------------------------------------
 class TabletopEnv(gym.Env):
-    """Planar pushing of coloured blocks by a round pusher, with language instructions.
+    """Planar pushing of coloured blocks (or one banana: BananaTable) by a round pusher, with language instructions.
+
+    ``block_mode`` picks the objects (BLOCK_4, BLOCK_8, BANANA); unset, it is the task family's own
+    (BANANA for ``banana2location``, else BLOCK_8).
 
     Observation keys: ``rgb`` uint8 [render_frames, H, W, 3] (oldest frame first; absent when
     ``image_size`` is None), ``effector`` and ``effector_target`` float32 (2,), ``instruction``

@@ -89,7 +89,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith(("/", "./", "../", "~", "."))
+    return Path(source).expanduser().exists() or source.startswith(("/", ".", "~"))
 
 
 def _load_error(source: str, what: str, exc: Exception) -> CheckpointError:
@@ -121,8 +121,8 @@ def load_pretrained(source: str, dtype: torch.dtype) -> nn.Module:
     """The pretrained base model (no LM head) from a folder or hub id.
 
     Hub checkpoints are image-text-to-text models (base + LM head): loading them as such and keeping
-    ``base_model`` reads every stored tensor (no "unexpected lm_head" report); a folder holding only
-    a base model (``AutoModel``) loads as one.
+    ``base_model`` reads every stored tensor (no "unexpected lm_head" report); a config with no
+    image-text-to-text class loads with ``AutoModel``.
     """
     transformers = _transformers()
     try:
@@ -331,7 +331,8 @@ class HFVisionLanguageTrunk(nn.Module):
                      sum(p.numel() for p in vlm.parameters()) / 1e6, run_device, run_dtype)
         else:
             vlm = build_from_config(hf_config, run_dtype, run_device)
-        self.vlm = vlm.to(device=run_device, dtype=run_dtype)
+        # the dtype was set at load (a blanket .to(dtype) would also cast buffers kept in float32 on purpose)
+        self.vlm = vlm.to(run_device)
         self.hf_config = config_to_dict(self.vlm.config)
         text_config = self.vlm.config.get_text_config()
         width = 2 * int(text_config.hidden_size)
@@ -382,8 +383,7 @@ class HFVisionLanguageTrunk(nn.Module):
 
     def encode(self, images: torch.Tensor, instructions: list[str], fast: bool | None = None) -> torch.Tensor:
         """uint8 frames [B, F, H, W, 3] + instructions -> pooled VLM features [B, 2 * text hidden], float32."""
-        param = next(self.vlm.parameters())
-        inputs = self.inputs(images, instructions, param.device, param.dtype, fast=fast)
+        inputs = self.inputs(images, instructions, self.vlm.device, self.vlm.dtype, fast=fast)
         with torch.no_grad() if self.train_mode == "heads" else contextlib.nullcontext():
             out = self.vlm(**inputs, use_cache=False)
             return pool_hidden_states(out.last_hidden_state, inputs["attention_mask"])

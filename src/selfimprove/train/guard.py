@@ -327,6 +327,7 @@ def guard_summary(run_dir: Path, records: list[dict[str, Any]], best_eval: dict[
         "best": {"iteration": meta.get("iteration"), "guard_score": meta.get("guard_score"),
                  **({k: best_eval[k] for k in keys} if best_eval else {})},
         "final": {"iteration": checks[-1]["iteration"], "guard_score": checks[-1]["guard_score"]},
+        "sft": {"iteration": 0, "guard_score": checks[0]["guard_score"]} if checks[0]["iteration"] == 0 else {},
         "checks": len(checks), "episodes_per_check": checks[-1]["guard_episodes"],
         "robot_episodes": checks[-1]["guard_robot_episodes"],
         "spearman_score_vs_eval": spearman([r["guard_score"] for r in scored],
@@ -356,6 +357,7 @@ def plot_guard(records: list[dict[str, Any]], out: Path) -> Path | None:
     best = checks[-1].get("guard_best_iteration")
     if best is not None:
         ax.axvline(best, ls="--", color="gray", label=f"kept as best (iteration {best})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("Self-Improvement iteration")
     ax.set_ylabel("rate")
     ax.set_ylim(0, 1.02)
@@ -387,16 +389,27 @@ def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: di
     fig = plot_guard(records, Path(run_dir) / "guard.png")
     if fig is None:
         return []
-    g = (summary or {}).get("guard", {})
+    summary = summary or {}
+    g = summary.get("guard", {})
     checks = guard_records(records)
     last = checks[-1]
+    config_path = Path(run_dir) / "config.json"
+    domain = json.loads(config_path.read_text()).get("domain") if config_path.exists() else None
+    views = "the left-right mirror" + (f" and {GUARD_SHIFTS} small scene shifts" if domain == "language-table" else "")
     lines = ["## Guard: keeping the best policy without true success", "",
              f"Every check scores the policy on {last['guard_episodes']} fixed validation boards with the frozen "
              "reward model only: the share of episodes the detector ended, each counted by the fraction of "
-             "label-preserving view changes (mirror, scene shifts) under which the detector also fires. The "
+             f"label-preserving view changes ({views}) under which the detector also fires. The "
              f"best-scoring policy is `checkpoints/best` (iteration {last.get('guard_best_iteration')}, score "
              f"{_fmt(last.get('guard_best_score'))}). Validation episodes: {last['guard_robot_episodes']} "
              "(robot episodes, not counted as practice).", ""]
+    rows = [("SFT", g.get("sft", {}), summary.get("sft", {})), ("final policy", g.get("final", {}), summary.get("improve", {})),
+            ("guarded best", g.get("best", {}), g.get("best", {}))]
+    if g:
+        lines += ["| policy | iteration | guard score | true success (eval seeds, diagnostic) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {at.get('iteration', 'n/a')} | {_fmt(at.get('guard_score'))} | "
+                  f"{_fmt(result.get('success_rate'))} |" for name, at, result in rows if at]
+        lines.append("")
     if g.get("spearman_score_vs_eval") is not None:
         lines += [f"Spearman rank correlation of the guard score with true success across the eval points "
                   f"(diagnostic): {_fmt(g['spearman_score_vs_eval'], 2)}.", ""]
