@@ -232,7 +232,7 @@ def test_sft_and_one_self_improvement_iteration_with_a_vlm_backbone(tmp_path):
         *(["improve.guard=false"] if "guard" in {f.name for f in dataclasses.fields(ImproveConfig)} else [])])
     assert config.model.hf_dtype == "auto" and config.model.hf_device == "auto"
     collect_demos(config, progress=False)
-    pretrained = EmbodiedModel(load_checkpoint_spec(config, folder)).encoder.vlm.state_dict()
+    pretrained = EmbodiedModel(fresh_spec(config, folder)).encoder.vlm.state_dict()
     sft_path = sft(config, progress=False)
     tuned, _ = load_checkpoint(sft_path, expect_domain="language-table")
     assert tuned.spec.encoder == "hf" and tuned.spec.hf_model == str(folder.resolve())
@@ -254,7 +254,7 @@ def test_sft_and_one_self_improvement_iteration_with_a_vlm_backbone(tmp_path):
     assert not changed(tuned.state_dict(), again.state_dict())
 
 
-def load_checkpoint_spec(config, folder) -> ModelSpec:
+def fresh_spec(config, folder) -> ModelSpec:
     """The spec a fresh run builds (pretrained weights are read from ``folder``)."""
     from selfimprove.domains import make_env, model_spec
 

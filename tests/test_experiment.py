@@ -1,0 +1,214 @@
+"""Experiment grids: expansion, shared SFT, controls, scheduling on workers, resume, failures, summaries."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from selfimprove import experiment
+from selfimprove.cli import main
+from selfimprove.config import ImproveConfig, RunConfig
+from selfimprove.errors import ConfigError, RunStateError
+from selfimprove.experiment import available_experiments, load_experiment, plan_experiment, run_experiment
+from selfimprove.experiment_report import seed_interval, t_quantile_975
+
+
+def _tiny_overrides() -> list[str]:
+    """Budgets small enough for a unit test (seconds per run)."""
+    items = ["data.episodes=60", "sft.steps=60", "sft.eval_every=30", "improve.iterations=1",
+             "improve.steps_per_iteration=128", "improve.eval_every=0", "fleet.robots=4", "eval.episodes=10",
+             "eval.robots=10"]
+    defaults = RunConfig()
+    if hasattr(defaults, "diagnose"):  # per-run extras a grid test does not need
+        items.append("diagnose.rollouts=0")
+    if hasattr(defaults.eval, "videos"):
+        items.append("eval.videos=0")
+    return items
+
+
+def _write_grid(path: Path, body: str) -> Path:
+    sets = ", ".join(json.dumps(s) for s in _tiny_overrides())
+    path.write_text(f'preset = "pointmass-quick"\nset = [{sets}]\n{body}')
+    return path
+
+
+GRID = """
+description = "two fractions x two seeds"
+seeds = [0, 1]
+
+[controls]
+temperatures = [0.0]
+
+[axes.fraction]
+f50 = ["data.fraction=0.5"]
+f100 = ["data.fraction=1.0"]
+
+[report]
+kind = "data-efficiency"
+x = "fraction"
+"""
+
+STAGE_FIELDS = ("success_rate", "ci95", "robot_episodes", "demo_episodes")
+
+
+def _check_stage(result: dict, robot: bool) -> None:
+    assert all(k in result for k in STAGE_FIELDS), result
+    assert 0 <= result["success_rate"] <= 1
+    assert result["ci95"][0] <= result["success_rate"] <= result["ci95"][1]
+    assert (result["robot_episodes"] > 0) == robot
+    assert result["demo_episodes"] > 0
+
+
+def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, monkeypatch):
+    path = _write_grid(tmp_path / "tiny.toml", GRID)
+    runs = tmp_path / "runs"
+    summary = run_experiment(str(path), runs_dir=runs, parallel=2, progress=False)
+    root = runs / "experiments" / "tiny"
+    assert json.loads((root / "summary.json").read_text()) == summary
+    assert summary["counts"] == {"cells": 4, "done": 4, "failed": 0, "pending": 0, "runs": 8, "shared_sft": 4}
+    cells = {c["cell"]: c for c in summary["cells"]}
+    assert sorted(cells) == ["f100_seed0", "f100_seed1", "f50_seed0", "f50_seed1"]
+    for name, cell in cells.items():
+        assert cell["status"] == "done" and cell["settings"] == {"fraction": name.split("_")[0],
+                                                                  "seed": int(name[-1])}
+        _check_stage(cell["sft"], robot=False)
+        _check_stage(cell["improve"], robot=True)
+        assert set(cell["controls"]) == {"sft_temperature_0", "constant_reward"}
+        _check_stage(cell["controls"]["sft_temperature_0"], robot=False)
+        _check_stage(cell["controls"]["constant_reward"], robot=True)
+        # the control practised from the very same SFT checkpoint, with the constant reward
+        run_dir, control_dir = Path(cell["run_dir"]), Path(cell["controls"]["constant_reward"]["run_dir"])
+        shared = root / "_stage1" / cell["stage1"] / "checkpoints" / "sft" / "model.safetensors"
+        for d in (run_dir, control_dir):
+            assert (d / "checkpoints" / "sft" / "model.safetensors").read_bytes() == shared.read_bytes()
+        assert json.loads((control_dir / "config.json").read_text())["improve"]["reward"] == "constant"
+        assert json.loads((run_dir / "config.json").read_text())["improve"]["reward"] == "steps_to_go"
+    assert cells["f50_seed0"]["sft"]["demo_episodes"] < cells["f100_seed0"]["sft"]["demo_episodes"]
+    assert cells["f50_seed0"]["stage1"] != cells["f50_seed1"]["stage1"]  # seeds train their own SFT
+    # aggregates over seeds: mean, t-interval, pooled Wilson over all eval episodes
+    aggregates = {a["settings"]["fraction"]: a for a in summary["aggregates"]}
+    assert set(aggregates) == {"f50", "f100"}
+    for label, agg in aggregates.items():
+        assert sorted(agg["seeds"]) == [0, 1]
+        for stage, key in (("sft", "sft"), ("improve", "improve"), ("controls.constant_reward", None)):
+            s = agg["stages"][stage]
+            rates = [cells[f"{label}_seed{i}"]["controls" if key is None else key] for i in (0, 1)]
+            rates = [r["constant_reward"]["success_rate"] if key is None else r["success_rate"] for r in rates]
+            assert math.isclose(s["mean"], sum(rates) / 2) and s["n"] == 2
+            assert s["ci95_t"][0] <= s["mean"] <= s["ci95_t"][1]
+            assert s["pooled"]["episodes"] == 20
+            assert s["pooled"]["ci95_wilson"][0] <= s["pooled"]["success_rate"] <= s["pooled"]["ci95_wilson"][1]
+    report = (root / "report.md").read_text()
+    assert "data_efficiency.png" in report and "| f50 |" in report and "constant-reward control" in report
+    assert (root / "data_efficiency.png").stat().st_size > 1000
+    for cell in cells.values():
+        assert (Path(cell["run_dir"]) / "report.md").exists()
+
+    # a second call without --resume refuses; with it, finished cells are skipped: nothing runs
+    with pytest.raises(RunStateError, match="--resume"):
+        run_experiment(str(path), runs_dir=runs, parallel=1, progress=False)
+    checkpoint = Path(cells["f50_seed0"]["run_dir"]) / "checkpoints" / "improve" / "model.safetensors"
+    before = checkpoint.stat().st_mtime_ns
+
+    def no_training(task):
+        raise AssertionError(f"resume ran {task['name']}")
+
+    monkeypatch.setattr(experiment, "_execute", no_training)
+    again = run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False)
+    assert again == summary and checkpoint.stat().st_mtime_ns == before
+    # changing a setting of finished cells is refused rather than mixed into the results
+    with pytest.raises(RunStateError, match="improve.lr"):
+        run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False,
+                       overrides=["improve.lr=1e-5"])
+
+
+def test_failed_cell_is_reported_and_the_others_finish(tmp_path, capsys):
+    body = """
+seeds = [0]
+[axes.reward]
+good = []
+broken = ["improve.reward_model=no/such/checkpoint"]
+"""
+    path = _write_grid(tmp_path / "failing.toml", body)
+    runs = tmp_path / "runs"
+    code = main(["experiment", str(path), "--runs-dir", str(runs), "--parallel", "1", "--no-progress"])
+    assert code == 1
+    summary = json.loads((runs / "experiments" / "failing" / "summary.json").read_text())
+    cells = {c["cell"]: c for c in summary["cells"]}
+    assert cells["good_seed0"]["status"] == "done" and "constant_reward" in cells["good_seed0"]["controls"]
+    assert cells["broken_seed0"]["status"] == "failed" and "no/such/checkpoint" in cells["broken_seed0"]["error"]
+    assert cells["good_seed0"]["stage1"] == cells["broken_seed0"]["stage1"]  # one SFT, Stage 2 differs
+    assert summary["failed_runs"] == ["broken_seed0", "broken_seed0_const"]
+    report = (runs / "experiments" / "failing" / "report.md").read_text()
+    assert "## Failed" in report and "broken_seed0" in report
+    assert "failed: broken_seed0" in capsys.readouterr().out
+
+
+def test_unknown_experiment_lists_the_available_ones(capsys):
+    with pytest.raises(ConfigError) as info:
+        run_experiment("no-such-experiment")
+    assert "Available experiments" in str(info.value)
+    for name in ("data-efficiency", "pretraining", "reinforce-vs-ppo", "banana"):
+        assert name in str(info.value) and name in available_experiments()
+        assert f"{name}-quick" in available_experiments()
+    assert main(["experiment", "data-efficency", "--no-progress"]) == 2
+    assert "Did you mean 'data-efficiency'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, message", [
+    ('seeds = [0]\n[axes.lr]\nsmall = ["improve.lrr=1e-4"]\n', "cell 'small_seed0'.*Did you mean 'lr'"),
+    ('[axes.fraction]\n"10%" = ["data.fraction=0.1"]\n', "label '10%'"),
+    ('axis = {}\n', "Did you mean 'axes'"),
+    ('[axes.fraction]\nf10 = ["data.fraction=0.1"]\n[report]\nkind = "ablation"\ncolumns = "init"\n',
+     "report.columns = 'init' is not an axis"),
+    ('[axes.s]\na = ["seed=3"]\n', "use `seeds = \\[...\\]`"),
+    ('seeds = []\n', "non-empty list"),
+    ('[axes.fraction]\nf10 = "data.fraction=0.1"\n', "list of"),
+])
+def test_bad_grids_give_clear_errors(tmp_path, body, message):
+    path = _write_grid(tmp_path / "bad.toml", body)
+    with pytest.raises(ConfigError, match=message):
+        plan_experiment(load_experiment(str(path)), tmp_path)
+
+
+@pytest.mark.parametrize("name", available_experiments())
+def test_shipped_experiments_expand_into_cells_with_controls(tmp_path, name):
+    if "reinforce-vs-ppo" in name and "objective" not in ImproveConfig.__dataclass_fields__:
+        pytest.skip("needs improve.objective")
+    spec = load_experiment(name)
+    plan = plan_experiment(spec, tmp_path)
+    expected = len(spec.seeds) * math.prod(len(a.values) for a in spec.axes)
+    assert len(plan.cells) == expected
+    for cell in plan.cells:
+        assert cell.config.run_dir == tmp_path / "experiments" / name / cell.name
+        assert cell.config.eval.control_temperatures
+        if cell.config.improve.iterations > 0:
+            control = plan.runs[cell.control]
+            assert control.config.improve.reward == "constant" and control.stage1 == cell.stage1
+    if not spec.init_from:  # every seed trains its own SFT; Stage-2 variants share it
+        assert len({c.stage1 for c in plan.cells}) == expected // max(
+            1, len(next((a.values for a in spec.axes if a.name == "objective"), [0])))
+
+
+def test_quick_flag_picks_the_quick_variant():
+    spec = load_experiment("data-efficiency", quick=True)
+    assert spec.name == "data-efficiency-quick" and spec.preset.endswith("-quick")
+    assert [a.name for a in spec.axes] == ["fraction"] and spec.report["kind"] == "data-efficiency"
+
+
+def test_seed_interval_is_the_student_t_interval():
+    assert t_quantile_975(2) == pytest.approx(4.303)
+    s = seed_interval([0.5, 0.6, 0.7])
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert s["mean"] == pytest.approx(0.6) and s["sd"] == pytest.approx(0.1)
+    assert s["ci95_t"] == pytest.approx([0.6 - half, 0.6 + half])
+    assert seed_interval([0.2, 0.9])["ci95_t"] == [0.0, 1.0]  # clipped to rates
+    assert seed_interval([0.4])["ci95_t"] is None
+
+
+@pytest.mark.slow
+def test_data_efficiency_quick_end_to_end(tmp_path):
+    summary = run_experiment("data-efficiency", quick=True, runs_dir=tmp_path, parallel=2, progress=False)
+    assert summary["counts"]["done"] == summary["counts"]["cells"] == 6
+    assert (tmp_path / "experiments" / "data-efficiency-quick" / "data_efficiency.png").exists()
