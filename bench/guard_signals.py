@@ -12,7 +12,7 @@ iterations); ``auc`` is how well a per-episode signal separates truly successful
 detector firings. True success is read here only to judge the signals.
 
 Usage: ``python bench/guard_signals.py runs/lt-08 runs/lt-08-s1 [--replay] [--out guard_signals.json]``
-(one torch thread; about 10 s per run, ~1.5 min with ``--replay`` for a 1,000-episode tabletop run).
+(one torch thread; 5-45 s per 1,000-episode tabletop run, 1-4 min with ``--replay``). Results: docs/guard.md.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from selfimprove.train.guard import blind, fire_frame_signals, spearman, views_f
 
 def episode_table(run: Path, replay: bool, every: int) -> dict[str, np.ndarray]:
     """Per-episode signals of one run's practice episodes (every ``every``-th episode of each batch)."""
+    # the runs' config.json may come from an older version of the config: only these fields are read
     cfg = json.loads((run / "config.json").read_text())
     threshold = json.loads((run / "detector.json").read_text())["threshold"]
     reward = StepsToGoReward.from_checkpoint(run / "checkpoints" / "sft", threshold)
@@ -71,7 +72,6 @@ def episode_table(run: Path, replay: bool, every: int) -> dict[str, np.ndarray]:
             batch = reinforce_batch(episodes, policy, config.improve.gamma, config.improve.reward)
             reinforce_update(policy, optimizer, *batch, config, torch_generator(config.seed, 3, v))
     table = {k: np.concatenate(v) for k, v in rows.items()}
-    np.savez(Path(os.environ.get("GUARD_TABLES", "/tmp")) / f"guard_table_{run.name}.npz", **table)
     table["threshold"] = np.full(len(table["d"]), threshold)
     return table
 
@@ -159,13 +159,17 @@ def main() -> None:
     parser.add_argument("--replay", action="store_true", help="rebuild each iteration's policy (d_policy)")
     parser.add_argument("--every", type=int, default=1, help="score every k-th episode of a batch")
     parser.add_argument("--window", type=int, default=2, help="policy versions either side of an eval point")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="write every number as JSON here")
+    parser.add_argument("--tables", type=Path, default=None, help="also save per-episode signals (npz) here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     report = {}
     for run in args.runs:
         t0 = time.time()
         table = episode_table(run, args.replay, args.every)
+        if args.tables:
+            args.tables.mkdir(parents=True, exist_ok=True)
+            np.savez(args.tables / f"{run.name}.npz", **table)
         report[run.name] = analyse(run, table, args.window)
         report[run.name]["seconds"] = round(time.time() - t0, 1)
         print(run.name, json.dumps(report[run.name], indent=1), flush=True)

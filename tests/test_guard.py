@@ -15,7 +15,7 @@ from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.pipeline import run_pipeline
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train import guard as guard_module
-from selfimprove.train.guard import (GUARD_SEED_BASE, blind, best_checkpoint, fire_frame_signals, spearman,
+from selfimprove.train.guard import (GUARD_SEED_BASE, best_checkpoint, blind, spearman,
                                      views_for)
 from selfimprove.train.improve import episodes_dir, improve
 from selfimprove.train.sft import sft_checkpoint

@@ -105,7 +105,7 @@ def test_two_node_cluster_runs_a_self_improvement_iteration(trained_quick, tmp_p
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         config = quick_config(tmp_path, "name=cluster", f"data.path={trained_quick.dataset_path}",
-                              "improve.iterations=1", "improve.eval_every=0", "improve.steps_per_iteration=256",
+                              "improve.iterations=1", "improve.eval_every=0", "improve.guard=false", "improve.steps_per_iteration=256",
                               "fleet.backend=ray", f"fleet.address={cluster.address}", "fleet.robots=4",
                               "fleet.robots_per_actor=2")
         improve(config, sft_checkpoint(trained_quick), progress=False)
@@ -127,7 +127,7 @@ def test_learner_crash_after_saving_a_batch_trains_on_it_after_resume(trained_qu
 
     def config(name):
         return quick_config(tmp_path, f"name={name}", f"data.path={trained_quick.dataset_path}",
-                            "improve.iterations=3", "improve.eval_every=0")
+                            "improve.iterations=3", "improve.eval_every=0", "improve.guard=false")
 
     straight = config("straight")
     improve(straight, sft_path, progress=False)
@@ -169,7 +169,7 @@ def test_stale_episodes_are_dropped(trained_quick, tmp_path, monkeypatch):
     monkeypatch.setattr(improve_mod.LocalFleet, "collect", collect_one_version_behind)
     for staleness, expect_dropped in ((0, True), (1, False)):
         config = quick_config(tmp_path, f"name=stale{staleness}", f"data.path={trained_quick.dataset_path}",
-                              "improve.iterations=2", "improve.eval_every=0", f"improve.max_staleness={staleness}")
+                              "improve.iterations=2", "improve.eval_every=0", "improve.guard=false", f"improve.max_staleness={staleness}")
         improve(config, sft_checkpoint(trained_quick), progress=False)
         records = improve_records(config)
         dropped = [r["stale_dropped"] for r in records]
@@ -212,7 +212,7 @@ def _stop_when_busy(pid: int, cpu_s: float) -> None:
 def test_overlapped_collection_trains_on_one_version_old_episodes(trained_quick, tmp_path):
     """max_staleness=1 on Ray: the next batch is collected during the update, by the previous policy."""
     config = quick_config(tmp_path, "name=overlap", f"data.path={trained_quick.dataset_path}",
-                          "improve.iterations=3", "improve.eval_every=0", "improve.max_staleness=1",
+                          "improve.iterations=3", "improve.eval_every=0", "improve.guard=false", "improve.max_staleness=1",
                           "fleet.backend=ray", "fleet.robots=4")
     improve(config, sft_checkpoint(trained_quick), progress=False)
     store = EpisodeStore(episodes_dir(config))
@@ -230,7 +230,7 @@ def test_run_survives_a_killed_robot_and_matches_an_undisturbed_run(trained_quic
 
     def config(name):
         return quick_config(tmp_path, f"name={name}", f"data.path={trained_quick.dataset_path}",
-                            "improve.iterations=2", "improve.eval_every=0", "improve.steps_per_iteration=4096",
+                            "improve.iterations=2", "improve.eval_every=0", "improve.guard=false", "improve.steps_per_iteration=4096",
                             "fleet.backend=ray", "fleet.robots=4")
 
     calm, stormy = config("calm"), config("stormy")

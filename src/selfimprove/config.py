@@ -38,9 +38,9 @@ FLEET_BACKENDS = ("local", "ray")
 class EnvConfig:
     """Which gymnasium environment the robots live in."""
 
-    id: str = "selfimprove/PointMass-v0"
-    max_episode_steps: int = 100
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    id: str = "selfimprove/PointMass-v0"  # gymnasium id: selfimprove/PointMass-v0, selfimprove/Tabletop-*-v0, or yours
+    max_episode_steps: int = 100  # time limit of every episode (demos, practice, eval); <= model.max_steps
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the env, e.g. {image_size = 64}
     module: str = ""  # imported before gym.make so it can register env.id (e.g. "my_robot.envs"); empty: none
 
 
@@ -48,30 +48,30 @@ class EnvConfig:
 class DataConfig:
     """The demonstration dataset and which part of it Stage 1 sees."""
 
-    episodes: int = 10_000
-    path: str = ""  # empty: runs/<name>/demos
+    episodes: int = 10_000  # successful expert demos to collect; failed attempts are re-drawn
+    path: str = ""  # episode store that SFT trains on and Stage 2 calibrates s on; empty: runs/<name>/demos
     fraction: float = 1.0  # deterministic nested subset of the training split (0.1, 0.2, 0.8, ...)
     val_fraction: float = 0.05  # held-out episodes, never trained on
     expert_waypoints: int = 5  # point mass: random waypoints the expert visits first
     expert_noise: float = 0.003  # tabletop: expert action noise (m)
     expert_detour_prob: float = 0.02  # tabletop: chance per step of a short detour
-    collect_workers: int = 1
+    collect_workers: int = 1  # processes that collect demos in parallel
 
 
 @dataclass
 class ModelConfig:
     """The embodied model: one trunk, a BC head over action tokens, a steps-to-go head."""
 
-    hidden: int = 256
-    layers: int = 3
+    hidden: int = 256  # width of the trunk's MLP layers (and of the instruction projection of "film")
+    layers: int = 3  # MLP layers of the trunk (after the conv stack or the VLM of "film", "late_fusion", "hf")
     action_bins: int = 21  # uniform bins per action dimension
     max_steps: int = 100  # steps-to-go classes 0..max_steps; must cover the longest demo
-    dropout: float = 0.0
+    dropout: float = 0.0  # encoder "mlp": dropout after each MLP layer (the other trunks have none)
     encoder: str = "mlp"  # "mlp" (vectors), "film" (frames + instruction), "late_fusion" (ablation), "hf" (HF VLM)
     frames: int = 1  # latest camera frames the model sees
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
     text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable) or "minilm" (pretrained, frozen)
-    channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
+    channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])  # "film", "late_fusion": channels per conv layer
     hf_model: str = ""  # encoder "hf": local folder or hub id (docs/hf_backbones.md)
     hf_dtype: str = "auto"  # encoder "hf": "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16" or "float32"
     hf_device: str = "auto"  # encoder "hf": where the VLM runs: "auto" (CUDA when present), "cpu" or "cuda"
@@ -83,38 +83,38 @@ class ModelConfig:
 class SFTConfig:
     """Stage 1: supervised fine-tuning with BC + steps-to-go losses summed."""
 
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 3e-4
-    weight_decay: float = 0.0
+    steps: int = 4000  # gradient steps
+    batch_size: int = 256  # frames per gradient step, drawn at random from the training split
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
     augment: list[str] = field(default_factory=list)  # tabletop: "mirror" (half of each batch), "shift"
     keep_best: bool = True  # the final checkpoint is the eval point with the lowest held-out loss
-    eval_every: int = 500
-    checkpoint_every: int = 1000
+    eval_every: int = 500  # steps between held-out loss evaluations (a metrics.jsonl line; keep_best picks among them)
+    checkpoint_every: int = 1000  # steps between resumable training states (checkpoints/sft_state)
 
 
 @dataclass
 class ImproveConfig:
-    """Stage 2: self-improvement with REINFORCE on the frozen model's steps-to-go reward."""
+    """Stage 2: self-improvement with REINFORCE (or PPO) on the frozen model's steps-to-go reward."""
 
-    iterations: int = 40
+    iterations: int = 40  # collect-then-update iterations; max_robot_episodes may stop Stage 2 sooner
     steps_per_iteration: int = 2048  # env steps that fill one on-policy batch
-    minibatch_size: int = 64
+    minibatch_size: int = 64  # samples (env steps) per learner gradient step; the batch is shuffled each epoch
     objective: str = "reinforce"  # "reinforce" (the paper's) or "ppo" (clipped ratio; train/objectives.py)
     ppo_clip: float = 0.2  # ppo: eps of the clip range [1 - eps, 1 + eps] of pi / pi_old
     epochs: int | None = None  # passes over each batch; None: 1 for reinforce (the paper's), 4 for ppo
-    lr: float = 3e-4
-    gamma: float = 0.9
+    lr: float = 3e-4  # Adam learning rate of the policy
+    gamma: float = 0.9  # discount of the Monte Carlo return R_t
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
     success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT
-    temperature: float = 1.0
-    max_grad_norm: float = 1.0
+    temperature: float = 1.0  # sampling temperature of the practising robots (the learner's log pi uses it too)
+    max_grad_norm: float = 1.0  # gradient-norm clip of each minibatch step
     reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
     reward_model: str = ""  # frozen reward model + detector checkpoint; empty: the SFT checkpoint Stage 2 starts from
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
-    eval_episodes: int = 100
+    eval_episodes: int = 100  # episodes per eval point (eval_every)
     guard: bool = True  # score the policy on validation boards with the frozen model; keep checkpoints/best
     guard_every: int | None = None  # iterations between guard checks; None: eval_every (0: first and last only)
     guard_episodes: int = 32  # validation episodes per guard check (robot episodes, reported apart from practice)
@@ -127,7 +127,7 @@ class FleetConfig:
     """Where Stage 2's robots run and how they practise (reset-free or episodic)."""
 
     backend: str = "local"  # "local": in this process; "ray": Ray actors on this machine or a cluster
-    robots: int = 16
+    robots: int = 16  # robots practising together in Stage 2
     robots_per_actor: int = 0  # ray: robots that share one actor (batched inference); 0: spread over the CPUs
     address: str | None = None  # ray: join this cluster (e.g. "auto" or "10.0.0.5:6379"); None: start a local Ray
     bind_host: str = "127.0.0.1"  # ray: where a local Ray's ports bind (and its dashboard, if installed)
@@ -142,10 +142,10 @@ class FleetConfig:
 class EvalConfig:
     """Evaluation protocol: fixed seeds never used in training, true success from the simulator."""
 
-    episodes: int = 200
+    episodes: int = 200  # episodes of each final evaluation, on seeds eval.seed, eval.seed + 1, ...
     seed: int = 1_000_000  # first eval seed; training seeds are drawn far below this
-    temperature: float = 1.0
-    robots: int = 32
+    temperature: float = 1.0  # sampling temperature of evaluation, videos and guard checks; 0: greedy
+    robots: int = 32  # envs stepped together in evaluation (batched inference); at most eval.episodes are used
     control_temperatures: list[float] = field(default_factory=list)  # also evaluate SFT at these (0: greedy)
     videos: int = 2  # eval episodes recorded as GIFs under runs/<name>/videos/ for the report (0: none)
 
@@ -161,11 +161,11 @@ class DiagnoseConfig:
 class RunConfig:
     """Everything one run needs; saved beside its outputs as ``config.json``."""
 
-    name: str = "pointmass"
-    domain: str = "pointmass"
-    seed: int = 0
-    runs_dir: str = "runs"
-    torch_threads: int = 1
+    name: str = "pointmass"  # the run folder is <runs_dir>/<name>/
+    domain: str = "pointmass"  # "pointmass", "language-table" or your task's name; checkpoints must match it
+    seed: int = 0  # seeds demos, SFT and practice; the eval seeds (eval.seed) do not depend on it
+    runs_dir: str = "runs"  # folder that holds the run folders
+    torch_threads: int = 1  # torch threads per process; 1 is often fastest for small models
     tensorboard: bool | None = None  # mirror metrics to runs/<name>/tensorboard/; None: if installed
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -158,7 +158,8 @@ def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], sour
     for key, expected in spec.obs_shapes.items():
         got = shapes.get(key)
         if got is None:
-            raise ConfigError(f"{source} has no observation {key!r} (it has {sorted(shapes)}); the model needs it")
+            raise ConfigError(f"{source} has no observation {key!r} (it has {sorted(shapes)}); the model needs it: "
+                              f"{fix}")
         if list(got) != list(expected):
             raise ConfigError(f"{source} gives {key!r} of shape {list(got)} but the model expects {list(expected)}; {fix}")
 

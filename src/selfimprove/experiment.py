@@ -34,6 +34,7 @@ from tqdm import tqdm
 from selfimprove.config import PRESET_DIR, RunConfig, _merge, config_from_dict, load_config, parse_override
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.pipeline import run_pipeline
+from selfimprove.runlog import json_safe
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ def _stage1_dir(group: Stage1Group) -> Path:
 
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
     tmp.replace(path)
 
 

@@ -21,7 +21,8 @@ from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
 from selfimprove.diagnose import headline, run_diagnostics
-from selfimprove.runlog import MetricsLog, prepare_run
+from selfimprove.domains import expert_for, make_env
+from selfimprove.runlog import MetricsLog, json_safe, prepare_run
 from selfimprove.train.guard import evaluate_best, guard_summary
 from selfimprove.train.improve import episodes_dir, improve
 from selfimprove.train.sft import sft
@@ -107,12 +108,16 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it, or choose "
                             "another --name (nothing was changed)")
+    collect = not (config.dataset_path / "meta" / "info.json").exists()
+    make_env(config).close()  # a wrong env.id or env.module fails here, before the run folder is written
+    if collect:
+        expert_for(config)  # and so does a task with neither a demo store at data.path nor a scripted expert
     prepare_run(config)
     timing_path = run_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_time_s": 0.0}
     t0 = time.time()
     try:
-        if not (config.dataset_path / "meta" / "info.json").exists():
+        if collect:
             log.info("collecting %d demos into %s", config.data.episodes, config.dataset_path)
             collect_demos(config, progress=progress)
         sft_path = sft(config, resume=True, progress=progress)
@@ -157,7 +162,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
     if config.improve.guard:
         summary["guard"] = guard_summary(run_dir, MetricsLog(metrics_path).read("improve"), best_eval)
     summary["reward_model"] = headline(reward_model)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir / "summary.json").write_text(json.dumps(json_safe(summary), indent=2) + "\n")
     (run_dir / "detector_rollouts.json").write_text(json.dumps(rollouts, indent=2) + "\n")
     write_report(run_dir)
     return summary

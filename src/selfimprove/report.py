@@ -98,6 +98,13 @@ def _detector_rows(rows: list[dict[str, Any]], chosen: float | None) -> list[str
     return lines
 
 
+def _demo_count(config: dict[str, Any], run_dir: Path) -> Any:
+    """Episodes in the run's demo store; ``data.episodes`` only says how many to collect, not what was imported."""
+    path = config.get("data", {}).get("path") or run_dir / "demos"
+    info = _load(Path(path) / "meta" / "info.json")
+    return info.get("total_episodes", config.get("data", {}).get("episodes"))
+
+
 def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     """(Re)build ``report.md`` and its plots from the run folder (a path, or a run name in ``runs_dir``).
 
@@ -115,7 +122,7 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     lines = [f"# Run `{run_dir.name}`", ""]
     if config:
         lines += [f"Domain `{config.get('domain')}`, env `{config.get('env', {}).get('id')}`, seed {config.get('seed')}, "
-                  f"{config.get('data', {}).get('episodes')} demos (fraction {config.get('data', {}).get('fraction')}).", ""]
+                  f"{_demo_count(config, run_dir)} demos (fraction {config.get('data', {}).get('fraction')}).", ""]
     if summary:
         lines += [f"Wall time: {summary.get('wall_time_s', 0):.0f} s.", ""]
     lines += status_lines(run_status(run_dir), run_dir.name)

@@ -18,6 +18,17 @@ from selfimprove.errors import RunStateError
 log = logging.getLogger(__name__)
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and infinities as ``null``: ``metrics.jsonl`` stays standard JSON that every tool reads."""
+    if isinstance(value, float):
+        return value if np.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 class MetricsLog:
     """Append-only JSONL metrics; each line is flushed so a live run can be read at any time.
 
@@ -41,6 +52,7 @@ class MetricsLog:
         return cls(config.run_dir / "metrics.jsonl", tensorboard=resolve_tensorboard(config.tensorboard))
 
     def append(self, record: dict[str, Any]) -> None:
+        record = json_safe(record)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, default=_default) + "\n")
             fh.flush()
@@ -70,7 +82,7 @@ class MetricsLog:
         """Drop records for which ``predicate`` is false (used on resume to forget unfinished work)."""
         records = [r for r in self.read() if predicate(r)]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r, default=_default) + "\n" for r in records))
+        tmp.write_text("".join(json.dumps(json_safe(r), default=_default) + "\n" for r in records))
         tmp.replace(self.path)
         if self.tensorboard is not None:
             try:

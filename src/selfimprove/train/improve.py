@@ -168,7 +168,9 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     fleet_file = config.run_dir / "fleet.json"
     fleet_file.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
     # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
-    guard = Guard(config, reward, policy.spec, resume_from=latest if start > 0 else None) if cfg.guard else None
+    provenance = {"sft": str(sft_path), "threshold": detector["threshold"], "reward_model": str(reward_path)}
+    guard = (Guard(config, reward, policy.spec, resume_from=latest if start > 0 else None, provenance=provenance)
+             if cfg.guard else None)
     if start == 0 and (cfg.eval_every > 0 or guard is not None):
         record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
                   **(_eval_point(config, sft_path) if cfg.eval_every > 0 else {}),
@@ -245,8 +247,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             history.append(record)
             tensors, opt_meta = optimizer_state_tensors(optimizer)
             save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": it + 1, "seed": config.seed,
-                                                  "sft": str(sft_path), "threshold": detector["threshold"],
-                                                  "reward_model": str(reward_path)},
+                                                  **provenance},
                             train_state=tensors,
                             train_meta={**opt_meta, "iteration": it + 1, "history": history,
                                         "counters": counters, "detector": detector,

@@ -39,7 +39,9 @@ def frame_source(frames: Frames, spec: ModelSpec) -> FrameSource:
     """Stored frames as model inputs, after checking they have the shapes the model expects."""
     try:
         check_observation_shapes(spec, {k: list(v.shape[1:]) for k, v in frames.observations.items()},
-                                 "the dataset", "collect it with the same env config as this run")
+                                 "the dataset", "collect it with the same env config as this run, or import it "
+                                 "with `selfimprove dataset import --map LEROBOT_FEATURE=OUR_KEY` so that "
+                                 "its observation keys are the env's")
     except ConfigError as exc:
         raise DatasetError(str(exc)) from exc
     return FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
