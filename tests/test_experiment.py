@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from selfimprove.config import ImproveConfig, RunConfig
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.experiment import available_experiments, load_experiment, plan_experiment, run_experiment
 from selfimprove.experiment_report import seed_interval, t_quantile_975
+from selfimprove.model.checkpoint import read_checkpoint_config
+
+from conftest import quick_config
 
 
 def _tiny_overrides() -> list[str]:
@@ -27,8 +31,8 @@ def _tiny_overrides() -> list[str]:
     return items
 
 
-def _write_grid(path: Path, body: str) -> Path:
-    sets = ", ".join(json.dumps(s) for s in _tiny_overrides())
+def _write_grid(path: Path, body: str, extra: tuple[str, ...] = ()) -> Path:
+    sets = ", ".join(json.dumps(s) for s in [*_tiny_overrides(), *extra])
     path.write_text(f'preset = "pointmass-quick"\nset = [{sets}]\n{body}')
     return path
 
@@ -143,6 +147,49 @@ broken = ["improve.reward_model=no/such/checkpoint"]
     report = (runs / "experiments" / "failing" / "report.md").read_text()
     assert "## Failed" in report and "broken_seed0" in report
     assert "failed: broken_seed0" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def improved_quick(trained_quick, tmp_path_factory):
+    """A tiny Stage-2 run on its own SFT checkpoint whose guard kept ``checkpoints/best``."""
+    from selfimprove.train.improve import improve
+    from selfimprove.train.sft import sft_checkpoint
+
+    config = quick_config(tmp_path_factory.mktemp("source"), "name=source", f"data.path={trained_quick.dataset_path}",
+                          "improve.iterations=1", "improve.steps_per_iteration=128", "improve.eval_every=0",
+                          "improve.guard_episodes=4", "fleet.robots=4")
+    shutil.copytree(sft_checkpoint(trained_quick), sft_checkpoint(config))
+    improve(config, sft_checkpoint(config), progress=False)
+    return config
+
+
+def test_init_from_a_guarded_best_practises_with_its_recorded_reward_model(improved_quick, tmp_path, monkeypatch):
+    from selfimprove.train import sft as sft_module
+
+    def no_sft(*args, **kwargs):
+        raise AssertionError("init_from trained an SFT checkpoint")
+
+    monkeypatch.setattr(sft_module, "_load_split", no_sft)  # what training SFT starts with
+    source = improved_quick.run_dir
+    best = source / "checkpoints" / "best"
+    meta = read_checkpoint_config(best)["meta"]
+    body = f'init_from = "{best}"\nseeds = [0]\n[controls]\ntemperatures = []\nconstant_reward = false\n'
+    path = _write_grid(tmp_path / "from-best.toml", body, extra=("improve.guard_episodes=4",))
+    summary = run_experiment(str(path), runs_dir=tmp_path / "runs", parallel=1, progress=False)
+    assert summary["counts"] == {"cells": 1, "done": 1, "failed": 0, "pending": 0, "runs": 1, "shared_sft": 1}
+    (cell,) = summary["cells"]
+    run_dir = Path(cell["run_dir"])
+    # Stage 2 started from the kept policy, rewarded by the source's SFT checkpoint at its threshold
+    start = run_dir / "checkpoints" / "sft" / "model.safetensors"
+    assert start.read_bytes() == (best / "model.safetensors").read_bytes()
+    saved = json.loads((run_dir / "config.json").read_text())["improve"]
+    assert saved["reward_model"] == meta["reward_model"] == str(source / "checkpoints" / "sft")
+    assert saved["success_threshold"] == meta["threshold"]
+    assert json.loads((run_dir / "detector.json").read_text())["threshold"] == meta["threshold"]
+    stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert "sft" not in stages and "improve" in stages
+    assert 0 <= cell["sft"]["success_rate"] <= 1 and cell["sft"]["robot_episodes"] == 0  # the start policy
+    assert 0 <= cell["improve"]["success_rate"] <= 1 and cell["improve"]["robot_episodes"] > 0
 
 
 def test_unknown_experiment_lists_the_available_ones(capsys):

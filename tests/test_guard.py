@@ -15,9 +15,9 @@ from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.pipeline import run_pipeline
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train import guard as guard_module
-from selfimprove.train.guard import (GUARD_SEED_BASE, best_checkpoint, blind, spearman,
-                                     views_for)
-from selfimprove.train.improve import episodes_dir, improve
+from selfimprove.train.guard import (GUARD_SEED_BASE, GUARD_SHIFTS, best_checkpoint, blind, describe_views,
+                                     guard_report_lines, spearman, views_for)
+from selfimprove.train.improve import episodes_dir, improve, improve_checkpoint
 from selfimprove.train.sft import sft_checkpoint
 
 from conftest import quick_config
@@ -69,6 +69,12 @@ def test_guard_keeps_the_best_scoring_policy_and_records_every_check(trained_qui
     assert meta["guard_score"] == max(scores)
     assert meta["iteration"] == checks[int(np.argmax(scores))]["iteration"] == checks[-1]["guard_best_iteration"]
     load_checkpoint(best, expect_domain="pointmass")
+    # best records what a later Stage 2 started from it needs (as the improve checkpoint does)
+    provenance = ("sft", "threshold", "reward_model")
+    improve_meta = read_checkpoint_config(improve_checkpoint(config))["meta"]
+    assert {k: meta[k] for k in provenance} == {k: improve_meta[k] for k in provenance}
+    assert meta["sft"] == meta["reward_model"] == str(sft_checkpoint(trained_quick))
+    assert meta["threshold"] == json.loads((config.run_dir / "detector.json").read_text())["threshold"]
     # validation episodes are robot episodes, counted apart from practice
     assert checks[-1]["guard_robot_episodes"] == 4 * 8
     assert records[-1]["robot_episodes"] == EpisodeStore(episodes_dir(config)).num_episodes
@@ -155,6 +161,7 @@ def test_pipeline_summary_and_report_show_the_guarded_best(trained_quick, tmp_pa
     assert json.loads((config.run_dir / "eval_best.json").read_text())["best_iteration"] == guard["best"]["iteration"]
     report = (config.run_dir / "report.md").read_text()
     assert "guarded best" in report and "![guard](guard.png)" in report
+    assert "view changes (the mirror about y = 0) under which the detector also fires" in report
     assert (config.run_dir / "guard.png").stat().st_size > 1000
 
 
@@ -176,6 +183,11 @@ def test_guard_config_is_validated():
 
 def test_views_and_spearman():
     assert len(views_for("language-table", shifts=4)) == 5 and len(views_for("pointmass")) == 1
+    assert views_for("reach", shifts=4) == [] and describe_views("reach") == ""  # a task of one's own
+    for domain in ("language-table", "pointmass", "reach"):  # the words name what the guard scores with
+        assert bool(describe_views(domain)) == bool(views_for(domain, GUARD_SHIFTS))
+    tabletop = f"the left-right mirror of the board and {GUARD_SHIFTS} small scene shifts"
+    assert describe_views("language-table") == tabletop
     obs = {"state": torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]), "instruction": ["x"]}
     assert torch.allclose(views_for("pointmass")[0](obs)["state"], torch.tensor([[0.1, -0.2, 0.3, -0.4, 0.5, -0.6]]))
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
@@ -193,3 +205,16 @@ def test_blind_drops_the_simulator_success_only():
     b = blind(e)
     assert b.true_success is None and b.info == {} and b.meta == e.meta and e.true_success is True
     assert np.array_equal(b.stg, e.stg) and np.array_equal(b.actions, e.actions)
+
+
+@pytest.mark.parametrize("domain, says, never", [
+    ("reach", "the plain detector rate on the validation boards", "mirror"),
+    ("language-table", f"(the left-right mirror of the board and {GUARD_SHIFTS} small scene shifts)", "plain"),
+])
+def test_guard_report_names_the_view_changes_of_the_domain(tmp_path, domain, says, never):
+    (tmp_path / "config.json").write_text(json.dumps({"domain": domain}))
+    check = {"stage": "improve", "iteration": 0, "guard_score": 0.5, "guard_detected_rate": 0.5,
+             "guard_episodes": 4, "guard_robot_episodes": 4, "guard_best_iteration": 0, "guard_best_score": 0.5}
+    text = "\n".join(guard_report_lines(tmp_path, [check], {}))
+    assert says in text and never not in text
+    assert "checkpoints/best` (iteration 0, score 0.500)" in text

@@ -9,12 +9,14 @@ trusted, and keeps the policy that scores best on a fixed set of held-out valida
 Signals at the frame where the detector fired (per episode, :func:`fire_frame_signals`):
 - ``d``, ``std``, ``entropy``, ``p_fire``: the frozen steps-to-go distribution there (its mean, spread,
   entropy and the probability mass at or below ``s``);
-- ``d_views``: ``d`` of the same frame under label-preserving view changes (the left-right mirror and
-  small scene shifts that SFT trains with); a true success survives them more often than a spurious one;
+- ``d_views``: ``d`` of the same frame under the domain's label-preserving view changes (tabletop: the
+  left-right mirror and small scene shifts that SFT trains with; point mass: the mirror about y = 0; a
+  task of your own: none); a true success survives them more often than a spurious one;
 - ``d_policy``: the current policy trunk's own steps-to-go head (it drifts as the trunk is trained).
 
 The guard score is the **view-confirmed detected success**: the mean over validation episodes of
-``1[detector ended it] x (fraction of view changes under which d <= s also holds)``. It was chosen
+``1[detector ended it] x (fraction of view changes under which d <= s also holds)``; without view
+changes it is the plain detected success rate on the validation boards. It was chosen
 by measuring every signal above on finished tabletop runs (``bench/guard_signals.py``): view
 agreement was the only signal that separated truly successful from spurious firings in every run.
 
@@ -105,11 +107,24 @@ def _shift_tabletop_view(seed: int, max_pixels: int = 3) -> Callable[[dict], dic
 
 
 def views_for(domain: str, shifts: int = 0) -> list[Callable[[dict], dict]]:
-    """Label-preserving view changes of ``domain``: the mirror first, then ``shifts`` random shifts."""
+    """Label-preserving view changes of ``domain``: the mirror first, then ``shifts`` random shifts.
+
+    Empty for a domain without known symmetries (a task of your own): the guard then scores plain detections.
+    """
     views = [VIEWS[domain]] if domain in VIEWS else []
     if domain == "language-table":
         views += [_shift_tabletop_view(j) for j in range(shifts)]
     return views
+
+
+VIEW_NAMES = {"language-table": "the left-right mirror of the board", "pointmass": "the mirror about y = 0"}
+
+
+def describe_views(domain: str | None, shifts: int = GUARD_SHIFTS) -> str:
+    """The guard's view changes of ``domain`` in words, as :func:`views_for` makes them ('' if none)."""
+    if domain not in VIEW_NAMES:
+        return ""
+    return VIEW_NAMES[domain] + (f" and {shifts} small scene shifts" if domain == "language-table" and shifts else "")
 
 
 @torch.no_grad()
@@ -396,14 +411,19 @@ def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: di
     last = checks[-1]
     config_path = Path(run_dir) / "config.json"
     domain = json.loads(config_path.read_text()).get("domain") if config_path.exists() else None
-    views = "the left-right mirror" + (f" and {GUARD_SHIFTS} small scene shifts" if domain == "language-table" else "")
+    views = describe_views(domain)
+    if views:
+        score = ("the share of episodes the detector ended, each counted by the fraction of label-preserving view "
+                 f"changes ({views}) under which the detector also fires")
+    else:
+        score = ("the plain detector rate on the validation boards, the share of episodes the detector ended (no "
+                 f"view changes: {f'domain {domain!r}' if domain else 'the domain'} defines none to confirm a "
+                 "detection with)")
     lines = ["## Guard: keeping the best policy without true success", "",
              f"Every check scores the policy on {last['guard_episodes']} fixed validation boards with the frozen "
-             "reward model only: the share of episodes the detector ended, each counted by the fraction of "
-             f"label-preserving view changes ({views}) under which the detector also fires. The "
-             f"best-scoring policy is `checkpoints/best` (iteration {last.get('guard_best_iteration')}, score "
-             f"{_fmt(last.get('guard_best_score'))}). Validation episodes: {last['guard_robot_episodes']} "
-             "(robot episodes, not counted as practice).", ""]
+             f"reward model only: {score}. The best-scoring policy is `checkpoints/best` (iteration "
+             f"{last.get('guard_best_iteration')}, score {_fmt(last.get('guard_best_score'))}). Validation "
+             f"episodes: {last['guard_robot_episodes']} (robot episodes, not counted as practice).", ""]
     rows = [("SFT", g.get("sft", {}), summary.get("sft", {})), ("final policy", g.get("final", {}), summary.get("improve", {})),
             ("guarded best", g.get("best", {}), g.get("best", {}))]
     if g:
