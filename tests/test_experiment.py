@@ -120,7 +120,11 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
 
     monkeypatch.setattr(experiment, "_execute", no_training)
     again = run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False)
-    assert again == summary and checkpoint.stat().st_mtime_ns == before
+    assert {**again, "timing": None} == {**summary, "timing": None} and checkpoint.stat().st_mtime_ns == before
+    first, both = summary["timing"], again["timing"]  # wall time is summed over invocations
+    assert len(first["invocations"]) == 1 and len(both["invocations"]) == 2
+    assert both["wall_time_s"] >= first["wall_time_s"] > 0
+    assert "Wall time:" in report and "over 1 invocation(s)" in report
     # changing a setting of finished cells is refused rather than mixed into the results
     with pytest.raises(RunStateError, match="improve.lr"):
         run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False,

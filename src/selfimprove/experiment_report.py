@@ -240,6 +240,11 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
     lines += [f"Base preset `{summary['preset']}`; grid: {grid}. Config: `{summary['config_file']}`.", ""]
     if summary.get("init_from"):
         lines += [f"Stage 2 starts from `{summary['init_from']}` (no SFT is trained).", ""]
+    timing = summary.get("timing") or {}
+    if timing.get("wall_time_s") is not None:
+        runs = timing.get("invocations", [])
+        lines += [f"Wall time: {timing['wall_time_s'] / 60:.1f} minutes over {len(runs)} invocation(s) "
+                  f"({', '.join(str(r.get('parallel')) for r in runs)} workers).", ""]
     lines += [f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, of "
               f"{counts['cells']} ({counts['runs']} runs with controls; {counts['shared_sft']} SFT checkpoints "
               "trained, each shared by the runs that differ only in Stage-2 settings).", "",
