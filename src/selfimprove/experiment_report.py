@@ -208,13 +208,15 @@ def _control_names(aggregates: list[dict[str, Any]]) -> list[str]:
     return sorted(names, key=lambda s: (s != "controls.constant_reward", s))
 
 
-def _control_label(stage: str) -> str:
+def _control_label(stage: str, start: str = "SFT") -> str:
+    if stage == "guarded":
+        return "SI, guard's checkpoint"
     name = stage.split(".", 1)[1]
     if name == "constant_reward":
         return "constant-reward control"
     if name.startswith("sft_temperature_"):
         t = name[len("sft_temperature_"):]
-        return "SFT greedy" if float(t) == 0 else f"SFT at t={t}"
+        return f"{start} greedy" if float(t) == 0 else f"{start} at t={t}"
     return name.replace("_", " ")
 
 
@@ -245,9 +247,11 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
         runs = timing.get("invocations", [])
         lines += [f"Wall time: {timing['wall_time_s'] / 60:.1f} minutes over {len(runs)} invocation(s) "
                   f"({', '.join(str(r.get('parallel')) for r in runs)} workers).", ""]
+    shared = (f"{counts['shared_sft']} start checkpoint(s) copied in" if summary.get("init_from") else
+              f"{counts['shared_sft']} SFT checkpoints trained, each shared by the runs that differ only in Stage-2 "
+              "settings")
     lines += [f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, of "
-              f"{counts['cells']} ({counts['runs']} runs with controls; {counts['shared_sft']} SFT checkpoints "
-              "trained, each shared by the runs that differ only in Stage-2 settings).", "",
+              f"{counts['cells']} ({counts['runs']} runs with controls; {shared}).", "",
               "True success from the simulator on fixed eval seeds never used in training. Over seeds: mean and "
               "95% t-interval; `*`: a single seed, its 95% Wilson interval. `summary.json` also holds each "
               "setting's pooled Wilson interval over all eval episodes of all seeds.", ""]
@@ -256,9 +260,11 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
     elif kind == "ablation":
         lines += _ablation_section(summary)
     figure = _bar_plot(root, summary) if kind != "data-efficiency" else None
+    if any("guarded" in a["stages"] for a in aggregates):  # the guard's pick sits beside the controls
+        controls = ["guarded", *controls]
     lines += ["## Results per setting (over seeds)", "",
               "| " + " | ".join(axes or ["setting"]) + f" | seeds | demos | {first} | {first} + Self-Improvement | robot episodes | "
-              + " | ".join(_control_label(c) for c in controls) + " |",
+              + " | ".join(_control_label(c, first) for c in controls) + " |",
               "|" + "---|" * (max(1, len(axes)) + 5 + len(controls))]
     for agg in aggregates:
         s = agg["stages"]
@@ -272,7 +278,7 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
     if figure:
         lines += [f"![results]({figure.name})", ""]
     lines += ["## Cells", "", f"| cell | status | {first} | {first} + Self-Improvement | robot episodes | "
-              + " | ".join(_control_label(c) for c in controls) + " | wall time (s) |",
+              + " | ".join(_control_label(c, first) for c in controls) + " | wall time (s) |",
               "|" + "---|" * (6 + len(controls))]
     for cell in summary["cells"]:
         status = cell["status"]
