@@ -263,3 +263,21 @@ def test_data_efficiency_quick_end_to_end(tmp_path):
     summary = run_experiment("data-efficiency", quick=True, runs_dir=tmp_path, parallel=2, progress=False)
     assert summary["counts"]["done"] == summary["counts"]["cells"] == 6
     assert (tmp_path / "experiments" / "data-efficiency-quick" / "data_efficiency.png").exists()
+
+
+def test_only_collects_the_data_of_the_chosen_runs(tmp_path, monkeypatch):
+    import selfimprove.data.collect as collect
+
+    collected = []
+
+    def fake_collect(config, out, workers, progress):
+        collected.append(config.domain)
+        (Path(out) / "meta").mkdir(parents=True)
+        (Path(out) / "meta" / "info.json").write_text("{}")
+
+    monkeypatch.setattr(collect, "collect_demos", fake_collect)
+    plan = plan_experiment(load_experiment("reinforce-vs-ppo", quick=True), tmp_path)
+    experiment._collect_datasets(plan, 1, False, experiment._select(plan, ["pointmass_*"]))
+    assert collected == ["pointmass"]  # the tabletop cells' demos are not collected for a point-mass-only run
+    experiment._collect_datasets(plan, 1, False)
+    assert collected == ["pointmass", "language-table"]

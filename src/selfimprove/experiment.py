@@ -640,12 +640,14 @@ def _check_existing(plan: ExperimentPlan) -> None:
                                 "another --runs-dir (nothing was changed)")
 
 
-def _collect_datasets(plan: ExperimentPlan, parallel: int, progress: bool) -> None:
-    """Collect every dataset the runs need and do not have yet, once, before any training."""
+def _collect_datasets(plan: ExperimentPlan, parallel: int, progress: bool, selected: list[str] | None = None) -> None:
+    """Collect every dataset the selected runs need and do not have yet, once, before any training."""
     from selfimprove.data.collect import collect_demos
 
     needed: dict[Path, RunConfig] = {}
-    for run in plan.runs.values():
+    for name, run in plan.runs.items():
+        if selected is not None and name not in selected:
+            continue
         path = run.config.dataset_path
         if not (path / "meta" / "info.json").exists():
             needed.setdefault(path, run.config)
@@ -721,7 +723,7 @@ def run_experiment(name: str, quick: bool = False, resume: bool = False, paralle
         parallel = int(parallel or os.cpu_count() or 1)
         t0 = time.time()
         try:
-            _collect_datasets(plan, parallel, progress)
+            _collect_datasets(plan, parallel, progress, selected)
             _execute_plan(plan, selected, parallel, progress)
         finally:  # the experiment's wall time, summed over every invocation (resumes included)
             timing = _load_json(plan.root / "timing.json")
