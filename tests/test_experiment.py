@@ -190,6 +190,8 @@ def test_init_from_a_guarded_best_practises_with_its_recorded_reward_model(impro
     assert saved["reward_model"] == meta["reward_model"] == str(source / "checkpoints" / "sft")
     assert saved["success_threshold"] == meta["threshold"]
     assert json.loads((run_dir / "detector.json").read_text())["threshold"] == meta["threshold"]
+    # the diagnostics describe the frozen reward model, not the copied start policy
+    assert json.loads((run_dir / "diagnostics" / "diagnostics.json").read_text())["checkpoint"] == meta["reward_model"]
     stages = {json.loads(line)["stage"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
     assert "sft" not in stages and "improve" in stages
     assert 0 <= cell["sft"]["success_rate"] <= 1 and cell["sft"]["robot_episodes"] == 0  # the start policy

@@ -122,7 +122,9 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
             collect_demos(config, progress=progress)
         sft_path = sft(config, resume=True, progress=progress)
         sft_eval = _json_step(run_dir / "eval_sft.json", resume, lambda: evaluate(config, sft_path))
-        reward_model = run_diagnostics(config, sft_path, resume)  # runs/<name>/diagnostics/
+        # runs/<name>/diagnostics/: of the frozen reward model Stage 2 will use (its own checkpoint when set)
+        reward_path = Path(config.improve.reward_model) if config.improve.reward_model else sft_path
+        reward_model = run_diagnostics(config, reward_path, resume)
         record_videos(config, sft_path, "sft", resume=resume)
         improve_path = improve(config, sft_path, resume=True, progress=progress)
         improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
