@@ -34,7 +34,7 @@ from tqdm import tqdm
 from selfimprove.config import PRESET_DIR, RunConfig, _merge, config_from_dict, load_config, parse_override
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.pipeline import run_pipeline
-from selfimprove.runlog import json_safe
+from selfimprove.runlog import json_safe, read_json
 
 log = logging.getLogger(__name__)
 
@@ -387,13 +387,6 @@ def _stage1_dir(group: Stage1Group) -> Path:
     return group.config.run_dir
 
 
-def _load_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 def _write_json(path: Path, data: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
@@ -726,7 +719,7 @@ def run_experiment(name: str, quick: bool = False, resume: bool = False, paralle
             _collect_datasets(plan, parallel, progress, selected)
             _execute_plan(plan, selected, parallel, progress)
         finally:  # the experiment's wall time, summed over every invocation (resumes included)
-            timing = _load_json(plan.root / "timing.json")
+            timing = read_json(plan.root / "timing.json")
             timing["wall_time_s"] = round(timing.get("wall_time_s", 0.0) + time.time() - t0, 1)
             timing.setdefault("invocations", []).append({"parallel": parallel, "only": only or None,
                                                          "seconds": round(time.time() - t0, 1)})
@@ -735,7 +728,7 @@ def run_experiment(name: str, quick: bool = False, resume: bool = False, paralle
     from selfimprove.experiment_report import summarize_experiment, write_experiment_report
 
     summary = summarize_experiment(plan)
-    summary["timing"] = _load_json(plan.root / "timing.json") or None
+    summary["timing"] = read_json(plan.root / "timing.json") or None
     _write_json(plan.root / "summary.json", summary)
     write_experiment_report(plan.root, summary)
     return summary

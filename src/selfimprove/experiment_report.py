@@ -6,7 +6,6 @@ summary can be made at any time, also while cells are still running.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfimprove.evaluate import wilson_interval  # noqa: E402
+from selfimprove.runlog import read_json, stored_episodes  # noqa: E402
 
 if TYPE_CHECKING:
     from selfimprove.experiment import ExperimentPlan
@@ -48,35 +48,23 @@ def seed_interval(values: list[float]) -> dict[str, Any]:
     return {"n": n, "mean": mean, "sd": sd, "ci95_t": [max(0.0, mean - half), min(1.0, mean + half)]}
 
 
-def _load(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        return {}
-
-
 def _stage(result: dict[str, Any], robot_episodes: int, demo_episodes: int | None) -> dict[str, Any]:
     return {**{k: result.get(k) for k in _STAGE_KEYS}, "robot_episodes": int(robot_episodes),
             "demo_episodes": demo_episodes}
 
 
-def _dataset_size(path: Path) -> int | None:
-    info = _load(path / "meta" / "info.json")
-    return info.get("total_episodes")
-
-
 def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
     """The experiment's summary: one entry per cell (stages sft, improve, controls) and aggregates."""
-    status = _load(plan.root / "status.json")
+    status = read_json(plan.root / "status.json")
     cells = []
     for run in plan.cells:
         run_dir = run.config.run_dir
-        summary = _load(run_dir / "summary.json")
+        summary = read_json(run_dir / "summary.json")
         entry: dict[str, Any] = {
             "cell": run.name, "settings": run.settings, "overrides": run.axis_overrides, "run_dir": str(run_dir),
             "stage1": run.stage1, "control_run": run.control,
             "status": "done" if summary else status.get(run.name, {}).get("status", "pending"),
-            "dataset_episodes": _dataset_size(run.config.dataset_path),
+            "dataset_episodes": stored_episodes(run.config.dataset_path),
             "data_fraction": run.config.data.fraction,
         }
         if not summary:
@@ -97,7 +85,7 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
         if best.get("success_rate") is not None:  # the guard's pick, chosen without true success
             entry["guarded"] = {**_stage(best, robot, demos), "iteration": best.get("iteration")}
         if run.control:
-            control = _load(plan.runs[run.control].config.run_dir / "summary.json")
+            control = read_json(plan.runs[run.control].config.run_dir / "summary.json")
             if control:
                 entry["controls"]["constant_reward"] = {
                     **_stage(control["improve"], control["improve"].get("robot_episodes", 0), demos),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,18 +12,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfimprove.diagnose import report_lines as diagnostics_lines  # noqa: E402
-from selfimprove.runlog import MetricsLog, resolve_run_dir  # noqa: E402
+from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
 from selfimprove.train.guard import guard_report_lines, guard_table_rows  # noqa: E402
 from selfimprove.videos import report_lines as video_lines  # noqa: E402
 
-
-def _load(path: Path) -> dict[str, Any]:
-    """A JSON file of the run, or {} when it is missing or still being written."""
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (json.JSONDecodeError, OSError):
-        return {}
 
 
 def _fmt(x: Any, digits: int = 3) -> str:
@@ -100,9 +92,8 @@ def _detector_rows(rows: list[dict[str, Any]], chosen: float | None) -> list[str
 
 def _demo_count(config: dict[str, Any], run_dir: Path) -> Any:
     """Episodes in the run's demo store; ``data.episodes`` only says how many to collect, not what was imported."""
-    path = config.get("data", {}).get("path") or run_dir / "demos"
-    info = _load(Path(path) / "meta" / "info.json")
-    return info.get("total_episodes", config.get("data", {}).get("episodes"))
+    count = stored_episodes(config.get("data", {}).get("path") or run_dir / "demos")
+    return count if count is not None else config.get("data", {}).get("episodes")
 
 
 def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
@@ -112,10 +103,10 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     """
     run_dir = resolve_run_dir(run, runs_dir)
     metrics = MetricsLog(run_dir / "metrics.jsonl")
-    config = _load(run_dir / "config.json")
-    summary = _load(run_dir / "summary.json")
-    sft_eval, improve_eval = _load(run_dir / "eval_sft.json"), _load(run_dir / "eval_improve.json")
-    detector, rollouts = _load(run_dir / "detector.json"), _load(run_dir / "detector_rollouts.json")
+    config = read_json(run_dir / "config.json")
+    summary = read_json(run_dir / "summary.json")
+    sft_eval, improve_eval = read_json(run_dir / "eval_sft.json"), read_json(run_dir / "eval_improve.json")
+    detector, rollouts = read_json(run_dir / "detector.json"), read_json(run_dir / "detector_rollouts.json")
     improve_records = metrics.read("improve")
     fig_improve = plot_improvement(improve_records, sft_eval, run_dir / "improvement.png")
     fig_sft = plot_sft(metrics.read("sft"), run_dir / "sft.png")
@@ -155,7 +146,7 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
                   "sees only the frozen model's reward and detector).", ""]
     lines += guard_report_lines(run_dir, improve_records, summary)
     lines += video_lines(run_dir)
-    lines += _practice_lines(summary.get("practice", {}) if summary else {}, _load(run_dir / "fleet.json"))
+    lines += _practice_lines(summary.get("practice", {}) if summary else {}, read_json(run_dir / "fleet.json"))
     if fig_sft:
         lines += ["## Stage 1 (SFT)", "", f"![sft]({fig_sft.name})", ""]
     if detector:

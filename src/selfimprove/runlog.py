@@ -29,6 +29,20 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def read_json(path: str | Path) -> dict[str, Any]:
+    """A run's JSON file, or {} when it is missing or still being written."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, OSError):
+        return {}
+
+
+def stored_episodes(store: str | Path) -> int | None:
+    """Episodes in a demo store, from its ``meta/info.json`` (None when there is no store)."""
+    return read_json(Path(store) / "meta" / "info.json").get("total_episodes")
+
+
 class MetricsLog:
     """Append-only JSONL metrics; each line is flushed so a live run can be read at any time.
 
