@@ -1,6 +1,7 @@
 """Throughput of the pipeline's hot loops on this machine, for a preset (default: point mass).
 
-Prints a table of SFT samples/s (for 1 and 2 torch threads), fleet env-steps/s with batched policy +
+Prints a table of SFT samples/s (float32 with 1 and 2 torch threads; bfloat16 autocast with 1 thread
+when the CPU computes bfloat16 natively, see ``precision``), fleet env-steps/s with batched policy +
 reward-model inference (for 1, 4, 16 robots), the REINFORCE update rate, and one Self-Improvement
 iteration's split between collecting and updating; the last line is one JSON object with every
 figure. Usage: ``python bench/throughput.py [--preset language-table] [--quick]``.
@@ -25,10 +26,11 @@ from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train.improve import reinforce_batch, reinforce_update
+from selfimprove.train.precision import autocast, native_bf16_cpu, resolve_precision
 from selfimprove.train.sft import FrameBatches, sft_losses
 
 
-def bench_sft(config, frames, threads: int, seconds: float) -> float:
+def bench_sft(config, frames, threads: int, seconds: float, precision: str = "float32") -> float:
     torch.set_num_threads(threads)
     env = make_env(config)
     model = EmbodiedModel(model_spec(config, env))
@@ -38,7 +40,8 @@ def bench_sft(config, frames, threads: int, seconds: float) -> float:
     steps, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         idx = torch.randint(0, data.size, (config.sft.batch_size,), generator=g)
-        losses = sft_losses(model, *data.batch(idx))
+        with autocast(precision):
+            losses = sft_losses(model, *data.batch(idx))
         opt.zero_grad()
         (losses["bc"] + losses["stg"]).backward()
         opt.step()
@@ -77,6 +80,12 @@ def main() -> int:
             rate = bench_sft(config, frames, threads, seconds)
             rows.append((f"SFT, batch {config.sft.batch_size}, {threads} torch thread(s)", f"{rate:,.0f} samples/s"))
             figures[f"sft_samples_per_s_threads{threads}"] = round(rate, 1)
+        if native_bf16_cpu():
+            rate = bench_sft(config, frames, 1, seconds, "bfloat16")
+            rows.append((f"SFT, batch {config.sft.batch_size}, 1 thread, bfloat16 autocast", f"{rate:,.0f} samples/s"))
+            figures["sft_samples_per_s_bf16_threads1"] = round(rate, 1)
+            figures["sft_speedup_bf16_vs_fp32"] = round(rate / figures["sft_samples_per_s_threads1"], 2)
+        figures["precision"] = resolve_precision(config.precision)  # what the update rows below use
         episodes, collect_s = None, 0.0
         for robots in (1, 4, 16):
             rate, collect_s, episodes = bench_fleet(config, robots, min(fleet_steps, 512 * robots))
@@ -90,7 +99,8 @@ def main() -> int:
         reinforce_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0))
         update_s = time.perf_counter() - t0
         rate = len(returns) / update_s
-        rows.append((f"REINFORCE update, minibatch {config.improve.minibatch_size}", f"{rate:,.0f} samples/s"))
+        rows.append((f"REINFORCE update, minibatch {config.improve.minibatch_size}, {figures['precision']}",
+                     f"{rate:,.0f} samples/s"))
         figures["reinforce_samples_per_s"] = round(rate, 1)
         steps = int(len(returns))
         figures["si_env_steps_per_s_with_update"] = round(steps / (collect_s + update_s), 1)
@@ -109,6 +119,8 @@ def main() -> int:
         print(f"{name.ljust(width)}  {value}")
     print(f"{'fleet speed-up, 16 robots vs 1'.ljust(width)}  {figures['fleet_speedup_16_vs_1_robot']}x")
     print(f"{'SFT speed-up, 2 threads vs 1'.ljust(width)}  {figures['sft_speedup_2_vs_1_thread']}x")
+    if "sft_speedup_bf16_vs_fp32" in figures:
+        print(f"{'SFT speed-up, bfloat16 vs float32'.ljust(width)}  {figures['sft_speedup_bf16_vs_fp32']}x")
     print(json.dumps(figures))
     return 0
 

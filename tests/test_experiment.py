@@ -87,6 +87,12 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
         for d in (run_dir, control_dir):
             assert (d / "checkpoints" / "sft" / "model.safetensors").read_bytes() == shared.read_bytes()
         assert json.loads((control_dir / "config.json").read_text())["improve"]["reward"] == "constant"
+        # the reward model was diagnosed once per group; the cell and its control hold copies
+        group_dir = root / "_stage1" / cell["stage1"]
+        diagnosed = (group_dir / "diagnostics" / "diagnostics.json").read_text()
+        assert json.loads(diagnosed)["checkpoint"] == str(group_dir / "checkpoints" / "sft")
+        for d in (run_dir, control_dir):
+            assert (d / "diagnostics" / "diagnostics.json").read_text() == diagnosed
         assert json.loads((run_dir / "config.json").read_text())["improve"]["reward"] == "steps_to_go"
     assert cells["f50_seed0"]["sft"]["demo_episodes"] < cells["f100_seed0"]["sft"]["demo_episodes"]
     assert cells["f50_seed0"]["stage1"] != cells["f50_seed1"]["stage1"]  # seeds train their own SFT

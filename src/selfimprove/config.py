@@ -31,6 +31,7 @@ PRESET_DIR = _preset_dir()
 
 
 DOMAINS = ("pointmass", "language-table")  # built-in domains; any other name is a task of your own (docs/tutorial.md)
+PRECISIONS = ("auto", "float32", "bfloat16")  # of gradient steps; see train/precision.py
 FLEET_BACKENDS = ("local", "ray")
 
 
@@ -166,6 +167,7 @@ class RunConfig:
     seed: int = 0  # seeds demos, SFT and practice; the eval seeds (eval.seed) do not depend on it
     runs_dir: str = "runs"  # folder that holds the run folders
     torch_threads: int = 1  # torch threads per process; 1 is often fastest for small models
+    precision: str = "float32"  # gradient steps: "float32", "bfloat16" (CPU autocast) or "auto" (bfloat16 where the CPU has AMX / AVX512-BF16)
     tensorboard: bool | None = None  # mirror metrics to runs/<name>/tensorboard/; None: if installed
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -217,6 +219,7 @@ class RunConfig:
             (self.diagnose.rollouts >= 0, "diagnose.rollouts must be >= 0 (0: held-out demos only)"),
             (self.eval.videos >= 0, "eval.videos must be >= 0 (0: no rollout videos)"),
             (self.torch_threads >= 1, "torch_threads must be >= 1"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.model.encoder in ("mlp", "film", "late_fusion", "hf"),
              "model.encoder must be 'mlp', 'film', 'late_fusion' or 'hf'"),
             (self.model.encoder != "hf" or bool(self.model.hf_model),

@@ -421,11 +421,36 @@ def _run_stage1(task: dict[str, Any]) -> dict[str, Any]:
                                                      for t in config.eval.control_temperatures]:
         if not (run_dir / name).exists():
             _write_json(run_dir / name, evaluate(config, path, temperature=temp))
+    _shared_diagnostics(config, path)
     return {"status": "done"}
 
 
-def _prepare_cell(run_dir: Path, stage1_dir: Path) -> None:
-    """Start a cell from its group's SFT checkpoint and evaluations (run_pipeline then skips Stage 1)."""
+def _diagnostics_key(config: RunConfig) -> str:
+    """What a run's reward-model diagnostics depend on beyond its Stage-1 group (see diagnose.py)."""
+    d = config.to_dict()
+    return _digest({"diagnose": d["diagnose"], "temperature": config.improve.temperature,
+                    "reward_model": config.improve.reward_model})
+
+
+def _shared_diagnostics(config: RunConfig, sft_path: Path) -> None:
+    """Diagnose the group's reward model and record the SFT videos once, for every run to copy."""
+    from selfimprove.diagnose import run_diagnostics
+    from selfimprove.videos import record_videos
+
+    run_dir = config.run_dir
+    reward_path = Path(config.improve.reward_model) if config.improve.reward_model else sft_path
+    run_diagnostics(config, reward_path, resume=True)
+    record_videos(config, sft_path, "sft", resume=True)
+    _write_json(run_dir / "diagnostics" / "shared.json", {"key": _diagnostics_key(config)})
+
+
+def _prepare_cell(config: RunConfig, stage1_dir: Path) -> None:
+    """Start a cell from its group's SFT checkpoint, evaluations, reward-model diagnostics and SFT videos.
+
+    run_pipeline then skips what was copied. Diagnostics are copied only when this run would have
+    computed the same ones (same diagnose settings, practice temperature and reward model).
+    """
+    run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     target = run_dir / "checkpoints" / "sft"
     if not target.exists():
@@ -439,11 +464,19 @@ def _prepare_cell(run_dir: Path, stage1_dir: Path) -> None:
     metrics = stage1_dir / "metrics.jsonl"
     if metrics.exists() and not (run_dir / "metrics.jsonl").exists():
         shutil.copy2(metrics, run_dir / "metrics.jsonl")
+    shared = stage1_dir / "diagnostics" / "shared.json"
+    if shared.exists() and read_json(shared).get("key") == _diagnostics_key(config):
+        for folder in ("diagnostics", "videos"):
+            if (stage1_dir / folder).is_dir() and not (run_dir / folder).exists():
+                tmp = run_dir / f".{folder}.copy"
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(stage1_dir / folder, tmp)
+                tmp.rename(run_dir / folder)
 
 
 def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
     config = config_from_dict(task["config"])
-    _prepare_cell(config.run_dir, Path(task["stage1_dir"]))
+    _prepare_cell(config, Path(task["stage1_dir"]))
     summary = run_pipeline(config, resume=True, progress=False)
     return {"status": "done", "wall_time_s": summary.get("wall_time_s")}
 

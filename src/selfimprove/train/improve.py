@@ -35,6 +35,7 @@ from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, detector_table, discounted_returns, recommend_threshold
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 from selfimprove.train.objectives import ppo_update, update_epochs
+from selfimprove.train.precision import autocast
 from selfimprove.train.guard import Guard
 from selfimprove.train.sft import checkpoint_dir, frame_source, sft_checkpoint
 
@@ -116,8 +117,9 @@ def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, so
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.minibatch_size):
             idx = order[start:start + cfg.minibatch_size]
-            logits, _ = policy(source.obs(acting[idx]))
-            logp = EmbodiedModel.token_log_prob(logits / cfg.temperature, tokens[idx])
+            with autocast(config.precision):
+                logits, _ = policy(source.obs(acting[idx]))
+            logp = EmbodiedModel.token_log_prob(logits.float() / cfg.temperature, tokens[idx])
             loss = -(cfg.loss_scale * returns[idx] * logp).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

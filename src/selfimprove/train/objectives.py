@@ -20,6 +20,7 @@ import torch
 from selfimprove.config import ImproveConfig, RunConfig
 from selfimprove.model.inputs import FrameSource
 from selfimprove.model.policy import EmbodiedModel
+from selfimprove.train.precision import autocast
 
 OBJECTIVES = ("reinforce", "ppo")
 #: passes over each batch when ``improve.epochs`` is unset.
@@ -86,8 +87,9 @@ def ppo_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: 
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.minibatch_size):
             idx = order[start:start + cfg.minibatch_size]
-            logits, _ = policy(source.obs(acting[idx]))
-            logp = EmbodiedModel.token_log_prob(logits / cfg.temperature, tokens[idx])
+            with autocast(config.precision):
+                logits, _ = policy(source.obs(acting[idx]))
+            logp = EmbodiedModel.token_log_prob(logits.float() / cfg.temperature, tokens[idx])
             surrogate, stats = clipped_surrogate_loss(logp, old_logp[idx], advantages[idx], cfg.ppo_clip)
             loss = cfg.loss_scale * surrogate
             optimizer.zero_grad(set_to_none=True)

@@ -23,6 +23,7 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
 from selfimprove.model.inputs import FrameSource
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
+from selfimprove.train.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch
                has_action: torch.Tensor, stg: torch.Tensor) -> dict[str, torch.Tensor]:
     """BC cross-entropy over action tokens (non-terminal frames) and steps-to-go cross-entropy."""
     action_logits, stg_logits = model(obs)
+    action_logits, stg_logits = action_logits.float(), stg_logits.float()  # losses in float32 under autocast
     bc_all = F.cross_entropy(action_logits.permute(0, 2, 1), tokens, reduction="none").sum(-1)
     mask = has_action.float()
     bc = (bc_all * mask).sum() / mask.sum().clamp_min(1.0)
@@ -135,8 +137,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         metrics.keep(lambda r: r.get("stage") != "sft")
     data, held_out = FrameBatches(train, model), FrameBatches(val, model)
     augments = [AUGMENTATIONS[name][config.domain] for name in cfg.augment]
-    log.info("stage 1: %d train frames (%d episodes), %d held-out frames", data.size,
-             len(train.episode_lengths), held_out.size)
+    log.info("stage 1: %d train frames (%d episodes), %d held-out frames, %s gradient steps", data.size,
+             len(train.episode_lengths), held_out.size, resolve_precision(config.precision))
     block = max(1, cfg.checkpoint_every)
     generator = torch_generator(config.seed, 1, start // block)
     bar = tqdm(range(start, cfg.steps), desc="sft", unit="step", disable=not progress, initial=start, total=cfg.steps)
@@ -150,7 +152,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         for augment in augments:
             rows = torch.rand(len(idx), generator=generator) < 0.5
             obs, tokens = augment(obs, tokens, spec.action_bins, rows)
-        losses = sft_losses(model, obs, tokens, has_action, stg)
+        with autocast(config.precision):
+            losses = sft_losses(model, obs, tokens, has_action, stg)
         loss = losses["bc"] + cfg.stg_weight * losses["stg"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
