@@ -136,6 +136,26 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
         run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False,
                        overrides=["improve.lr=1e-5"])
 
+    # another experiment with identical Stage-1 settings copies the finished SFT instead of training it
+    monkeypatch.undo()
+    other = _write_grid(tmp_path / "tiny-b.toml", """
+description = "the same SFT, another Stage 2"
+seeds = [0]
+[controls]
+temperatures = [0.0]
+constant_reward = false
+[axes.fraction]
+f50 = ["data.fraction=0.5"]
+""", extra=("improve.lr=1e-4",))
+    result = run_experiment(str(other), runs_dir=runs, parallel=1, progress=False)
+    assert result["counts"]["done"] == 1
+    group, source = runs / "experiments" / "tiny-b" / "_stage1" / "f50_seed0", root / "_stage1" / cells["f50_seed0"]["stage1"]
+    assert json.loads((group / "stage1_source.json").read_text()) == {"copied_from": str(source)}
+    assert "reused from" in (group / "experiment.log").read_text()
+    assert (group / "checkpoints" / "sft" / "model.safetensors").read_bytes() == (
+        source / "checkpoints" / "sft" / "model.safetensors").read_bytes()
+    assert (group / "eval_sft.json").read_text() == (source / "eval_sft.json").read_text()
+
 
 def test_failed_cell_is_reported_and_the_others_finish(tmp_path, capsys):
     body = """

@@ -44,7 +44,7 @@ _TOP_KEYS = ("description", "extends", "preset", "set", "seeds", "axes", "contro
              "report")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.+-]*$")
 _RUNNER_KEYS = ("name", "runs_dir", "seed")  # chosen by the runner for every cell
-_STAGE1_SECTIONS = ("domain", "seed", "env", "data", "model", "sft", "eval")  # what a shared SFT depends on
+_STAGE1_SECTIONS = ("domain", "seed", "precision", "env", "data", "model", "sft", "eval")  # what a shared SFT depends on
 
 
 # --------------------------------------------------------------------------------------------- spec
@@ -416,6 +416,8 @@ def _run_stage1(task: dict[str, Any]) -> dict[str, Any]:
             tmp.rename(target)
         path = target
     else:
+        if not sft_checkpoint(config).exists() and not (run_dir / "checkpoints" / "sft_state").exists():
+            _reuse_stage1(config)
         path = sft(config, resume=True, progress=False)
     for name, temp in [("eval_sft.json", None)] + [(f"eval_sft_t{t:g}.json", t)
                                                      for t in config.eval.control_temperatures]:
@@ -423,6 +425,46 @@ def _run_stage1(task: dict[str, Any]) -> dict[str, Any]:
             _write_json(run_dir / name, evaluate(config, path, temperature=temp))
     _shared_diagnostics(config, path)
     return {"status": "done"}
+
+
+def _reuse_stage1(config: RunConfig) -> Path | None:
+    """Copy in a finished SFT group of another experiment whose Stage-1 settings are identical.
+
+    Training it again would give the same checkpoint (same data, seed, model and recipe), so e.g.
+    the ``scratch`` column of ``pretraining`` reuses ``data-efficiency``'s SFT. The copy keeps the
+    evaluations and, when they were computed the same way, the diagnostics and videos; the source is
+    recorded in ``stage1_source.json``. Returns the source folder, or None when there is none.
+    """
+    from selfimprove.runlog import prepare_run
+
+    run_dir = config.run_dir
+    key = _stage1_key(config, "")
+    for saved in sorted(run_dir.parents[2].glob("*/_stage1/*/config.json")):
+        source = saved.parent
+        if source == run_dir or not (source / "checkpoints" / "sft" / "model.safetensors").exists():
+            continue
+        try:
+            if _stage1_key(config_from_dict(json.loads(saved.read_text())), "") != key:
+                continue
+        except (ConfigError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+        prepare_run(config)
+        tmp = run_dir / "checkpoints" / ".sft.copy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source / "checkpoints" / "sft", tmp, copy_function=_link_or_copy)
+        for item in [*source.glob("eval_sft*.json"), source / "metrics.jsonl"]:
+            if item.exists():
+                shutil.copy2(item, run_dir / item.name)
+        shared = source / "diagnostics" / "shared.json"
+        if shared.exists() and read_json(shared).get("key") == _diagnostics_key(config):
+            for folder in ("diagnostics", "videos"):
+                if (source / folder).is_dir():
+                    shutil.copytree(source / folder, run_dir / folder, dirs_exist_ok=True)
+        _write_json(run_dir / "stage1_source.json", {"copied_from": str(source)})
+        tmp.rename(run_dir / "checkpoints" / "sft")
+        log.info("Stage 1 reused from %s (identical settings): no SFT training", source)
+        return source
+    return None
 
 
 def _diagnostics_key(config: RunConfig) -> str:
