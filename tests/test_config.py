@@ -39,3 +39,20 @@ def test_cli_reports_config_errors_clearly(capsys):
     assert main(["sft", "pointmass", "--set", "sft.stepz=3"]) == 2
     err = capsys.readouterr().err
     assert "unknown config key" in err and "steps" in err
+
+
+def test_the_wheel_ships_every_preset_and_experiment_grid(tmp_path):
+    """An installed copy (not a source checkout) must find `pointmass`, `extends = ...` and the grids."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(root), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("selfimprove-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    shipped = {f"selfimprove/presets/{p.relative_to(root / 'configs').as_posix()}"
+               for p in (root / "configs").rglob("*.toml")}
+    assert shipped and shipped <= names, sorted(shipped - names)

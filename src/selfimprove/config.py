@@ -20,9 +20,10 @@ from typing import Any
 from selfimprove.errors import ConfigError
 
 def _preset_dir() -> Path:
-    """``configs/`` of the source checkout (editable install), else of the working directory."""
-    for candidate in (Path(__file__).resolve().parents[2] / "configs", Path.cwd() / "configs"):
-        if candidate.is_dir():
+    """``configs/`` of the source checkout, else the copy inside the installed package, else ./configs."""
+    candidates = [Path(__file__).resolve().parents[2] / "configs", Path(__file__).resolve().parent / "presets"]
+    for candidate in candidates + [Path.cwd() / "configs"]:
+        if candidate.is_dir() and any(candidate.glob("*.toml")):
             return candidate
     return Path.cwd() / "configs"
 
