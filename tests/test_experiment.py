@@ -155,6 +155,9 @@ f50 = ["data.fraction=0.5"]
     assert (group / "checkpoints" / "sft" / "model.safetensors").read_bytes() == (
         source / "checkpoints" / "sft" / "model.safetensors").read_bytes()
     assert (group / "eval_sft.json").read_text() == (source / "eval_sft.json").read_text()
+    assert result["stage1_reused"] == {"f50_seed0": str(source)}
+    assert "1 of them copied from another experiment with identical Stage-1 settings (tiny)" in (
+        runs / "experiments" / "tiny-b" / "report.md").read_text()
 
 
 def test_failed_cell_is_reported_and_the_others_finish(tmp_path, capsys):

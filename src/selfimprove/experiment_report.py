@@ -113,6 +113,9 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
                    "pending": sum(c["status"] == "pending" for c in cells),
                    "runs": len(plan.runs), "shared_sft": len(plan.groups)},
         "failed_runs": failed,
+        # shared SFTs copied from another experiment with identical Stage-1 settings (not trained here)
+        "stage1_reused": {name: source for name, g in sorted(plan.groups.items())
+                          if (source := read_json(g.config.run_dir / "stage1_source.json").get("copied_from"))},
         "cells": cells,
         "aggregates": aggregate_cells(cells, [a.name for a in plan.spec.axes]),
     }
@@ -235,9 +238,11 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
         runs = timing.get("invocations", [])
         lines += [f"Wall time: {timing['wall_time_s'] / 60:.1f} minutes over {len(runs)} invocation(s) "
                   f"({', '.join(str(r.get('parallel')) for r in runs)} workers).", ""]
+    reused = summary.get("stage1_reused") or {}
     shared = (f"{counts['shared_sft']} start checkpoint(s) copied in" if summary.get("init_from") else
-              f"{counts['shared_sft']} SFT checkpoints trained, each shared by the runs that differ only in Stage-2 "
-              "settings")
+              f"{counts['shared_sft']} SFT checkpoints, each shared by the runs that differ only in Stage-2 settings"
+              + (f"; {len(reused)} of them copied from another experiment with identical Stage-1 settings "
+                 f"({', '.join(sorted({str(Path(v).parents[1].name) for v in reused.values()}))})" if reused else ""))
     lines += [f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, of "
               f"{counts['cells']} ({counts['runs']} runs with controls; {shared}).", "",
               "True success from the simulator on fixed eval seeds never used in training. Over seeds: mean and "
