@@ -107,6 +107,7 @@ def test_bad_input_gets_clear_errors_and_nothing_is_lost(trained_quick, tmp_path
     base = ["--runs-dir", str(tmp_path), "--no-progress"]
     assert main(["sft", "pointmass-quick", "--name", "x", "--dataset", str(tmp_path / "missing"), *base]) == 2
     assert "no dataset at" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # the failed command left no half-made run folder behind
     assert main(["improve", "pointmass-quick", "--name", "y", "--sft", str(tmp_path / "nock"), *base]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
     # an existing run is never overwritten without --resume

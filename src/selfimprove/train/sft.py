@@ -108,9 +108,9 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             return final
         from selfimprove.errors import RunStateError
         raise RunStateError(f"{final} already exists; pass --resume to reuse it or choose another --name")
+    train, val, store = _load_split(config)  # a missing or bad dataset fails before the run folder is made
     prepare_run(config)
     seed_everything(config.seed, config.torch_threads)
-    train, val, store = _load_split(config)
     env = make_env(config)
     spec = model_spec(config, env)
     env.close()
