@@ -136,28 +136,38 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
         run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False,
                        overrides=["improve.lr=1e-5"])
 
-    # another experiment with identical Stage-1 settings copies the finished SFT instead of training it
+    # another experiment copies what it shares with this one instead of computing it again: the SFT
+    # (identical Stage-1 settings) and the whole run whose config is identical
     monkeypatch.undo()
     other = _write_grid(tmp_path / "tiny-b.toml", """
-description = "the same SFT, another Stage 2"
+description = "the same SFT, the same and another Stage 2"
 seeds = [0]
 [controls]
 temperatures = [0.0]
 constant_reward = false
 [axes.fraction]
 f50 = ["data.fraction=0.5"]
-""", extra=("improve.lr=1e-4",))
+[axes.lr]
+same = []
+low = ["improve.lr=1e-4"]
+""")
     result = run_experiment(str(other), runs_dir=runs, parallel=1, progress=False)
-    assert result["counts"]["done"] == 1
-    group, source = runs / "experiments" / "tiny-b" / "_stage1" / "f50_seed0", root / "_stage1" / cells["f50_seed0"]["stage1"]
+    assert result["counts"]["done"] == 2
+    other_root = runs / "experiments" / "tiny-b"
+    group, source = other_root / "_stage1" / "f50_same_seed0", root / "_stage1" / cells["f50_seed0"]["stage1"]
     assert json.loads((group / "stage1_source.json").read_text()) == {"copied_from": str(source)}
     assert "reused from" in (group / "experiment.log").read_text()
     assert (group / "checkpoints" / "sft" / "model.safetensors").read_bytes() == (
         source / "checkpoints" / "sft" / "model.safetensors").read_bytes()
     assert (group / "eval_sft.json").read_text() == (source / "eval_sft.json").read_text()
-    assert result["stage1_reused"] == {"f50_seed0": str(source)}
-    assert "1 of them copied from another experiment with identical Stage-1 settings (tiny)" in (
-        runs / "experiments" / "tiny-b" / "report.md").read_text()
+    assert result["stage1_reused"] == {"f50_same_seed0": str(source)}
+    same, low = other_root / "f50_same_seed0", other_root / "f50_low_seed0"
+    assert result["runs_reused"] == {"f50_same_seed0": cells["f50_seed0"]["run_dir"]}
+    assert (same / "summary.json").read_text() == (Path(cells["f50_seed0"]["run_dir"]) / "summary.json").read_text()
+    assert not (low / "run_source.json").exists() and (low / "summary.json").exists()  # practised here
+    report = (other_root / "report.md").read_text()
+    assert "1 of them copied from another experiment with identical Stage-1 settings (tiny)" in report
+    assert "1 run(s) copied from another experiment with an identical config" in report
 
 
 def test_failed_cell_is_reported_and_the_others_finish(tmp_path, capsys):

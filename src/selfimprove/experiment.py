@@ -516,8 +516,46 @@ def _prepare_cell(config: RunConfig, stage1_dir: Path) -> None:
                 tmp.rename(run_dir / folder)
 
 
+def _run_key(config: RunConfig) -> str:
+    """Runs with equal keys compute the same thing: everything but where the run folder is."""
+    return _digest({**config.to_dict(), "name": "", "runs_dir": ""})
+
+
+def _reuse_run(config: RunConfig) -> Path | None:
+    """Copy in a finished run of another experiment with an identical config, instead of running it again.
+
+    Every step of a run is seeded, so the copy is what the run would compute (e.g. ``pretraining``'s
+    ``scratch`` cells are ``data-efficiency``'s cells). ``run_source.json`` names the source.
+    """
+    run_dir, key = config.run_dir, _run_key(config)
+    for saved in sorted(run_dir.parents[1].glob("*/*/summary.json")):
+        source = saved.parent
+        if source.parent == run_dir.parent:
+            continue
+        try:
+            if _run_key(config_from_dict(json.loads((source / "config.json").read_text()))) != key:
+                continue
+        except (ConfigError, OSError, json.JSONDecodeError, KeyError, TypeError):
+            continue
+        tmp = run_dir.with_name(f".{run_dir.name}.copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("experiment.log"))
+        _write_json(tmp / "run_source.json", {"copied_from": str(source)})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # summary.json (what marks a run finished) moves in last: an interrupted copy is resumed, not trusted
+        for item in sorted(tmp.iterdir(), key=lambda p: p.name == "summary.json"):
+            os.replace(item, run_dir / item.name)
+        tmp.rmdir()
+        log.info("run reused from %s (identical config): nothing computed", source)
+        return source
+    return None
+
+
 def _run_cell(task: dict[str, Any]) -> dict[str, Any]:
     config = config_from_dict(task["config"])
+    fresh = not config.run_dir.exists() or {p.name for p in config.run_dir.iterdir()} <= {"experiment.log"}
+    if fresh and _reuse_run(config) is not None:
+        return {"status": "done", "reused": True}
     _prepare_cell(config, Path(task["stage1_dir"]))
     summary = run_pipeline(config, resume=True, progress=False)
     return {"status": "done", "wall_time_s": summary.get("wall_time_s")}

@@ -116,6 +116,9 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
         # shared SFTs copied from another experiment with identical Stage-1 settings (not trained here)
         "stage1_reused": {name: source for name, g in sorted(plan.groups.items())
                           if (source := read_json(g.config.run_dir / "stage1_source.json").get("copied_from"))},
+        # runs copied from another experiment with an identical config (not run here)
+        "runs_reused": {name: source for name, r in sorted(plan.runs.items())
+                        if (source := read_json(r.config.run_dir / "run_source.json").get("copied_from"))},
         "cells": cells,
         "aggregates": aggregate_cells(cells, [a.name for a in plan.spec.axes]),
     }
@@ -243,6 +246,10 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
               f"{counts['shared_sft']} SFT checkpoints, each shared by the runs that differ only in Stage-2 settings"
               + (f"; {len(reused)} of them copied from another experiment with identical Stage-1 settings "
                  f"({', '.join(sorted({str(Path(v).parents[1].name) for v in reused.values()}))})" if reused else ""))
+    copied = summary.get("runs_reused") or {}
+    if copied:
+        shared += (f"; {len(copied)} run(s) copied from another experiment with an identical config: "
+                   + ", ".join(f"`{name}` = `{source}`" for name, source in copied.items()))
     lines += [f"Cells: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, of "
               f"{counts['cells']} ({counts['runs']} runs with controls; {shared}).", "",
               "True success from the simulator on fixed eval seeds never used in training. Over seeds: mean and "
