@@ -322,3 +322,14 @@ def test_only_collects_the_data_of_the_chosen_runs(tmp_path, monkeypatch):
     assert collected == ["pointmass"]  # the tabletop cells' demos are not collected for a point-mass-only run
     experiment._collect_datasets(plan, 1, False)
     assert collected == ["pointmass", "language-table"]
+
+
+def test_a_control_at_a_fractional_temperature_is_aggregated():
+    from selfimprove.experiment_report import aggregate_cells
+
+    result = {"success_rate": 0.5, "ci95": [0.2, 0.8], "eval_episodes": 10, "robot_episodes": 0, "demo_episodes": 5}
+    cells = [{"cell": f"a_seed{i}", "settings": {"x": "a", "seed": i}, "status": "done", "sft": result,
+              "improve": {**result, "robot_episodes": 3},
+              "controls": {"sft_temperature_0.5": {**result, "success_rate": 0.2 * (i + 1)}}} for i in range(2)]
+    (aggregate,) = aggregate_cells(cells, ["x"])
+    assert aggregate["stages"]["controls.sft_temperature_0.5"]["per_seed"] == [0.2, 0.4]

@@ -163,7 +163,7 @@ def aggregate_cells(cells: list[dict[str, Any]], axes: list[str]) -> list[dict[s
 
 def _get(cell: dict[str, Any], stage: str) -> dict[str, Any] | None:
     node: Any = cell
-    for part in stage.split("."):
+    for part in stage.split(".", 1):  # "controls.sft_temperature_0.5": the name itself may hold a dot
         node = node.get(part) if isinstance(node, dict) else None
     return node
 
