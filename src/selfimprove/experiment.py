@@ -437,33 +437,30 @@ def _reuse_stage1(config: RunConfig) -> Path | None:
     """
     from selfimprove.runlog import prepare_run
 
-    run_dir = config.run_dir
-    key = _stage1_key(config, "")
-    for saved in sorted(run_dir.parents[2].glob("*/_stage1/*/config.json")):
-        source = saved.parent
-        if source == run_dir or not (source / "checkpoints" / "sft" / "model.safetensors").exists():
+    source = _find_identical(config.run_dir.parents[2].glob("*/_stage1/*/checkpoints/sft/model.safetensors"),
+                             lambda saved: saved.parents[2], lambda c: _stage1_key(c, ""), _stage1_key(config, ""),
+                             own_root=config.run_dir.parents[1])
+    if source is None:
+        return None
+    prepare_run(config)
+    _prepare_cell(config, source)  # checkpoint, evaluations, SFT curve, and diagnostics when they match
+    _write_json(config.run_dir / "stage1_source.json", {"copied_from": str(source)})
+    log.info("Stage 1 reused from %s (identical settings): no SFT training", source)
+    return source
+
+
+def _find_identical(marks, folder_of, key_of, key: str, own_root: Path) -> Path | None:
+    """The first finished folder of another experiment (found by a file that marks it finished) whose
+    saved config has ``key``."""
+    for mark in sorted(marks):
+        folder = folder_of(mark)
+        if own_root in folder.parents:
             continue
         try:
-            if _stage1_key(config_from_dict(json.loads(saved.read_text())), "") != key:
-                continue
-        except (ConfigError, json.JSONDecodeError, KeyError, TypeError):
+            if key_of(config_from_dict(json.loads((folder / "config.json").read_text()))) == key:
+                return folder
+        except (ConfigError, OSError, json.JSONDecodeError, KeyError, TypeError):
             continue
-        prepare_run(config)
-        tmp = run_dir / "checkpoints" / ".sft.copy"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source / "checkpoints" / "sft", tmp, copy_function=_link_or_copy)
-        for item in [*source.glob("eval_sft*.json"), source / "metrics.jsonl"]:
-            if item.exists():
-                shutil.copy2(item, run_dir / item.name)
-        shared = source / "diagnostics" / "shared.json"
-        if shared.exists() and read_json(shared).get("key") == _diagnostics_key(config):
-            for folder in ("diagnostics", "videos"):
-                if (source / folder).is_dir():
-                    shutil.copytree(source / folder, run_dir / folder, dirs_exist_ok=True)
-        _write_json(run_dir / "stage1_source.json", {"copied_from": str(source)})
-        tmp.rename(run_dir / "checkpoints" / "sft")
-        log.info("Stage 1 reused from %s (identical settings): no SFT training", source)
-        return source
     return None
 
 
@@ -477,11 +474,11 @@ def _diagnostics_key(config: RunConfig) -> str:
 def _shared_diagnostics(config: RunConfig, sft_path: Path) -> None:
     """Diagnose the group's reward model and record the SFT videos once, for every run to copy."""
     from selfimprove.diagnose import run_diagnostics
+    from selfimprove.train.improve import reward_model_path
     from selfimprove.videos import record_videos
 
     run_dir = config.run_dir
-    reward_path = Path(config.improve.reward_model) if config.improve.reward_model else sft_path
-    run_diagnostics(config, reward_path, resume=True)
+    run_diagnostics(config, reward_model_path(config, sft_path), resume=True)
     record_videos(config, sft_path, "sft", resume=True)
     _write_json(run_dir / "diagnostics" / "shared.json", {"key": _diagnostics_key(config)})
 
@@ -527,16 +524,10 @@ def _reuse_run(config: RunConfig) -> Path | None:
     Every step of a run is seeded, so the copy is what the run would compute (e.g. ``pretraining``'s
     ``scratch`` cells are ``data-efficiency``'s cells). ``run_source.json`` names the source.
     """
-    run_dir, key = config.run_dir, _run_key(config)
-    for saved in sorted(run_dir.parents[1].glob("*/*/summary.json")):
-        source = saved.parent
-        if source.parent == run_dir.parent:
-            continue
-        try:
-            if _run_key(config_from_dict(json.loads((source / "config.json").read_text()))) != key:
-                continue
-        except (ConfigError, OSError, json.JSONDecodeError, KeyError, TypeError):
-            continue
+    run_dir = config.run_dir
+    source = _find_identical(run_dir.parents[1].glob("*/*/summary.json"), lambda saved: saved.parent, _run_key,
+                             _run_key(config), own_root=run_dir.parent)
+    if source is not None:
         tmp = run_dir.with_name(f".{run_dir.name}.copy")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("experiment.log"))

@@ -24,7 +24,7 @@ from selfimprove.diagnose import headline, run_diagnostics
 from selfimprove.domains import expert_for, make_env
 from selfimprove.runlog import MetricsLog, json_safe, prepare_run
 from selfimprove.train.guard import evaluate_best, guard_summary
-from selfimprove.train.improve import episodes_dir, improve
+from selfimprove.train.improve import episodes_dir, improve, reward_model_path
 from selfimprove.train.sft import sft
 from selfimprove.videos import record_videos
 
@@ -123,8 +123,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         sft_path = sft(config, resume=True, progress=progress)
         sft_eval = _json_step(run_dir / "eval_sft.json", resume, lambda: evaluate(config, sft_path))
         # runs/<name>/diagnostics/: of the frozen reward model Stage 2 will use (its own checkpoint when set)
-        reward_path = Path(config.improve.reward_model) if config.improve.reward_model else sft_path
-        reward_model = run_diagnostics(config, reward_path, resume)
+        reward_model = run_diagnostics(config, reward_model_path(config, sft_path), resume)
         record_videos(config, sft_path, "sft", resume=resume)
         improve_path = improve(config, sft_path, resume=True, progress=progress)
         improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))

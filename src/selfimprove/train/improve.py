@@ -51,6 +51,12 @@ def episodes_dir(config: RunConfig) -> Path:
 
 
 @torch.no_grad()
+def reward_model_path(config: RunConfig, sft_path: Path) -> Path:
+    """The frozen reward model Stage 2 uses: ``improve.reward_model`` when set (e.g. practising on from
+    an SI policy), else the SFT checkpoint it starts from."""
+    return Path(config.improve.reward_model) if config.improve.reward_model else Path(sft_path)
+
+
 def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np.ndarray]:
     """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels.
 
@@ -140,7 +146,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         raise RunStateError(f"{latest} already exists; pass --resume to continue it or choose another --name")
     prepare_run(config)
     seed_everything(config.seed, config.torch_threads)
-    reward_path = Path(cfg.reward_model) if cfg.reward_model else sft_path  # e.g. practising on from an SI policy
+    reward_path = reward_model_path(config, sft_path)
     reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
     policy, _ = load_checkpoint(sft_path, expect_domain=config.domain)  # a separate, trainable copy
     optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr)
