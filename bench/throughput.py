@@ -4,7 +4,7 @@ Prints a table of SFT samples/s (float32 with 1 and 2 torch threads; bfloat16 au
 when the CPU computes bfloat16 natively, see ``precision``), fleet env-steps/s with batched policy +
 reward-model inference (for 1, 4, 16 robots), the REINFORCE update rate, and one Self-Improvement
 iteration's split between collecting and updating; the last line is one JSON object with every
-figure. Usage: ``python bench/throughput.py [--preset language-table] [--quick]``.
+figure. Usage: ``python bench/throughput.py [--preset language-table] [--quick] [--set section.field=value ...]``.
 """
 
 from __future__ import annotations
@@ -68,11 +68,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter measurements")
     parser.add_argument("--preset", default="pointmass", help="config preset to measure")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field of the preset (repeatable)")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 6.0
     fleet_steps = 2048 if args.quick else 8192
     with tempfile.TemporaryDirectory() as tmp:
-        config = load_config(args.preset, [f"runs_dir={tmp}", "data.episodes=300", "data.collect_workers=1"])
+        config = load_config(args.preset, [f"runs_dir={tmp}", "data.episodes=300", "data.collect_workers=1",
+                                             *args.set])
         collect_demos(config, progress=False)
         frames = EpisodeStore(config.dataset_path).frames()
         rows, figures = [], {}
