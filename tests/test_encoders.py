@@ -22,6 +22,7 @@ from selfimprove.model.vision import (  # noqa: E402
     ImageEncoder,
     MobileNetV2,
     SpatialSoftmax,
+    frozen_mobilenet_forward,
     load_mobilenet_v2_imagenet_state_dict,
     load_pretrained_mobilenet_v2,
 )
@@ -96,6 +97,22 @@ def test_imagenet_weights_load_strictly_and_classify_a_real_photo():
         logits = model(x)
     assert torch.isfinite(logits).all()
     assert logits.argmax().item() == 652
+
+
+@pytest.mark.parametrize("stride", [8, 32])
+def test_frozen_trunk_folds_batchnorm_without_changing_features(stride):
+    """The frozen fast path (BatchNorm folded into the convs, channels-last) computes the plain trunk."""
+    enc = ImageEncoder(init="pretrained", trunk="mobilenet_v2", output_stride=stride, freeze=True, frames=2)
+    x = _frames(3, 2, 64, 64, 3)
+    with torch.no_grad():
+        fast = enc(x)
+        norm = ((x.reshape(6, 64, 64, 3).permute(0, 3, 1, 2).float() / 255.0) - enc.mean) / enc.std
+        plain = enc.trunk(norm)
+        plain = plain.reshape(3, 2 * plain.shape[1], *plain.shape[2:])
+        channels_last = frozen_mobilenet_forward(enc.trunk, norm.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(fast, plain, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(channels_last.contiguous(), enc.trunk(norm), atol=1e-4, rtol=1e-4)
+    assert not any(p.requires_grad for p in enc.trunk.parameters())
 
 
 def test_pretrained_features_differ_from_scratch():

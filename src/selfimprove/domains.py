@@ -210,15 +210,15 @@ def shift_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tenso
     h, w = image.shape[-3], image.shape[-2]
     metres_per_row, metres_per_col = (VIEW_X[1] - VIEW_X[0]) / h, (VIEW_Y[1] - VIEW_Y[0]) / w
     k = max_pixels
-    flat = image.reshape(-1, h, w, image.shape[-1]).permute(0, 3, 1, 2).float()
-    padded = torch.nn.functional.pad(flat, (k, k, k, k), mode="replicate").to(image.dtype)
-    padded = padded.permute(0, 2, 3, 1).reshape(*image.shape[:-3], h + 2 * k, w + 2 * k, image.shape[-1])
-    out = image.clone()
     offsets = torch.randint(-k, k + 1, (len(rows), 2), generator=generator)
     offsets[~rows] = 0
-    for i in torch.nonzero(rows).flatten().tolist():
-        dr, dc = int(offsets[i, 0]), int(offsets[i, 1])
-        out[i] = padded[i, ..., k + dr:k + dr + h, k + dc:k + dc + w, :]
+    # Edge padding then a crop at the offset is a gather at clamped indices: one op on the uint8 batch.
+    r = (torch.arange(h)[None, :] + offsets[:, :1]).clamp(0, h - 1)  # [B, h]
+    c = (torch.arange(w)[None, :] + offsets[:, 1:]).clamp(0, w - 1)  # [B, w]
+    flat = image.reshape(len(rows), -1, h, w, image.shape[-1])
+    b = torch.arange(len(rows))[:, None, None, None]
+    f = torch.arange(flat.shape[1])[None, :, None, None]
+    out = flat[b, f, r[:, None, :, None], c[:, None, None, :]].reshape(image.shape)
     obs["image"] = out
     delta = torch.stack([-offsets[:, 0] * metres_per_row, -offsets[:, 1] * metres_per_col], dim=1).float()
     for key in ("effector", "effector_target"):
