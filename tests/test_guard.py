@@ -165,6 +165,25 @@ def test_pipeline_summary_and_report_show_the_guarded_best(trained_quick, tmp_pa
     assert (config.run_dir / "guard.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("scores,same_as", [([0.9, 0.5, 0.4], "sft"), ([0.1, 0.2, 0.3], "improve")])
+def test_a_best_that_is_the_sft_or_final_policy_takes_over_its_evaluation(trained_quick, tmp_path, monkeypatch,
+                                                                           scores, same_as):
+    _fixed_scores(monkeypatch, scores)
+    config = _config(trained_quick, tmp_path, f"same_{same_as}", 2, "eval.episodes=20", "eval.videos=0")
+    shutil.copytree(sft_checkpoint(trained_quick), sft_checkpoint(config))
+    evaluated = []
+    real = guard_module.evaluate
+    monkeypatch.setattr(guard_module, "evaluate", lambda *a, **k: evaluated.append(a[1]) or real(*a, **k))
+    run_pipeline(config, resume=True, progress=False)
+    assert evaluated == []  # the best checkpoint was not rolled out again
+    best = json.loads((config.run_dir / "eval_best.json").read_text())
+    source = sft_checkpoint(config) if same_as == "sft" else improve_checkpoint(config)
+    assert best["same_weights_as"] == str(source)
+    recomputed = real(config, best_checkpoint(config))  # and the numbers are what a rollout gives
+    assert {k: best[k] for k in ("success_rate", "ci95", "mean_episode_length")} == \
+        {k: recomputed[k] for k in ("success_rate", "ci95", "mean_episode_length")}
+
+
 def test_guard_off_writes_no_best_and_no_guard_fields(trained_quick, tmp_path):
     config = _config(trained_quick, tmp_path, "off", 1, "improve.guard=false")
     improve(config, sft_checkpoint(trained_quick), progress=False)

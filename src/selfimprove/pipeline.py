@@ -127,7 +127,8 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         record_videos(config, sft_path, "sft", resume=resume)
         improve_path = improve(config, sft_path, resume=True, progress=progress)
         improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
-        best_eval = evaluate_best(config, resume)  # the guard's checkpoints/best (true success: diagnostic)
+        # the guard's checkpoints/best (true success: diagnostic); not re-run when it is the SFT or final policy
+        best_eval = evaluate_best(config, resume, {sft_path: sft_eval, improve_path: improve_eval})
         record_videos(config, improve_path, "improve", resume=resume)
         controls = {f"sft_temperature_{t:g}": _json_step(
             run_dir / f"eval_sft_t{t:g}.json", resume, lambda t=t: evaluate(config, sft_path, temperature=t))

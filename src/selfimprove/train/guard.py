@@ -26,6 +26,7 @@ are scored, as on a real robot where the simulator's flag does not exist.
 
 from __future__ import annotations
 
+import filecmp
 import json
 import logging
 import math
@@ -303,10 +304,15 @@ class Guard:
 
 # -- after a run: summary and report --------------------------------------------------------------
 
-def evaluate_best(config: RunConfig, resume: bool = False) -> dict[str, Any] | None:
+def evaluate_best(config: RunConfig, resume: bool = False,
+                  evaluated: dict[Path, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """True success of ``checkpoints/best`` on the eval seeds (diagnostic only), cached in ``eval_best.json``.
 
-    The cache is reused on ``resume`` only while it belongs to the same best iteration.
+    ``evaluated`` maps checkpoints already evaluated with the same settings (the SFT and the final
+    policy) to their results: when the best checkpoint holds the same weights as one of them (the
+    guard often keeps the SFT policy or the last one), that result is taken over instead of
+    recomputed; evaluation is deterministic, so the numbers are the same. The cache is reused on
+    ``resume`` only while it belongs to the same best iteration.
     """
     path = best_checkpoint(config)
     if not config.improve.guard or not recover_checkpoint(path):
@@ -317,12 +323,22 @@ def evaluate_best(config: RunConfig, resume: bool = False) -> dict[str, Any] | N
         cached = json.loads(cache.read_text())
         if cached.get("best_iteration") == iteration:
             return cached
-    result = {k: v for k, v in evaluate(config, path).items() if k != "episodes"}
+    same = next((other for other in (evaluated or {}) if _same_weights(path, Path(other))), None)
+    if same is not None:
+        result = {**evaluated[same], "checkpoint": str(path), "same_weights_as": str(same)}
+    else:
+        result = {k: v for k, v in evaluate(config, path).items() if k != "episodes"}
     result["best_iteration"] = iteration
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     tmp.replace(cache)
     return result
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold byte-identical weights."""
+    fa, fb = a / "model.safetensors", b / "model.safetensors"
+    return fa.exists() and fb.exists() and filecmp.cmp(fa, fb, shallow=False)
 
 
 def guard_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
