@@ -333,3 +333,14 @@ def test_a_control_at_a_fractional_temperature_is_aggregated():
               "controls": {"sft_temperature_0.5": {**result, "success_rate": 0.2 * (i + 1)}}} for i in range(2)]
     (aggregate,) = aggregate_cells(cells, ["x"])
     assert aggregate["stages"]["controls.sft_temperature_0.5"]["per_seed"] == [0.2, 0.4]
+
+
+def test_stage1_groups_are_scheduled_before_runs(monkeypatch):
+    """Longest tasks first: every ready SFT group starts before any run, so no SFT is left to run alone at the end."""
+    order = []
+    monkeypatch.setattr(experiment, "_execute", lambda task: order.append(task["name"]) or {"status": "done"})
+    tasks = {name: {"name": name, "kind": kind} for name, kind in
+             [("stage1:a", "stage1"), ("a", "run"), ("a_const", "run"), ("stage1:b", "stage1"), ("b", "run")]}
+    depends = {"a": "stage1:a", "a_const": "stage1:a", "b": "stage1:b"}
+    experiment._schedule(tasks, depends, 1, lambda *args: None, threads=1)
+    assert order == ["stage1:a", "stage1:b", "a", "a_const", "b"]

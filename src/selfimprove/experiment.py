@@ -633,10 +633,12 @@ def _schedule(tasks: dict[str, dict[str, Any]], depends: dict[str, str | None], 
     waiting = list(tasks)
 
     def ready() -> str | None:
-        for prefer_runs in (True, False):
+        # Stage-1 groups first: each is the longest task and unlocks its runs, so the grid never ends
+        # with one SFT running alone while the other workers idle (longest-first scheduling).
+        for want_stage1 in (True, False):
             for name in waiting:
                 dep = depends.get(name)
-                if (dep is None or dep in finished) and (tasks[name]["kind"] != "stage1") == prefer_runs:
+                if (dep is None or dep in finished) and (tasks[name]["kind"] == "stage1") == want_stage1:
                     return name
         return None
 
