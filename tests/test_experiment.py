@@ -168,6 +168,9 @@ low = ["improve.lr=1e-4"]
     report = (other_root / "report.md").read_text()
     assert "1 of them copied from another experiment with identical Stage-1 settings (tiny)" in report
     assert "1 run(s) copied from another experiment with an identical config" in report
+    # and the experiment that copied them resumes (a copied run keeps its source's name in config.json)
+    resumed = run_experiment(str(other), runs_dir=runs, resume=True, parallel=1, progress=False)
+    assert resumed["counts"] == result["counts"] and resumed["runs_reused"] == result["runs_reused"]
 
 
 def test_failed_cell_is_reported_and_the_others_finish(tmp_path, capsys):

@@ -732,6 +732,8 @@ def _check_existing(plan: ExperimentPlan) -> None:
         if run_dir.parent.name == "_stage1":  # a shared SFT only depends on its Stage-1 settings
             old = {k: old.get(k) for k in _STAGE1_SECTIONS}
             new = {k: new[k] for k in _STAGE1_SECTIONS}
+        else:  # where the folder is, not what it computes: a run copied from another experiment keeps its source's
+            old, new = ({**c, "name": "", "runs_dir": ""} for c in (old, new))
         diff = _config_diff(old, new)
         if diff:
             raise RunStateError(f"{run_dir} was run with a different config (differs in {', '.join(diff[:8])}); "
