@@ -319,16 +319,13 @@ class ImageEncoder(nn.Module):
             raise ValueError(f"encoder was built for {self.frames} frame(s), got {f}")
         x = images.reshape(b * f, h, w, 3).permute(0, 3, 1, 2)
         x = x.float() / 255.0 if images.dtype == torch.uint8 else x.float()
-        x = ((x - self.mean) / self.std).contiguous()
+        x = (x - self.mean) / self.std
         if self.freeze and self.trunk_kind == "mobilenet_v2":
             with torch.no_grad():  # nothing upstream needs gradients, so skip storing activations
                 x = frozen_mobilenet_forward(self.trunk, x.contiguous(memory_format=torch.channels_last))
             x = x.contiguous()
-        elif self.freeze:
-            with torch.no_grad():
-                x = self.trunk(x)
-        else:
-            x = self.trunk(x)
+        else:  # freeze needs the pretrained MobileNetV2, so a trunk reaching here is trained
+            x = self.trunk(x.contiguous())
         x = x.reshape(b, f * x.shape[1], x.shape[2], x.shape[3])
         return self.proj(x) if self.proj is not None else x
 

@@ -149,13 +149,16 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     reward_path = reward_model_path(config, sft_path)
     reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
     policy, _ = load_checkpoint(sft_path, expect_domain=config.domain)  # a separate, trainable copy
-    optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, fused=True)
+    def make_optimizer(m: EmbodiedModel) -> torch.optim.Optimizer:
+        return torch.optim.Adam(m.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel, as in SFT
+
+    optimizer = make_optimizer(policy)
     metrics = MetricsLog.for_run(config)
     start, history = 0, []
     counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
     if resume and latest.exists():
         policy, _ = load_checkpoint(latest, expect_domain=config.domain)
-        optimizer = torch.optim.Adam(policy.parameters(), lr=cfg.lr, fused=True)
+        optimizer = make_optimizer(policy)
         tensors, state = load_train_state(latest)
         restore_optimizer(optimizer, tensors, state)
         start, history, counters = int(state["iteration"]), state["history"], state["counters"]
