@@ -69,7 +69,7 @@ class FiLMConvStack(nn.Module):
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         for conv, norm, film in zip(self.convs, self.norms, self.films):
             x = norm(conv(x))
-            x = torch.relu(film(x, cond) if self.film else x)
+            x = torch.relu_(film(x, cond) if self.film else x)  # in place: the norm/FiLM output is a temporary
         return x
 
 

@@ -435,4 +435,4 @@ class FiLM(nn.Module):
             raise ValueError(f"FiLM built for {self.channels} channels, got {x.shape[1]}")
         gamma, beta = self.proj(cond).chunk(2, dim=-1)
         shape = (x.shape[0], self.channels) + (1,) * (x.dim() - 2)
-        return x * (1.0 + gamma.reshape(shape)) + beta.reshape(shape)
+        return torch.addcmul(beta.reshape(shape), x, 1.0 + gamma.reshape(shape))  # one pass over x
