@@ -103,6 +103,47 @@ def test_improve_without_a_fixed_threshold_uses_the_recommended_s(trained_quick,
     assert detector["recommended"] == result["recommended_s"]
 
 
+def test_held_out_pass_is_cached_for_the_same_weights_only(diagnosed, tmp_path):
+    """Stage 2 reads the diagnostics' pass over the held-out demos instead of repeating it."""
+    import torch
+
+    from selfimprove.model.checkpoint import load_checkpoint
+    from selfimprove.reward import StepsToGoReward
+    from selfimprove.train.improve import HELD_OUT_CACHE, demo_steps_to_go
+
+    config, out, _ = diagnosed
+    cache = out / HELD_OUT_CACHE
+    assert cache.exists()  # written by diagnose
+    model, _ = load_checkpoint(sft_checkpoint(config))
+    fresh = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config)
+    copy = tmp_path / HELD_OUT_CACHE
+    shutil.copy(cache, copy)
+    calls = []
+    original = StepsToGoReward.steps_to_go
+
+    def counted(self, obs):
+        calls.append(1)
+        return original(self, obs)
+
+    StepsToGoReward.steps_to_go = counted
+    try:
+        cached = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, copy)
+        assert not calls  # read, not recomputed
+        assert set(cached) == set(fresh)
+        for key in fresh:
+            np.testing.assert_array_equal(cached[key], fresh[key])
+        with torch.no_grad():  # other weights: the cache is not theirs
+            next(model.parameters()).add_(0.1)
+        changed = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, copy)
+        assert calls and not np.array_equal(changed["d"], fresh["d"])
+        copy.write_bytes(b"not an npz")  # corrupt: computed again, and rewritten
+        again = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, copy)
+        np.testing.assert_array_equal(again["d"], changed["d"])
+        assert np.load(copy)["d"].shape == changed["d"].shape
+    finally:
+        StepsToGoReward.steps_to_go = original
+
+
 def test_cli_reads_the_run_folder_and_writes_beside_the_checkpoint(trained_quick, tmp_path, capsys):
     run = tmp_path / "runs" / "old-run"
     shutil.copytree(sft_checkpoint(trained_quick), run / "checkpoints" / "sft")

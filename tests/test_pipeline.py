@@ -43,6 +43,14 @@ def test_quick_run_end_to_end_writes_summary_report_and_plots(tmp_path):
     assert summary["improve"]["robot_episodes"] == store.num_episodes > 0
     versions = {store.episode_meta(i)["policy_version"] for i in range(store.num_episodes)}
     assert versions == {0, 1, 2}
+    # the learning curve starts at the SFT evaluation and ends at the final one: neither is run twice
+    points = [r for r in improve_records(config) if "eval_success_rate" in r]
+    assert [p["iteration"] for p in points] == [0, 3]
+    for point, stage in zip(points, ("sft", "improve")):
+        assert point["eval_success_rate"] == summary[stage]["success_rate"]
+        assert point["eval_episodes"] == config.eval.episodes
+    assert json.loads((config.run_dir / "eval_improve.json").read_text())["checkpoint"] == str(
+        config.run_dir / "checkpoints" / "improve")
     report = (config.run_dir / "report.md").read_text()
     assert "Self-Improvement (stage 2)" in report and "precision" in report
     assert (config.run_dir / "improvement.png").stat().st_size > 1000

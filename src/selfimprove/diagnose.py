@@ -132,11 +132,15 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
     return config
 
 
-def held_out_demos(model: EmbodiedModel, config: RunConfig) -> tuple[FrameSet, np.ndarray]:
-    """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), and goal-frame labels."""
+def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None = None
+                   ) -> tuple[FrameSet, np.ndarray]:
+    """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), and goal-frame labels.
+
+    ``cache``: see :func:`selfimprove.train.improve.demo_steps_to_go` (a run's Stage 2 reads it).
+    """
     from selfimprove.train.improve import demo_steps_to_go
 
-    frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config)
+    frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, cache)
     starts = np.asarray(frames["episode_start"], dtype=np.int64)
     sizes = np.diff(np.append(starts, len(frames["d"])))
     return FrameSet(d=frames["d"].astype(np.float64), success=frames["true_success"],
@@ -377,7 +381,9 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     torch.set_num_threads(config.torch_threads)
     model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
-    demos, goal = held_out_demos(model, config)
+    from selfimprove.train.improve import HELD_OUT_CACHE
+
+    demos, goal = held_out_demos(model, config, out / HELD_OUT_CACHE)
     choice = recommend_threshold(demos.d, goal)
     s = choice["threshold"]
     result: dict[str, Any] = {

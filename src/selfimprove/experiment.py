@@ -34,7 +34,7 @@ from tqdm import tqdm
 from selfimprove.config import PRESET_DIR, RunConfig, _merge, config_from_dict, load_config, parse_override
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.pipeline import run_pipeline
-from selfimprove.runlog import json_safe, read_json
+from selfimprove.runlog import read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -387,12 +387,6 @@ def _stage1_dir(group: Stage1Group) -> Path:
     return group.config.run_dir
 
 
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
-    tmp.replace(path)
-
-
 def _run_stage1(task: dict[str, Any]) -> dict[str, Any]:
     """Train (or copy in) the shared SFT checkpoint and evaluate it at every temperature the runs use."""
     from selfimprove.evaluate import evaluate
@@ -422,7 +416,7 @@ def _run_stage1(task: dict[str, Any]) -> dict[str, Any]:
     for name, temp in [("eval_sft.json", None)] + [(f"eval_sft_t{t:g}.json", t)
                                                      for t in config.eval.control_temperatures]:
         if not (run_dir / name).exists():
-            _write_json(run_dir / name, evaluate(config, path, temperature=temp))
+            write_json(run_dir / name, evaluate(config, path, temperature=temp))
     _shared_diagnostics(config, path)
     return {"status": "done"}
 
@@ -444,7 +438,7 @@ def _reuse_stage1(config: RunConfig) -> Path | None:
         return None
     prepare_run(config)
     _prepare_cell(config, source)  # checkpoint, evaluations, SFT curve, and diagnostics when they match
-    _write_json(config.run_dir / "stage1_source.json", {"copied_from": str(source)})
+    write_json(config.run_dir / "stage1_source.json", {"copied_from": str(source)})
     log.info("Stage 1 reused from %s (identical settings): no SFT training", source)
     return source
 
@@ -480,7 +474,7 @@ def _shared_diagnostics(config: RunConfig, sft_path: Path) -> None:
     run_dir = config.run_dir
     run_diagnostics(config, reward_model_path(config, sft_path), resume=True)
     record_videos(config, sft_path, "sft", resume=True)
-    _write_json(run_dir / "diagnostics" / "shared.json", {"key": _diagnostics_key(config)})
+    write_json(run_dir / "diagnostics" / "shared.json", {"key": _diagnostics_key(config)})
 
 
 def _prepare_cell(config: RunConfig, stage1_dir: Path) -> None:
@@ -531,7 +525,7 @@ def _reuse_run(config: RunConfig) -> Path | None:
         tmp = run_dir.with_name(f".{run_dir.name}.copy")
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("experiment.log"))
-        _write_json(tmp / "run_source.json", {"copied_from": str(source)})
+        write_json(tmp / "run_source.json", {"copied_from": str(source)})
         run_dir.mkdir(parents=True, exist_ok=True)
         # summary.json (what marks a run finished) moves in last: an interrupted copy is resumed, not trusted
         for item in sorted(tmp.iterdir(), key=lambda p: p.name == "summary.json"):
@@ -832,12 +826,12 @@ def run_experiment(name: str, quick: bool = False, resume: bool = False, paralle
             timing.setdefault("invocations", []).append({"parallel": parallel, "only": only or None,
                                                          "seconds": round(time.time() - t0, 1)})
             plan.root.mkdir(parents=True, exist_ok=True)
-            _write_json(plan.root / "timing.json", timing)
+            write_json(plan.root / "timing.json", timing)
     from selfimprove.experiment_report import summarize_experiment, write_experiment_report
 
     summary = summarize_experiment(plan)
     summary["timing"] = read_json(plan.root / "timing.json") or None
-    _write_json(plan.root / "summary.json", summary)
+    write_json(plan.root / "summary.json", summary)
     write_experiment_report(plan.root, summary)
     return summary
 
@@ -895,7 +889,7 @@ def _execute_plan(plan: ExperimentPlan, selected: list[str], parallel: int, prog
 
     def on_done(name: str, task: dict[str, Any], result: dict[str, Any]) -> None:
         status[name] = {k: result.get(k) for k in ("status", "error", "seconds")}
-        _write_json(status_path, status)
+        write_json(status_path, status)
         if result["status"] != "done":
             failures.append(name)
             log.error("%s failed: %s (log: %s)", name, result.get("error"), task["log"])

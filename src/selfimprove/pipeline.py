@@ -125,8 +125,12 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         # runs/<name>/diagnostics/: of the frozen reward model Stage 2 will use (its own checkpoint when set)
         reward_model = run_diagnostics(config, reward_model_path(config, sft_path), resume)
         record_videos(config, sft_path, "sft", resume=resume)
-        improve_path = improve(config, sft_path, resume=True, progress=progress)
-        improve_eval = _json_step(run_dir / "eval_improve.json", resume, lambda: evaluate(config, improve_path))
+        # the learning curve's first and last points are the SFT and final evaluations (not repeated)
+        final_path = run_dir / "eval_improve.json"
+        improve_path = improve(config, sft_path, resume=True, progress=progress, sft_eval=sft_eval,
+                               final_eval=final_path)
+        # a fresh run's folder started empty, so an eval_improve.json now is the one improve() just wrote
+        improve_eval = _json_step(final_path, True, lambda: evaluate(config, improve_path))
         # the guard's checkpoints/best (true success: diagnostic); not re-run when it is the SFT or final policy
         best_eval = evaluate_best(config, resume, {sft_path: sft_eval, improve_path: improve_eval})
         record_videos(config, improve_path, "improve", resume=resume)

@@ -187,7 +187,8 @@ def _eval_point_rows(records: list[dict[str, Any]], sft_eval: dict, improve_eval
     for label, r in chosen:
         ci = r.get("eval_ci95") or [None, None]
         rows.append(f"| {label} | {_fmt(r['eval_success_rate'])} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
-                    f"{_fmt(r.get('eval_mean_length'), 1)} | {n} | {r.get('robot_episodes', '')} |")
+                    f"{_fmt(r.get('eval_mean_length'), 1)} | {r.get('eval_episodes', n)} | "
+                    f"{r.get('robot_episodes', '')} |")
     return rows
 
 

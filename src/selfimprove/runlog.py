@@ -29,6 +29,14 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as JSON atomically (a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
+    tmp.replace(path)
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     """A run's JSON file, or {} when it is missing or still being written."""
     path = Path(path)

@@ -10,6 +10,7 @@ to continue it bit for bit (``--resume``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -33,7 +34,7 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, detector_table, discounted_returns, recommend_threshold
-from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
+from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
 from selfimprove.train.objectives import ppo_update, update_epochs
 from selfimprove.train.precision import autocast
 from selfimprove.train.guard import Guard
@@ -50,34 +51,66 @@ def episodes_dir(config: RunConfig) -> Path:
     return config.run_dir / "improve_episodes"
 
 
-@torch.no_grad()
 def reward_model_path(config: RunConfig, sft_path: Path) -> Path:
     """The frozen reward model Stage 2 uses: ``improve.reward_model`` when set (e.g. practising on from
     an SI policy), else the SFT checkpoint it starts from."""
     return Path(config.improve.reward_model) if config.improve.reward_model else Path(sft_path)
 
 
-def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig) -> dict[str, np.ndarray]:
+HELD_OUT_CACHE = "held_out_d.npz"  # in a run's diagnostics/: d on the held-out demos, shared by diagnose and Stage 2
+
+
+def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | None = None) -> dict[str, np.ndarray]:
     """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels.
 
     Also each frame's ``frame_index`` and true ``steps_to_go`` (T - t) and each episode's first row
-    (``episode_start``), for the diagnostics.
+    (``episode_start``), for the diagnostics. With ``cache`` (an ``.npz`` path) the arrays are read
+    from there when it was written for the same reward-model weights and held-out split, and
+    written there otherwise: the diagnostics and every Stage-2 run from one SFT checkpoint need the
+    same pass over the held-out demos.
     """
     store = EpisodeStore(config.dataset_path)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
+    key = _held_out_key(reward.model, config, val_idx) if cache is not None else ""
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache) as saved:
+                if str(saved["key"]) == key:
+                    return {k: saved[k] for k in saved.files if k != "key"}
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # unreadable: compute again
+            log.warning("ignoring the unreadable held-out cache %s (%s)", cache, exc)
     frames = store.frames(val_idx)
     source = frame_source(frames, reward.model.spec)
     d = np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + 1024, len(frames.frame_index)))))
                         for i in range(0, len(frames.frame_index), 1024)])
     true = frames.extras.get("info.is_success", frames.is_terminal)
-    return {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool),
-            "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
+    out = {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool),
+           "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez_compressed(tmp, key=np.array(key), **out)
+        tmp.replace(cache)
+    return out
 
 
-def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig) -> dict[str, Any]:
+def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) -> str:
+    """What d on the held-out demos depends on: the model's weights and which frames of which store."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    info = config.dataset_path / "meta" / "info.json"
+    h.update(str(config.dataset_path.resolve()).encode())
+    h.update(info.read_bytes() if info.exists() else b"")
+    h.update(np.asarray(val_idx, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Path | None = None) -> dict[str, Any]:
     """Choose the success threshold ``s`` on held-out demos (or take the configured one)."""
     probe = StepsToGoReward(reward_model, threshold=0.0)
-    frames = demo_steps_to_go(probe, config)
+    frames = demo_steps_to_go(probe, config, cache)
     choice = recommend_threshold(frames["d"], frames["goal_frame"])  # the one rule; `selfimprove diagnose` too
     recommended = choice["threshold"]
     if max(row["f1"] for row in choice["table"]) == 0:
@@ -137,8 +170,15 @@ def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, so
 
 
 def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool = False,
-            progress: bool = True) -> Path:
-    """Run Stage 2 and return the path of the ``improve`` checkpoint (the trained policy)."""
+            progress: bool = True, sft_eval: dict[str, Any] | None = None,
+            final_eval: Path | None = None) -> Path:
+    """Run Stage 2 and return the path of the ``improve`` checkpoint (the trained policy).
+
+    With ``improve.eval_every`` set, the learning curve's evaluation points are taken on the way:
+    ``sft_eval`` (the SFT checkpoint's evaluation, when the caller has it) is the iteration-0 point
+    instead of a new, smaller one; with ``final_eval`` the last point is the full evaluation of the
+    final policy (``eval.episodes``), also written there, so the caller need not repeat it.
+    """
     cfg = config.improve
     sft_path = Path(sft_path) if sft_path is not None else sft_checkpoint(config)
     latest = improve_checkpoint(config)
@@ -165,7 +205,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         detector = state["detector"]
         log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", start, counters["robot_episodes"])
     else:
-        detector = calibrate_detector(reward_model, config)
+        detector = calibrate_detector(reward_model, config, config.run_dir / "diagnostics" / HELD_OUT_CACHE)
         if episodes_dir(config).exists():
             truncate_store(episodes_dir(config), 0)
     (config.run_dir / "detector.json").write_text(json.dumps(detector, indent=2) + "\n")
@@ -184,7 +224,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
              if cfg.guard else None)
     if start == 0 and (cfg.eval_every > 0 or guard is not None):
         record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
-                  **(_eval_point(config, sft_path) if cfg.eval_every > 0 else {}),
+                  **(_eval_point(sft_eval or evaluate(config, sft_path, episodes=cfg.eval_episodes))
+                     if cfg.eval_every > 0 else {}),
                   **(guard.check(policy, 0) if guard is not None else {})}
         history.append(record)
         metrics.append(record)
@@ -252,7 +293,12 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
                 tmp = checkpoint_dir(config) / "improve_eval"
                 save_checkpoint(policy, tmp, meta={"stage": "improve", "iteration": it + 1})
-                record.update(_eval_point(config, tmp))
+                if last and final_eval is not None:  # the final policy's full evaluation, once
+                    result = {**evaluate(config, tmp), "checkpoint": str(latest)}
+                    write_json(final_eval, result)
+                else:
+                    result = evaluate(config, tmp, episodes=cfg.eval_episodes)
+                record.update(_eval_point(result))
             if guard is not None:
                 record.update(guard.after_iteration(policy, it + 1, last, episodes))
             history.append(record)
@@ -316,7 +362,7 @@ def make_fleet(config: RunConfig, spec, reward: StepsToGoReward | None):
     return LocalFleet(env_factory, spec, f.robots, reward, reset_free=f.reset_free, reset_every=f.reset_every)
 
 
-def _eval_point(config: RunConfig, checkpoint: Path) -> dict[str, Any]:
-    result = evaluate(config, checkpoint, episodes=config.improve.eval_episodes)
+def _eval_point(result: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation's fields in a learning-curve record."""
     return {"eval_success_rate": result["success_rate"], "eval_ci95": result["ci95"],
-            "eval_mean_length": result["mean_episode_length"]}
+            "eval_mean_length": result["mean_episode_length"], "eval_episodes": result["eval_episodes"]}
