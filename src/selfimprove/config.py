@@ -116,7 +116,7 @@ class ImproveConfig:
     reward_model: str = ""  # frozen reward model + detector checkpoint; empty: the SFT checkpoint Stage 2 starts from
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
-    eval_episodes: int = 100  # episodes per eval point (eval_every)
+    eval_episodes: int = 100  # per eval point; `selfimprove run` takes its first and last from the SFT and final evals
     guard: bool = True  # score the policy on validation boards with the frozen model; keep checkpoints/best
     guard_every: int | None = None  # iterations between guard checks; None: eval_every (0: first and last only)
     guard_episodes: int = 32  # validation episodes per guard check (robot episodes, reported apart from practice)

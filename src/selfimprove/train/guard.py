@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,8 +94,6 @@ def _mirror_pointmass_view(obs: dict) -> dict:
     return out
 
 
-VIEWS: dict[str, Callable[[dict], dict]] = {"language-table": _mirror_tabletop_view,
-                                             "pointmass": _mirror_pointmass_view}
 
 
 def _shift_tabletop_view(seed: int, max_pixels: int = 3) -> Callable[[dict], dict]:
@@ -107,25 +105,38 @@ def _shift_tabletop_view(seed: int, max_pixels: int = 3) -> Callable[[dict], dic
     return view
 
 
+@dataclass(frozen=True)
+class DomainViews:
+    """A domain's label-preserving view changes: its mirror, in words too, and whether scenes shift."""
+
+    mirror: Callable[[dict], dict]
+    mirror_words: str
+    shifts: bool = False  # small scene shifts as well (image domains)
+
+
+VIEWS: dict[str, DomainViews] = {
+    "language-table": DomainViews(_mirror_tabletop_view, "the left-right mirror of the board", shifts=True),
+    "pointmass": DomainViews(_mirror_pointmass_view, "the mirror about y = 0"),
+}
+
+
 def views_for(domain: str, shifts: int = 0) -> list[Callable[[dict], dict]]:
     """Label-preserving view changes of ``domain``: the mirror first, then ``shifts`` random shifts.
 
     Empty for a domain without known symmetries (a task of your own): the guard then scores plain detections.
     """
-    views = [VIEWS[domain]] if domain in VIEWS else []
-    if domain == "language-table":
-        views += [_shift_tabletop_view(j) for j in range(shifts)]
-    return views
-
-
-VIEW_NAMES = {"language-table": "the left-right mirror of the board", "pointmass": "the mirror about y = 0"}
+    known = VIEWS.get(domain)
+    if known is None:
+        return []
+    return [known.mirror] + ([_shift_tabletop_view(j) for j in range(shifts)] if known.shifts else [])
 
 
 def describe_views(domain: str | None, shifts: int = GUARD_SHIFTS) -> str:
     """The guard's view changes of ``domain`` in words, as :func:`views_for` makes them ('' if none)."""
-    if domain not in VIEW_NAMES:
+    known = VIEWS.get(domain or "")
+    if known is None:
         return ""
-    return VIEW_NAMES[domain] + (f" and {shifts} small scene shifts" if domain == "language-table" and shifts else "")
+    return known.mirror_words + (f" and {shifts} small scene shifts" if known.shifts and shifts else "")
 
 
 @torch.no_grad()
