@@ -135,6 +135,15 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
     with pytest.raises(RunStateError, match="improve.lr"):
         run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False,
                        overrides=["improve.lr=1e-5"])
+    # ... but only in the cells asked for: --only f50 leaves a differing f100 folder alone
+    saved = Path(cells["f100_seed0"]["run_dir"]) / "config.json"
+    original = saved.read_text()
+    saved.write_text(json.dumps({**json.loads(original), "improve": {
+        **json.loads(original)["improve"], "lr": 1e-5}}))
+    with pytest.raises(RunStateError, match="f100_seed0 was run with a different config"):
+        run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False)
+    run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False, only=["f50*"])
+    saved.write_text(original)
 
     # another experiment copies what it shares with this one instead of computing it again: the SFT
     # (identical Stage-1 settings) and the whole run whose config is identical

@@ -706,10 +706,16 @@ def _finished(run_dir: Path) -> bool:
     return (run_dir / "summary.json").exists()
 
 
-def _check_existing(plan: ExperimentPlan) -> None:
-    """Refuse to mix results of different configs: a folder run with other settings is an error."""
-    checks = [(run.config, run.config.run_dir) for run in plan.runs.values()]
-    checks += [(g.config, _stage1_dir(g)) for g in plan.groups.values()]
+def _check_existing(plan: ExperimentPlan, selected: list[str] | None = None) -> None:
+    """Refuse to mix results of different configs: a folder run with other settings is an error.
+
+    Only the ``selected`` runs (default: all) and their Stage-1 groups are checked: ``--only`` with a
+    ``--set`` that fits one domain (e.g. ``data.path``) leaves the other domain's finished cells alone.
+    """
+    names = list(plan.runs) if selected is None else selected
+    checks = [(plan.runs[n].config, plan.runs[n].config.run_dir) for n in names]
+    needed = {plan.runs[n].stage1 for n in names}
+    checks += [(g.config, _stage1_dir(g)) for name, g in plan.groups.items() if name in needed]
     for config, run_dir in checks:
         saved = run_dir / "config.json"
         if not saved.exists():
@@ -813,8 +819,8 @@ def run_experiment(name: str, quick: bool = False, resume: bool = False, paralle
         if existing and not resume:
             raise RunStateError(f"{plan.root} already holds this experiment; pass --resume to continue it (finished "
                                 "cells are kept), or use another --runs-dir (nothing was changed)")
-        _check_existing(plan)
         selected = _select(plan, only)
+        _check_existing(plan, selected)
         parallel = int(parallel or os.cpu_count() or 1)
         t0 = time.time()
         try:
