@@ -22,7 +22,7 @@ from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
 from selfimprove.diagnose import headline, run_diagnostics
 from selfimprove.domains import expert_for, make_env
-from selfimprove.runlog import MetricsLog, json_safe, prepare_run
+from selfimprove.runlog import MetricsLog, json_safe, prepare_run, write_json
 from selfimprove.train.guard import evaluate_best, guard_summary
 from selfimprove.train.improve import episodes_dir, improve, reward_model_path
 from selfimprove.train.sft import sft
@@ -35,9 +35,7 @@ def _json_step(path: Path, resume: bool, compute) -> dict[str, Any]:
     if resume and path.exists():
         return json.loads(path.read_text())
     result = compute()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, result)
     return result
 
 

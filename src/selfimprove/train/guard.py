@@ -94,8 +94,6 @@ def _mirror_pointmass_view(obs: dict) -> dict:
     return out
 
 
-
-
 def _shift_tabletop_view(seed: int, max_pixels: int = 3) -> Callable[[dict], dict]:
     """The scene translated by a few pixels (image and coordinates together), as SFT augments."""
     def view(obs: dict) -> dict:
