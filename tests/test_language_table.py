@@ -97,6 +97,67 @@ def test_pretrained_initialisation_builds_and_runs_offline(monkeypatch):
     assert frozen and not any(p.requires_grad for p in frozen)
 
 
+def test_flip_augmentation_moves_image_x_and_dx_together_and_spares_locations():
+    import torch
+
+    from selfimprove.domains import flip_tabletop
+    from selfimprove.envs.tabletop import VIEW_X, TabletopEnv
+
+    env = TabletopEnv(image_size=32)
+    obs0, _ = env.reset(seed=4)
+    image = torch.as_tensor(obs0["rgb"])[None].repeat(2, 1, 1, 1, 1)
+    effector = torch.as_tensor(obs0["effector"])[None].repeat(2, 1)
+    obs = {"image": image, "effector": effector,
+           "instruction": ["push the red moon to the blue cube", "push the red moon to the top left corner"]}
+    out, tok = flip_tabletop(obs, torch.tensor([[3, 5], [3, 5]]), 41, torch.tensor([True, True]))
+    assert torch.equal(out["image"][0], image[0].flip(-3)) and torch.equal(out["image"][1], image[1])
+    assert out["effector"][0, 0] == pytest.approx(VIEW_X[0] + VIEW_X[1] - float(effector[0, 0]))
+    assert out["effector"][0, 1] == effector[0, 1] and torch.equal(out["effector"][1], effector[1])
+    assert tok.tolist() == [[37, 5], [3, 5]]  # dx mirrored about the middle bin; a location goal is left alone
+
+    def pusher_row(img):  # the pusher is the only light-grey object
+        mask = (img[..., 0] > 150) & (img[..., 0] == img[..., 1]) & (img[..., 1] == img[..., 2])
+        return float(torch.nonzero(mask).float().mean(0)[0])
+
+    rows_per_metre = 32 / (VIEW_X[1] - VIEW_X[0])
+    for img, x in ((image[0, -1], effector[0, 0]), (out["image"][0, -1], out["effector"][0, 0])):
+        assert pusher_row(img) == pytest.approx((float(x) - VIEW_X[0]) * rows_per_metre - 0.5, abs=1.0)  # rasterisation
+
+
+def test_recolour_augmentation_permutes_block_colours_in_pixels_and_words_together():
+    import torch
+
+    from selfimprove.domains import recolour_tabletop
+    from selfimprove.envs.tabletop import COLOURS_RGB, NOVEL_COLOURS_RGB, TabletopEnv
+
+    env = TabletopEnv(image_size=48)
+    obs0, _ = env.reset(seed=5)
+    image = torch.as_tensor(obs0["rgb"])[None].repeat(16, 1, 1, 1, 1)
+    image[:, :, 0, 0] = torch.tensor(NOVEL_COLOURS_RGB["banana"], dtype=torch.uint8)  # not a block colour
+    text = "push the red moon to the blue cube"
+    rows = torch.ones(16, dtype=torch.bool)
+    rows[0] = False
+    out, _ = recolour_tabletop({"image": image, "instruction": [text] * 16}, torch.zeros(16, 2), 41, rows,
+                               generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["image"][0], image[0]) and out["instruction"][0] == text
+    palette = {name: torch.tensor(rgb, dtype=torch.uint8) for name, rgb in COLOURS_RGB.items()}
+    changed = 0
+    for i in range(1, 16):
+        mapping = {}
+        for name, rgb in palette.items():
+            mask = (image[i] == rgb).all(-1)
+            assert mask.any()
+            colours = out["image"][i][mask].unique(dim=0)
+            assert len(colours) == 1  # every pixel of one colour gets the same new colour
+            mapping[name] = next(n for n, c in palette.items() if torch.equal(c, colours[0]))
+        assert sorted(mapping.values()) == sorted(palette)  # a permutation
+        still = ~torch.stack([(image[i] == rgb).all(-1) for rgb in palette.values()]).any(0)
+        assert torch.equal(out["image"][i][still], image[i][still])  # board, pusher, banana untouched
+        assert out["instruction"][i] == f"push the {mapping['red']} moon to the {mapping['blue']} cube"
+        changed += out["instruction"][i] != text
+    assert changed >= 8
+
+
 def test_shift_augmentation_moves_image_and_coordinates_together():
     import torch
 

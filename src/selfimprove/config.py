@@ -90,7 +90,7 @@ class SFTConfig:
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
-    augment: list[str] = field(default_factory=list)  # tabletop: "mirror" (half of each batch), "shift"
+    augment: list[str] = field(default_factory=list)  # tabletop: "mirror", "shift", "flip", "recolour" (each on half of a batch)
     keep_best: bool = True  # the final checkpoint is the eval point with the lowest held-out loss
     eval_every: int = 500  # steps between held-out loss evaluations (a metrics.jsonl line; keep_best picks among them)
     checkpoint_every: int = 1000  # steps between resumable training states (checkpoints/sft_state)
@@ -236,7 +236,8 @@ class RunConfig:
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
             (bool(self.domain) and not any(c.isspace() for c in self.domain),
              f"domain must be a name without spaces: one of {DOMAINS} or your task's own (e.g. 'reach')"),
-            (set(self.sft.augment) <= {"mirror", "shift"}, "sft.augment may hold 'mirror' and 'shift'"),
+            (set(self.sft.augment) <= {"mirror", "shift", "flip", "recolour"},
+             f"sft.augment may hold 'mirror', 'shift', 'flip' and 'recolour', got {self.sft.augment}"),
             (self.improve.reward in ("steps_to_go", "constant"), "improve.reward must be 'steps_to_go' or 'constant'"),
             (self.improve.objective in ("reinforce", "ppo"),
              f"improve.objective must be 'reinforce' or 'ppo', got {self.improve.objective!r}"),

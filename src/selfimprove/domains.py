@@ -226,4 +226,87 @@ def shift_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tenso
     return obs, tokens
 
 
-AUGMENTATIONS = {"mirror": {"language-table": mirror_tabletop}, "shift": {"language-table": shift_tabletop}}
+#: words of absolute-location instructions; the top-bottom flip leaves such rows alone, because the
+#: original's locations sit 0.025 m off the board's centre line in x (a flipped goal would be wrong).
+_LOCATION_WORDS = frozenset({"top", "bottom", "upper", "lower", "base", "center", "middle", "left", "right",
+                             "side", "corner"})
+
+
+def flip_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Flip the board top-bottom for the chosen ``rows``: image rows, x coordinates, dx.
+
+    Walls, spawn region and physics are symmetric about the board's centre line in x, so for a task
+    between blocks (block2block) the flipped sample is as valid a demonstration as the original.
+    Rows whose instruction names an absolute location are not flipped (see ``_LOCATION_WORDS``).
+    """
+    from selfimprove.envs.tabletop import VIEW_X
+
+    rows = rows & torch.tensor([not (_LOCATION_WORDS & set(t.split(" "))) for t in obs["instruction"]],
+                               dtype=torch.bool)
+    obs = dict(obs)
+    if not bool(rows.any()):
+        return obs, tokens
+    image = obs["image"].clone()
+    image[rows] = image[rows].flip(-3)  # [..., H, W, 3]: H is x
+    obs["image"] = image
+    for key in ("effector", "effector_target"):
+        if key in obs:
+            v = obs[key].clone()
+            v[rows, 0] = (VIEW_X[0] + VIEW_X[1]) - v[rows, 0]
+            obs[key] = v
+    tokens = tokens.clone()
+    tokens[rows, 0] = bins - 1 - tokens[rows, 0]
+    return obs, tokens
+
+
+def recolour_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor,
+                      generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor]:
+    """Permute the four block colours for the chosen ``rows``, in the pixels and the instruction together.
+
+    Colour is only a name: the physics and the expert ignore it, so swapping, say, red and blue in
+    the frames and in "push the red moon to the blue cube" keeps the sample a valid demonstration.
+    It yields colour-shape pairs the block set never holds ("blue pentagon"), which is the point:
+    the model has to find blocks by colour *and* shape instead of memorising eight names. The renderer
+    draws without anti-aliasing, so every block pixel is exactly one palette colour; other pixels
+    (board, pusher, novel objects) are left as they are.
+    """
+    from selfimprove.envs.tabletop import COLOURS_RGB
+
+    obs = dict(obs)
+    if not bool(rows.any()):
+        return obs, tokens
+    names = list(COLOURS_RGB)
+    perms = torch.stack([torch.randperm(len(names), generator=generator) for _ in range(len(rows))])
+    perms[~rows] = torch.arange(len(names))
+    # Each palette colour has its own pattern of channels above 200 (board and pusher too), so a 3-bit
+    # code per pixel names its colour and one gather per pixel recolours it (~20x faster than a mask
+    # per colour); pixels that do not match their code's colour exactly (novel objects) stay as they are.
+    by_code = torch.zeros(8, 3, dtype=torch.uint8)
+    codes = []
+    for name in names:
+        rgb = torch.tensor(COLOURS_RGB[name], dtype=torch.uint8)
+        code = int((rgb > 200).long() @ torch.tensor([4, 2, 1]))
+        by_code[code] = rgb
+        codes.append(code)
+    sel = rows.nonzero().squeeze(1)
+    image = obs["image"]
+    flat = image[sel].reshape(len(sel), -1, 3)  # [b, pixels, 3]
+    code = ((flat > 200).to(torch.uint8) * torch.tensor([4, 2, 1], dtype=torch.uint8)).sum(-1).long()  # [b, pixels]
+    table = by_code.expand(len(sel), 8, 3).clone()  # [b, code, rgb]
+    table[:, codes] = by_code[torch.tensor(codes)[perms[sel]]]
+    is_block = torch.zeros(8, dtype=torch.bool)
+    is_block[codes] = True
+    exact = is_block[code] & (flat == by_code[code]).all(-1)
+    new = torch.gather(table, 1, code[..., None].expand(-1, -1, 3))
+    recoloured = image.clone()
+    recoloured[sel] = torch.where(exact[..., None], new, flat).reshape(image[sel].shape)
+    obs["image"] = recoloured
+    word_maps = [{names[c]: names[int(p[c])] for c in range(len(names))} for p in perms]
+    obs["instruction"] = [" ".join(m.get(w, w) for w in t.split(" ")) if bool(r) else t
+                          for t, m, r in zip(obs["instruction"], word_maps, rows)]
+    return obs, tokens
+
+
+AUGMENTATIONS = {name: {"language-table": fn} for name, fn in
+                 (("mirror", mirror_tabletop), ("shift", shift_tabletop), ("flip", flip_tabletop),
+                  ("recolour", recolour_tabletop))}
