@@ -279,24 +279,26 @@ def recolour_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Te
     perms = torch.stack([torch.randperm(len(names), generator=generator) for _ in range(len(rows))])
     perms[~rows] = torch.arange(len(names))
     # Each palette colour has its own pattern of channels above 200 (board and pusher too), so a 3-bit
-    # code per pixel names its colour and one gather per pixel recolours it (~20x faster than a mask
-    # per colour); pixels that do not match their code's colour exactly (novel objects) stay as they are.
+    # code per pixel names its colour and one gather per pixel recolours it; a pixel whose packed RGB
+    # is not exactly its code's block colour (board, pusher, a novel object) keeps its colour.
     by_code = torch.zeros(8, 3, dtype=torch.uint8)
+    key_by_code = torch.full((8,), -1, dtype=torch.int32)
     codes = []
     for name in names:
-        rgb = torch.tensor(COLOURS_RGB[name], dtype=torch.uint8)
-        code = int((rgb > 200).long() @ torch.tensor([4, 2, 1]))
-        by_code[code] = rgb
+        r, g, b = COLOURS_RGB[name]
+        code = 4 * (r > 200) + 2 * (g > 200) + (b > 200)
+        by_code[code] = torch.tensor((r, g, b), dtype=torch.uint8)
+        key_by_code[code] = (r << 16) | (g << 8) | b
         codes.append(code)
     sel = rows.nonzero().squeeze(1)
     image = obs["image"]
     flat = image[sel].reshape(len(sel), -1, 3)  # [b, pixels, 3]
-    code = ((flat > 200).to(torch.uint8) * torch.tensor([4, 2, 1], dtype=torch.uint8)).sum(-1).long()  # [b, pixels]
+    red, green, blue = flat[..., 0], flat[..., 1], flat[..., 2]
+    code = ((red > 200).to(torch.uint8) * 4 + (green > 200).to(torch.uint8) * 2 + (blue > 200).to(torch.uint8)).long()
+    key = (red.int() << 16) | (green.int() << 8) | blue.int()
     table = by_code.expand(len(sel), 8, 3).clone()  # [b, code, rgb]
     table[:, codes] = by_code[torch.tensor(codes)[perms[sel]]]
-    is_block = torch.zeros(8, dtype=torch.bool)
-    is_block[codes] = True
-    exact = is_block[code] & (flat == by_code[code]).all(-1)
+    exact = key == key_by_code[code]
     new = torch.gather(table, 1, code[..., None].expand(-1, -1, 3))
     recoloured = image.clone()
     recoloured[sel] = torch.where(exact[..., None], new, flat).reshape(image[sel].shape)
