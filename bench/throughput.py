@@ -1,7 +1,8 @@
 """Throughput of the pipeline's hot loops on this machine, for a preset (default: point mass).
 
 Prints a table of SFT samples/s (float32 with 1 and 2 torch threads; bfloat16 autocast with 1 thread
-when the CPU computes bfloat16 natively, see ``precision``), fleet env-steps/s with batched policy +
+when the CPU computes bfloat16 natively, see ``precision``), the cost of the preset's SFT
+augmentations per batch, fleet env-steps/s with batched policy +
 reward-model inference (for 1, 4, 16 robots), the REINFORCE update rate, and one Self-Improvement
 iteration's split between collecting and updating; the last line is one JSON object with every
 figure. Usage: ``python bench/throughput.py [--preset language-table] [--quick] [--set section.field=value ...]``.
@@ -21,7 +22,7 @@ import torch
 from selfimprove.config import load_config
 from selfimprove.data.collect import collect_demos
 from selfimprove.data.store import EpisodeStore
-from selfimprove.domains import make_env, model_spec
+from selfimprove.domains import AUGMENTATIONS, make_env, model_spec
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward
@@ -47,6 +48,25 @@ def bench_sft(config, frames, threads: int, seconds: float, precision: str = "fl
         opt.step()
         steps += 1
     return steps * config.sft.batch_size / (time.perf_counter() - t0)
+
+
+def bench_augment(config, frames, seconds: float) -> float:
+    """Milliseconds per batch for the preset's SFT augmentations (each on a random half of the batch)."""
+    torch.set_num_threads(1)
+    spec = model_spec(config, make_env(config))
+    data = FrameBatches(frames, EmbodiedModel(spec))
+    augments = [AUGMENTATIONS[name][config.domain] for name in config.sft.augment]
+    g = torch.Generator().manual_seed(0)
+    batches, spent = 0, 0.0
+    while spent < seconds:
+        idx = torch.randint(0, data.size, (config.sft.batch_size,), generator=g)
+        obs, tokens, _, _ = data.batch(idx)
+        t0 = time.perf_counter()
+        for augment in augments:
+            obs, tokens = augment(obs, tokens, spec.action_bins, torch.rand(len(idx), generator=g) < 0.5)
+        spent += time.perf_counter() - t0
+        batches += 1
+    return spent / batches * 1000
 
 
 def bench_fleet(config, robots: int, steps: int) -> tuple[float, float, list]:
@@ -88,6 +108,14 @@ def main() -> int:
             rows.append((f"SFT, batch {config.sft.batch_size}, 1 thread, bfloat16 autocast", f"{rate:,.0f} samples/s"))
             figures["sft_samples_per_s_bf16_threads1"] = round(rate, 1)
             figures["sft_speedup_bf16_vs_fp32"] = round(rate / figures["sft_samples_per_s_threads1"], 2)
+        if config.sft.augment:
+            ms = bench_augment(config, frames, seconds)
+            step_ms = 1000 * config.sft.batch_size / figures.get("sft_samples_per_s_bf16_threads1",
+                                                                figures["sft_samples_per_s_threads1"])
+            rows.append((f"SFT augmentation ({', '.join(config.sft.augment)}), batch {config.sft.batch_size}",
+                         f"{ms:.1f} ms per batch (+{ms / step_ms:.0%} on a 1-thread step)"))
+            figures["sft_augment_ms_per_batch"] = round(ms, 2)
+            figures["sft_augment_share_of_step"] = round(ms / step_ms, 3)
         figures["precision"] = resolve_precision(config.precision)  # what the update rows below use
         episodes, collect_s = None, 0.0
         for robots in (1, 4, 16):
