@@ -178,20 +178,32 @@ def mirror_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tens
     The board is symmetric about y = 0 and image columns run along y, so the mirrored sample is
     as valid a demonstration as the original; action bins are symmetric about 0.
     """
+    obs, tokens = _reflect_tabletop(obs, tokens, bins, rows, axis=1)
+    if bool(rows.any()):
+        obs["instruction"] = [mirror_instruction(t) if bool(r) else t for t, r in zip(obs["instruction"], rows)]
+    return obs, tokens
+
+
+def _reflect_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor,
+                      axis: int) -> tuple[dict, torch.Tensor]:
+    """Reflect the board about its centre line in ``axis`` (0: x, image rows; 1: y, image columns) for
+    the chosen ``rows``: the image, that coordinate of the effector and its target, and that action bin."""
+    from selfimprove.envs.tabletop import VIEW_X, VIEW_Y
+
     obs = dict(obs)
     if not bool(rows.any()):
         return obs, tokens
     image = obs["image"].clone()
-    image[rows] = image[rows].flip(-2)  # [..., H, W, 3]: W is y
+    image[rows] = image[rows].flip(-3 + axis)  # [..., H, W, 3]: H is x, W is y
     obs["image"] = image
+    lo, hi = (VIEW_X, VIEW_Y)[axis]
     for key in ("effector", "effector_target"):
         if key in obs:
             v = obs[key].clone()
-            v[rows, 1] = -v[rows, 1]
+            v[rows, axis] = (lo + hi) - v[rows, axis]
             obs[key] = v
     tokens = tokens.clone()
-    tokens[rows, 1] = bins - 1 - tokens[rows, 1]
-    obs["instruction"] = [mirror_instruction(t) if bool(r) else t for t, r in zip(obs["instruction"], rows)]
+    tokens[rows, axis] = bins - 1 - tokens[rows, axis]
     return obs, tokens
 
 
@@ -239,24 +251,9 @@ def flip_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor
     between blocks (block2block) the flipped sample is as valid a demonstration as the original.
     Rows whose instruction names an absolute location are not flipped (see ``_LOCATION_WORDS``).
     """
-    from selfimprove.envs.tabletop import VIEW_X
-
     rows = rows & torch.tensor([not (_LOCATION_WORDS & set(t.split(" "))) for t in obs["instruction"]],
                                dtype=torch.bool)
-    obs = dict(obs)
-    if not bool(rows.any()):
-        return obs, tokens
-    image = obs["image"].clone()
-    image[rows] = image[rows].flip(-3)  # [..., H, W, 3]: H is x
-    obs["image"] = image
-    for key in ("effector", "effector_target"):
-        if key in obs:
-            v = obs[key].clone()
-            v[rows, 0] = (VIEW_X[0] + VIEW_X[1]) - v[rows, 0]
-            obs[key] = v
-    tokens = tokens.clone()
-    tokens[rows, 0] = bins - 1 - tokens[rows, 0]
-    return obs, tokens
+    return _reflect_tabletop(obs, tokens, bins, rows, axis=0)
 
 
 def recolour_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor,
