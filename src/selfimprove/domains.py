@@ -6,6 +6,7 @@ the functions here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any
@@ -267,17 +268,45 @@ def recolour_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Te
     draws without anti-aliasing, so every block pixel is exactly one palette colour; other pixels
     (board, pusher, novel objects) are left as they are.
     """
-    from selfimprove.envs.tabletop import COLOURS_RGB
-
     obs = dict(obs)
     if not bool(rows.any()):
         return obs, tokens
+    names, codes, by_code, key_by_code = _palette_codes()
+    sel = rows.nonzero().squeeze(1)
+    # one permutation per batch row (chosen or not), so the random stream does not depend on the rows
+    perms = torch.stack([torch.randperm(len(names), generator=generator) for _ in range(len(rows))])[sel]
+    image = obs["image"]
+    chosen = image[sel]
+    flat = chosen.reshape(len(sel), -1, 3)  # [b, pixels, 3]
+    red, green, blue = flat[..., 0], flat[..., 1], flat[..., 2]
+    code = ((red > 200).to(torch.uint8) * 4 + (green > 200).to(torch.uint8) * 2 + (blue > 200).to(torch.uint8)).long()
+    key = (red.int() << 16) | (green.int() << 8) | blue.int()
+    table = by_code.expand(len(sel), 8, 3).clone()  # [b, code, rgb]
+    table[:, codes] = by_code[codes[perms]]
+    exact = key == key_by_code[code]
+    new = torch.gather(table, 1, code[..., None].expand(-1, -1, 3))
+    recoloured = image.clone()
+    recoloured[sel] = torch.where(exact[..., None], new, flat).reshape(chosen.shape)
+    obs["image"] = recoloured
+    instructions = list(obs["instruction"])
+    for i, p in zip(sel.tolist(), perms):
+        words = {names[c]: names[int(p[c])] for c in range(len(names))}
+        instructions[i] = " ".join(words.get(w, w) for w in instructions[i].split(" "))
+    obs["instruction"] = instructions
+    return obs, tokens
+
+
+@functools.lru_cache(maxsize=1)
+def _palette_codes() -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block colours' names, 3-bit codes, RGB by code and packed RGB by code (-1 where no block colour).
+
+    Each palette colour has its own pattern of channels above 200 (board and pusher too), so a 3-bit
+    code per pixel names its colour and one gather per pixel recolours it; a pixel whose packed RGB
+    is not exactly its code's block colour (board, pusher, a novel object) keeps its colour.
+    """
+    from selfimprove.envs.tabletop import COLOURS_RGB
+
     names = list(COLOURS_RGB)
-    perms = torch.stack([torch.randperm(len(names), generator=generator) for _ in range(len(rows))])
-    perms[~rows] = torch.arange(len(names))
-    # Each palette colour has its own pattern of channels above 200 (board and pusher too), so a 3-bit
-    # code per pixel names its colour and one gather per pixel recolours it; a pixel whose packed RGB
-    # is not exactly its code's block colour (board, pusher, a novel object) keeps its colour.
     by_code = torch.zeros(8, 3, dtype=torch.uint8)
     key_by_code = torch.full((8,), -1, dtype=torch.int32)
     codes = []
@@ -287,23 +316,7 @@ def recolour_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Te
         by_code[code] = torch.tensor((r, g, b), dtype=torch.uint8)
         key_by_code[code] = (r << 16) | (g << 8) | b
         codes.append(code)
-    sel = rows.nonzero().squeeze(1)
-    image = obs["image"]
-    flat = image[sel].reshape(len(sel), -1, 3)  # [b, pixels, 3]
-    red, green, blue = flat[..., 0], flat[..., 1], flat[..., 2]
-    code = ((red > 200).to(torch.uint8) * 4 + (green > 200).to(torch.uint8) * 2 + (blue > 200).to(torch.uint8)).long()
-    key = (red.int() << 16) | (green.int() << 8) | blue.int()
-    table = by_code.expand(len(sel), 8, 3).clone()  # [b, code, rgb]
-    table[:, codes] = by_code[torch.tensor(codes)[perms[sel]]]
-    exact = key == key_by_code[code]
-    new = torch.gather(table, 1, code[..., None].expand(-1, -1, 3))
-    recoloured = image.clone()
-    recoloured[sel] = torch.where(exact[..., None], new, flat).reshape(image[sel].shape)
-    obs["image"] = recoloured
-    word_maps = [{names[c]: names[int(p[c])] for c in range(len(names))} for p in perms]
-    obs["instruction"] = [" ".join(m.get(w, w) for w in t.split(" ")) if bool(r) else t
-                          for t, m, r in zip(obs["instruction"], word_maps, rows)]
-    return obs, tokens
+    return names, torch.tensor(codes), by_code, key_by_code
 
 
 AUGMENTATIONS = {name: {"language-table": fn} for name, fn in
