@@ -50,7 +50,8 @@ def episode_table(run: Path, replay: bool, every: int) -> dict[str, np.ndarray]:
                                                      ("lr", "gamma", "loss_scale", "minibatch_size", "temperature")])
     policy, optimizer = None, None
     if replay:
-        from selfimprove.train.improve import reinforce_batch, reinforce_update
+        from selfimprove.train.improve import reinforce_batch
+        from selfimprove.train.objectives import policy_update
 
         policy, _ = load_checkpoint(run / "checkpoints" / "sft")
         policy.eval()
@@ -70,7 +71,7 @@ def episode_table(run: Path, replay: bool, every: int) -> dict[str, np.ndarray]:
             rows.setdefault(k, []).append(val)
         if replay:
             batch = reinforce_batch(episodes, policy, config.improve.gamma, config.improve.reward)
-            reinforce_update(policy, optimizer, *batch, config, torch_generator(config.seed, 3, v))
+            policy_update(policy, optimizer, *batch, config, torch_generator(config.seed, 3, v))
     table = {k: np.concatenate(v) for k, v in rows.items()}
     table["threshold"] = np.full(len(table["d"]), threshold)
     return table

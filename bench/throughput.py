@@ -26,7 +26,8 @@ from selfimprove.domains import AUGMENTATIONS, make_env, model_spec
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward
-from selfimprove.train.improve import reinforce_batch, reinforce_update
+from selfimprove.train.improve import reinforce_batch
+from selfimprove.train.objectives import policy_update
 from selfimprove.train.precision import autocast, native_bf16_cpu, resolve_precision
 from selfimprove.train.sft import FrameBatches, sft_losses
 
@@ -127,7 +128,7 @@ def main() -> int:
         source, acting, tokens, returns = reinforce_batch(episodes, policy, 0.9)
         opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
         t0 = time.perf_counter()
-        reinforce_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0))
+        policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0))
         update_s = time.perf_counter() - t0
         rate = len(returns) / update_s
         rows.append((f"REINFORCE update, minibatch {config.improve.minibatch_size}, {figures['precision']}",

@@ -132,7 +132,7 @@ def test_learner_crash_after_saving_a_batch_trains_on_it_after_resume(trained_qu
     straight = config("straight")
     improve(straight, sft_path, progress=False)
     crashed = config("crashed")
-    real_update, calls = improve_mod.reinforce_update, []
+    real_update, calls = improve_mod.policy_update, []
 
     def update_then_crash(*args, **kwargs):
         calls.append(1)
@@ -140,10 +140,10 @@ def test_learner_crash_after_saving_a_batch_trains_on_it_after_resume(trained_qu
             raise RuntimeError("learner crashed")
         return real_update(*args, **kwargs)
 
-    monkeypatch.setattr(improve_mod, "reinforce_update", update_then_crash)
+    monkeypatch.setattr(improve_mod, "policy_update", update_then_crash)
     with pytest.raises(RuntimeError, match="learner crashed"):
         improve(crashed, sft_path, progress=False)
-    monkeypatch.setattr(improve_mod, "reinforce_update", real_update)
+    monkeypatch.setattr(improve_mod, "policy_update", real_update)
     saved = EpisodeStore(episodes_dir(crashed)).num_episodes
     assert saved == EpisodeStore(episodes_dir(straight)).num_episodes  # batch 3 was saved before the crash
     collected = []

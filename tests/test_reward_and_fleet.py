@@ -5,7 +5,8 @@ import torch
 from selfimprove.domains import make_env
 from selfimprove.fleet.local import DetectorError, LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint
-from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns
+from selfimprove.reward import (StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, held_firing,
+                                precision_threshold)
 from selfimprove.train.improve import reinforce_batch
 from selfimprove.train.sft import sft_checkpoint
 
@@ -30,8 +31,32 @@ def test_detector_table_and_calibration():
     rows = {r["threshold"]: r for r in detector_table(d, goal, np.array([0.5, 5.0]))}
     assert rows[0.5]["precision"] == 1.0 and rows[0.5]["recall"] == 1.0
     assert rows[5.0]["precision"] == 0.75
-    s, _ = calibrate_threshold(d, goal)
+    s = calibrate_threshold({"d": d, "goal_frame": goal}, "f1")["threshold"]
     assert 0.4 <= s < 3.0
+
+
+def test_precision_rule_takes_the_largest_precise_threshold_and_counts_mismatched_firings():
+    # one held-out episode of 6 frames: steps to go 5..0 (the last 2 frames at the goal, hold 1)
+    stg = np.array([4, 3, 2, 1, 0, 0])
+    d = np.array([6.0, 4.0, 2.5, 1.5, 0.5, 0.4])
+    episode = np.zeros(6, dtype=int)
+    free = precision_threshold(d, stg, episode, target=0.9)
+    assert free["target_met"] and free["threshold"] == 3.75  # d = 4.0 (3 steps out) would be a false firing
+    # the same frames under a wrong instruction: d there is 1.0 -> every s >= 1 fires on them
+    mismatched = precision_threshold(d, stg, episode, target=0.9, d_mismatched=np.full(6, 1.0))
+    assert mismatched["threshold"] == 0.75 and mismatched["recall"] == 1.0
+    # hold 2: a firing needs d <= s on two consecutive frames, so the first goal frame cannot fire
+    held = precision_threshold(d, stg, episode, target=0.9, hold=2, d_mismatched=np.full(6, 1.0))
+    assert held["threshold"] == 0.75 and held["recall"] == 0.5
+
+
+def test_held_firing_needs_consecutive_frames_of_one_episode():
+    d = np.array([0.5, 0.5, 9.0, 0.5, 0.5, 0.5])
+    episode = np.array([0, 0, 0, 0, 1, 1])
+    assert held_firing(d, episode, 1.0, 1).tolist() == [True, True, False, True, True, True]
+    assert held_firing(d, episode, 1.0, 2).tolist() == [False, True, False, False, False, True]
+    reward = StepsToGoReward(torch.nn.Linear(1, 1), threshold=1.0, hold=3)
+    assert not reward.detects([5.0, 0.5, 0.5]) and reward.detects([5.0, 0.5, 0.5, 0.9]) and not reward.detects([0.1])
 
 
 def test_frozen_reward_model_has_no_gradients(trained_quick):

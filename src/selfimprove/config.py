@@ -58,6 +58,7 @@ class DataConfig:
     expert_noise: float = 0.003  # tabletop: expert action noise (m)
     expert_detour_prob: float = 0.02  # tabletop: chance per step of a short detour
     collect_workers: int = 1  # processes that collect demos in parallel
+    hold_steps: int = 0  # demos go on this many still steps past the goal (labelled 0 steps to go), so the goal is seen for longer
 
 
 @dataclass
@@ -72,7 +73,7 @@ class ModelConfig:
     encoder: str = "mlp"  # "mlp" (vectors), "film" (frames + instruction), "late_fusion" (ablation), "hf" (HF VLM)
     frames: int = 1  # latest camera frames the model sees
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
-    text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable) or "minilm" (pretrained, frozen)
+    text_encoder: str = "hashed_roles"  # "hashed_roles" (trainable, role-aware), "hashed_bow" (its order-blind predecessor) or "minilm" (pretrained, frozen)
     channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])  # "film", "late_fusion": channels per conv layer
     hf_model: str = ""  # encoder "hf": local folder or hub id (docs/hf_backbones.md)
     hf_dtype: str = "auto"  # encoder "hf": "auto" (bfloat16 on CUDA, float32 on CPU), "bfloat16" or "float32"
@@ -90,6 +91,7 @@ class SFTConfig:
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
+    negatives: float = 0.0  # mismatched-instruction negatives per batch row (0.25: 16 more rows per 64), trained to a "never" steps-to-go class; 0: none
     augment: list[str] = field(default_factory=list)  # tabletop: "mirror", "shift", "flip", "recolour" (each on half of a batch)
     keep_best: bool = True  # the final checkpoint is the eval point with the lowest held-out loss
     eval_every: int = 500  # steps between held-out loss evaluations (a metrics.jsonl line; keep_best picks among them)
@@ -102,14 +104,20 @@ class ImproveConfig:
 
     iterations: int = 40  # collect-then-update iterations; max_robot_episodes may stop Stage 2 sooner
     steps_per_iteration: int = 2048  # env steps that fill one on-policy batch
-    minibatch_size: int = 64  # samples (env steps) per learner gradient step; the batch is shuffled each epoch
+    minibatch_size: int = 64  # samples (env steps) per learner gradient step (0: the whole batch, one step per epoch); shuffled each epoch
     objective: str = "reinforce"  # "reinforce" (the paper's) or "ppo" (clipped ratio; train/objectives.py)
     ppo_clip: float = 0.2  # ppo: eps of the clip range [1 - eps, 1 + eps] of pi / pi_old
     epochs: int | None = None  # passes over each batch; None: 1 for reinforce (the paper's), 4 for ppo
     lr: float = 3e-4  # Adam learning rate of the policy
     gamma: float = 0.9  # discount of the Monte Carlo return R_t
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
-    success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT
+    advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std
+    reward_clip: float = 0.0  # clip each r_t to [-reward_clip, reward_clip] before the returns; 0: no clip
+    kl_coef: float = 0.0  # weight of KL(pi || pi_SFT) on the batch's states (the frozen SFT policy); 0: no KL term
+    success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT (threshold_rule)
+    threshold_rule: str = "f1"  # calibration of s: "f1" (max F1 vs goal frames) or "precision" (largest s meeting threshold_precision on held-out demos + mismatched negatives)
+    threshold_precision: float = 0.9  # threshold_rule "precision": the per-frame precision s must reach
+    success_hold: int = 1  # the detector ends an episode once d <= s held for this many consecutive steps
     temperature: float = 1.0  # sampling temperature of the practising robots (the learner's log pi uses it too)
     max_grad_norm: float = 1.0  # gradient-norm clip of each minibatch step
     reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
@@ -212,8 +220,18 @@ class RunConfig:
              "improve.guard_every must be >= 0 (0: guard only the SFT and the final policy; none: eval_every)"),
             (self.improve.guard_episodes >= 1, "improve.guard_episodes must be >= 1 (validation episodes per check)"),
             (self.improve.iterations >= 0, "improve.iterations must be >= 0"),
-            (self.improve.steps_per_iteration >= 1 and self.improve.minibatch_size >= 1,
-             "improve.steps_per_iteration and improve.minibatch_size must be >= 1"),
+            (self.improve.steps_per_iteration >= 1, "improve.steps_per_iteration must be >= 1"),
+            (self.improve.minibatch_size >= 0, "improve.minibatch_size must be >= 0 (0: the whole batch)"),
+            (self.improve.threshold_rule in ("f1", "precision"), "improve.threshold_rule must be 'f1' or 'precision'"),
+            (0 < self.improve.threshold_precision <= 1, "improve.threshold_precision must be in (0, 1]"),
+            (self.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
+            (self.improve.advantage in ("return", "normalized"), "improve.advantage must be 'return' or 'normalized'"),
+            (self.improve.reward_clip >= 0 and self.improve.kl_coef >= 0,
+             "improve.reward_clip and improve.kl_coef must be >= 0 (0: off)"),
+            (0 <= self.sft.negatives <= 4, "sft.negatives must be in [0, 4] (negative rows per batch row)"),
+            (self.data.hold_steps >= 0, "data.hold_steps must be >= 0"),
+            (self.sft.negatives == 0 or self.model.encoder != "mlp",
+             "sft.negatives needs an instruction-conditioned model (model.encoder 'film', 'late_fusion' or 'hf')"),
             (self.fleet.backend in FLEET_BACKENDS, f"fleet.backend must be one of {FLEET_BACKENDS}"),
             (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
             (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
@@ -232,7 +250,8 @@ class RunConfig:
             (self.model.hf_train in ("all", "language", "heads"), "model.hf_train must be 'all', 'language' or 'heads'"),
             (self.model.hf_batch_size >= 1, "model.hf_batch_size must be >= 1"),
             (self.model.image_init in ("scratch", "pretrained"), "model.image_init must be 'scratch' or 'pretrained'"),
-            (self.model.text_encoder in ("hashed_bow", "minilm"), "model.text_encoder must be 'hashed_bow' or 'minilm'"),
+            (self.model.text_encoder in ("hashed_roles", "hashed_bow", "minilm"),
+             "model.text_encoder must be 'hashed_roles', 'hashed_bow' or 'minilm'"),
             (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
             (bool(self.domain) and not any(c.isspace() for c in self.domain),
              f"domain must be a name without spaces: one of {DOMAINS} or your task's own (e.g. 'reach')"),

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 import selfimprove.envs  # noqa: F401  (registers the environment ids)
 from selfimprove.config import RunConfig
 from selfimprove.envs.experts import Expert, make_expert
+from selfimprove.envs.tasks import goal_key
 from selfimprove.errors import ConfigError
 from selfimprove.model.policy import ModelSpec
 
@@ -151,7 +152,7 @@ def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
                      max_steps=m.max_steps, hidden=m.hidden, layers=m.layers, dropout=m.dropout,
                      encoder=m.encoder, frames=m.frames, image_init=m.image_init, text_encoder=m.text_encoder,
                      channels=list(m.channels), hf_model=m.hf_model, hf_dtype=m.hf_dtype, hf_device=m.hf_device,
-                     hf_train=m.hf_train, hf_batch_size=m.hf_batch_size)
+                     hf_train=m.hf_train, hf_batch_size=m.hf_batch_size, stg_never=config.sft.negatives > 0)
 
 
 def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], source: str, fix: str) -> None:
@@ -322,3 +323,17 @@ def _palette_codes() -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tenso
 AUGMENTATIONS = {name: {"language-table": fn} for name, fn in
                  (("mirror", mirror_tabletop), ("shift", shift_tabletop), ("flip", flip_tabletop),
                   ("recolour", recolour_tabletop))}
+
+
+def _same_words(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+#: instruction -> what it asks for, per domain (see envs.tasks.goal_key); other domains: the words
+GOAL_KEYS = {"language-table": goal_key}
+
+
+def goal_key_for(domain: str) -> Callable[[str], Hashable]:
+    """How to tell whether two instructions ask for the same thing in ``domain`` (Stage 1's
+    mismatched-instruction negatives must ask for something else)."""
+    return GOAL_KEYS.get(domain, _same_words)

@@ -19,8 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode:
-    """Roll out the expert once from the board of ``seed`` (which fixes both board and expert noise)."""
-    env = env or make_env(config)
+    """Roll out the expert once from the board of ``seed`` (which fixes both board and expert noise).
+
+    With ``data.hold_steps`` the demo goes on that many still steps (zero actions) past the first
+    success, so the goal is seen on several frames; a demo that cannot finish its hold within the
+    time limit counts as failed (it is re-drawn).
+    """
+    hold = int(config.data.hold_steps)
+    env = env or make_env(config, **({"terminate_on_success": False} if hold else {}))
     expert = expert or expert_for(config)
     obs, info = env.reset(seed=seed)
     expert.reset(env, np.random.default_rng([seed, 1]))
@@ -28,14 +34,22 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
     success_flags = [bool(info.get("is_success", False))]
     actions = []
     instruction = instruction_of(obs, info, env)
+    held = -1  # steps held since the first success (-1: not reached yet)
     while True:
-        action = np.asarray(expert.act(env), dtype=np.float32)
+        if held >= 0:
+            action = np.zeros(env.action_space.shape, dtype=np.float32)
+        else:
+            action = np.asarray(expert.act(env), dtype=np.float32)
         obs, _, terminated, truncated, info = env.step(action)
         actions.append(action)
         observations.append(observation_dict(obs))
         success_flags.append(bool(info.get("is_success", False)))
-        if terminated or truncated:
+        if held >= 0 or (hold and success_flags[-1]):
+            held += 1
+        if held >= hold or terminated or truncated:
             break
+    if hold and held < hold:
+        success_flags[-1] = False  # the hold did not fit in the time limit: re-drawn
     return Episode(
         observations={k: np.stack([o[k] for o in observations]) for k in observations[0]},
         actions=np.stack(actions),
@@ -48,7 +62,8 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
 
 def _demo_worker(args: tuple[RunConfig, list[int]]) -> list[Episode]:
     config, seeds = args
-    env, expert = make_env(config), expert_for(config)
+    env = make_env(config, **({"terminate_on_success": False} if config.data.hold_steps else {}))
+    expert = expert_for(config)
     return [demo_episode(config, s, env, expert) for s in seeds]
 
 
@@ -66,7 +81,7 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
         raise DatasetError(f"{out} already holds a dataset of {info['total_episodes']} episodes; "
                            "choose another --out or delete it first")
     seed_base = DEMO_SEED_BASE + config.seed * 100_000
-    writer = EpisodeWriter(out, fps=10, flush_every=1000)
+    writer = EpisodeWriter(out, fps=10, flush_every=1000, hold_steps=config.data.hold_steps)
     next_seed, kept, failed = seed_base, 0, 0
     bar = tqdm(total=n, desc=f"collect {out.name}", unit="ep", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None

@@ -116,23 +116,30 @@ class Frames:
     episode_start: np.ndarray  # first row of each episode
     instructions: list[str]  # by task_index
     extras: dict[str, np.ndarray]  # ``info.*`` diagnostics and ``stg``, when stored
+    hold_steps: int = 0  # each episode goes on this many steps past reaching its goal (store-wide)
 
     @property
     def steps_to_go(self) -> np.ndarray:
-        """Label of each frame: ``T - frame_index`` (0 on the terminal frame)."""
-        lengths = np.repeat(self.episode_lengths, self.episode_lengths + 1)
-        return (lengths - self.frame_index).astype(np.int64)
+        """Label of each frame: ``T - hold - frame_index``, at least 0 (0 from the goal frame on)."""
+        lengths = np.repeat(self.episode_lengths - self.hold_steps, self.episode_lengths + 1)
+        return np.maximum(lengths - self.frame_index, 0).astype(np.int64)
+
+    @property
+    def goal_reached(self) -> np.ndarray:
+        """Frames at or past the demo's goal (the last ``hold_steps + 1`` of each episode)."""
+        return self.steps_to_go == 0
 
 
 class EpisodeWriter:
     """Appends episodes to a store; each ``flush`` writes one new data file and one episodes file."""
 
     def __init__(self, root: str | Path, fps: int = 10, robot_type: str = "sim",
-                 flush_every: int = 10_000) -> None:
+                 flush_every: int = 10_000, hold_steps: int = 0) -> None:
         self.root = Path(root)
         self.fps = fps
         self.robot_type = robot_type
         self.flush_every = flush_every
+        self.hold_steps = hold_steps  # demos only: steps each episode goes on past its goal (meta/info.json)
         self._pending: list[Episode] = []
         self._info = self._load_or_new_info()
         self._tasks = self._load_tasks()
@@ -156,6 +163,7 @@ class EpisodeWriter:
             "features": {},
             "files_written": 0,
             "frame_layout": "T+1 frames per episode; the last is terminal (is_terminal) with a zero action",
+            **({"hold_steps": int(self.hold_steps)} if self.hold_steps else {}),
         }
 
     def _load_tasks(self) -> dict[str, int]:
@@ -415,6 +423,7 @@ class EpisodeStore:
             episode_start=starts,
             instructions=instructions,
             extras={k: v for k, v in data.items() if k.startswith("info.") or k == "stg"},
+            hold_steps=int(self.info.get("hold_steps", 0)),
         )
 
     def episodes(self, episodes: Iterable[int] | None = None) -> list[Episode]:

@@ -47,7 +47,9 @@ class _Slot:
 
 
 class LocalFleet:
-    """``n_robots`` envs in this process. With ``reward`` set, episodes end when the detector fires.
+    """``n_robots`` envs in this process. With ``reward`` set, episodes end when the detector fires
+    (``d <= s`` on ``reward.hold`` consecutive observations); the reward model reads its own inputs
+    (``reward.spec``), which may differ from the policy's.
 
     ``reset_free``: after an episode the robot keeps its board and draws a new valid task; the
     board is reset (a human intervention) only when it is unusable, admits no task, or every
@@ -110,7 +112,7 @@ class LocalFleet:
             slot.instruction = instruction_of(obs, info, self.envs[i])
             d0 = float("nan")
             if self.reward is not None:
-                d0 = float(self.reward.steps_to_go(from_histories([[o]], [slot.instruction], self.spec))[0])
+                d0 = float(self.reward.steps_to_go(from_histories([[o]], [slot.instruction], self.reward.spec))[0])
                 if self.reward.is_success(d0):
                     self.skipped_starts += 1
                     continue
@@ -163,7 +165,7 @@ class LocalFleet:
             for k, i in enumerate(live):
                 slots[i].observations.append(results[k][0])
             d_next = (self.reward.steps_to_go(from_histories([slots[i].observations for i in live],
-                                                             [slots[i].instruction for i in live], self.spec))
+                                                             [slots[i].instruction for i in live], self.reward.spec))
                       if self.reward is not None else np.full(len(live), np.nan, dtype=np.float32))
             for k, i in enumerate(live):
                 slot = slots[i]
@@ -171,7 +173,7 @@ class LocalFleet:
                 slot.actions.append(actions[k])
                 slot.success.append(bool(info.get("is_success", False)))
                 slot.stg.append(float(d_next[k]))
-                detected = self.reward is not None and bool(self.reward.is_success(d_next[k]))
+                detected = self.reward is not None and self.reward.detects(slot.stg)
                 if detected or terminated or truncated:
                     ended_by = "detector" if detected else ("success" if terminated else "timeout")
                     finished.append(self._episode(slot, i, version, ended_by, temperature))

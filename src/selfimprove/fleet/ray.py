@@ -94,16 +94,16 @@ class RobotHost:
     """One Ray actor: a few robots, a policy copy and the frozen reward model (a LocalFleet)."""
 
     def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int, robot_offset: int,
-                 reward_state: dict[str, np.ndarray] | None, threshold: float, reset_free: bool,
+                 reward_state: dict[str, np.ndarray] | None, detector: dict[str, Any], reset_free: bool,
                  reset_every: int) -> None:
         from selfimprove.fleet.local import LocalFleet
 
         torch.set_num_threads(1)
         reward = None
         if reward_state is not None:
-            model = EmbodiedModel(spec)
+            model = EmbodiedModel(ModelSpec(**detector["spec"]))  # the reward model's own spec
             model.load_state_dict({k: torch.as_tensor(v) for k, v in reward_state.items()})
-            reward = StepsToGoReward(model, threshold)
+            reward = StepsToGoReward(model, detector["threshold"], detector["hold"])
         self.fleet = LocalFleet(make_env, spec, n_robots, reward, reset_free=reset_free, reset_every=reset_every,
                                 robot_offset=robot_offset)
 
@@ -143,14 +143,15 @@ class RayFleet:
         self.failures: list[dict[str, Any]] = []  # one record per robot actor that crashed or hung
         # held for the fleet's lifetime: a restarted actor is rebuilt from these same arguments
         self._reward_ref = rt.put(_numpy_weights(reward.model.state_dict())) if reward is not None else None
-        threshold = reward.threshold if reward is not None else 0.0
+        detector = ({"threshold": reward.threshold, "hold": reward.hold, "spec": reward.spec.to_dict()}
+                    if reward is not None else {})
         remote = rt.remote(num_cpus=1, max_restarts=-1, max_task_retries=0, scheduling_strategy=scheduling)(RobotHost)
         self.sizes: list[int] = []
         self.actors = []
         offset = 0
         while offset < n_robots:
             k = min(robots_per_actor, n_robots - offset)
-            self.actors.append(remote.remote(make_env, spec, k, offset, self._reward_ref, threshold, reset_free,
+            self.actors.append(remote.remote(make_env, spec, k, offset, self._reward_ref, detector, reset_free,
                                              reset_every))
             self.sizes.append(k)
             offset += k

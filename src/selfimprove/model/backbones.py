@@ -16,7 +16,7 @@ from torch import nn
 from selfimprove.model.text import HashedBagOfWordsEncoder, InstructionEncoder, MiniLMEncoder
 from selfimprove.model.vision import FiLM, ImageEncoder, SpatialSoftmax
 
-TEXT_ENCODERS = ("hashed_bow", "minilm")
+TEXT_ENCODERS = ("hashed_bow", "hashed_roles", "minilm")
 
 
 class HalvesMiniLM(InstructionEncoder):
@@ -41,8 +41,8 @@ class HalvesMiniLM(InstructionEncoder):
 
 
 def make_text_encoder(kind: str, dim: int = 128) -> InstructionEncoder:
-    if kind == "hashed_bow":
-        return HashedBagOfWordsEncoder(dim=dim)
+    if kind in ("hashed_bow", "hashed_roles"):
+        return HashedBagOfWordsEncoder(dim=dim, positions=kind == "hashed_roles")
     if kind == "minilm":
         return HalvesMiniLM()
     raise ValueError(f"unknown text encoder {kind!r}; choose one of {TEXT_ENCODERS}")

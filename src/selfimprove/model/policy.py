@@ -32,7 +32,10 @@ class ModelSpec:
     encoder: str = "mlp"  # "mlp" (vector observations), "film" (images + instruction), "late_fusion" or "hf"
     frames: int = 1  # camera frames stacked per observation (the latest ones)
     image_init: str = "scratch"  # "scratch" or "pretrained" (frozen ImageNet MobileNetV2 stem)
-    text_encoder: str = "hashed_bow"  # "hashed_bow" (trainable, scratch) or "minilm" (pretrained)
+    text_encoder: str = "hashed_bow"  # "hashed_roles" / "hashed_bow" (trainable, scratch) or "minilm" (pretrained)
+    # a last steps-to-go class "not reached within the horizon" (value max_steps + 1), trained on
+    # mismatched-instruction negatives (sft.negatives); False in checkpoints made before it existed
+    stg_never: bool = False
     channels: list[int] = field(default_factory=lambda: [32, 64, 64, 64])
     # encoder "hf": a Hugging Face vision-language model as the trunk (see model/hf_backbone.py)
     hf_model: str = ""  # local folder or hub id
@@ -128,8 +131,10 @@ class EmbodiedModel(nn.Module):
         self.tokenizer = ActionTokenizer(spec.action_low, spec.action_high, spec.action_bins)
         self.encoder = ENCODERS[spec.encoder](spec)
         self.action_head = nn.Linear(self.encoder.out_dim, spec.action_dim * spec.action_bins)
-        self.stg_head = nn.Linear(self.encoder.out_dim, spec.max_steps + 1)
-        self.register_buffer("stg_values", torch.arange(spec.max_steps + 1, dtype=torch.float32))
+        classes = spec.max_steps + 1 + int(spec.stg_never)
+        self.stg_head = nn.Linear(self.encoder.out_dim, classes)
+        # d(o, g) = E[steps-to-go]; the "never" class counts as max_steps + 1 steps
+        self.register_buffer("stg_values", torch.arange(classes, dtype=torch.float32))
 
     def forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (action logits [B, action_dim, bins], steps-to-go logits [B, max_steps + 1])."""
@@ -141,8 +146,13 @@ class EmbodiedModel(nn.Module):
         """Per-dimension categorical logits over action bins, [B, action_dim, bins]."""
         return self.forward(obs)[0]
 
+    @property
+    def never_class(self) -> int | None:
+        """Index of the "not reached within the horizon" class, or None when the head has none."""
+        return self.spec.max_steps + 1 if self.spec.stg_never else None
+
     def steps_to_go_distribution(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Categorical logits over steps-to-go 0..max_steps, [B, max_steps + 1]."""
+        """Categorical logits over steps-to-go 0..max_steps (then "never" when ``spec.stg_never``)."""
         return self.forward(obs)[1]
 
     def expected_steps_to_go(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -283,19 +283,27 @@ def _tokenize(text: str) -> list[str]:
 class HashedBagOfWordsEncoder(InstructionEncoder):
     """Trainable mean of hashed word (and word-pair) embeddings: the ``scratch`` instruction encoder.
 
+    Word pairs are not enough when the two named objects share a word: "push the red moon to the blue
+    moon" and "push the blue moon to the red moon" have the same words *and* the same pairs. With
+    ``positions=True`` (the ``hashed_roles`` encoder) every word is also hashed with its place counted
+    from the start and from the end, so the object named first (moved) and the one named last
+    (target) keep their roles whatever verb or preposition sits between them.
+
     Hashing needs no vocabulary file, so any instruction works and the module's state is just its weights.
     Word pairs (``ngrams=2``) keep order information a plain bag loses: "push the red moon to the blue
     cube" and "push the blue cube to the red moon" share every word but not every pair. Hashing uses
     crc32 (not Python's salted ``hash``), and the init uses its own generator, so it is deterministic.
     """
 
-    def __init__(self, dim: int = 128, num_buckets: int = 4096, ngrams: int = 2, seed: int = 0) -> None:
+    def __init__(self, dim: int = 128, num_buckets: int = 4096, ngrams: int = 2, seed: int = 0,
+                 positions: bool = False) -> None:
         super().__init__()
         if dim < 1 or num_buckets < 1 or ngrams < 1:
             raise ConfigError(f"dim, num_buckets and ngrams must be >= 1, got {dim}, {num_buckets}, {ngrams}")
         self.dim = dim
         self.num_buckets = num_buckets
         self.ngrams = ngrams
+        self.positions = positions
         self.embedding = nn.EmbeddingBag(num_buckets, dim, mode="mean")
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
@@ -305,6 +313,8 @@ class HashedBagOfWordsEncoder(InstructionEncoder):
         """Hash buckets of the instruction's words and word n-grams (one id for empty text)."""
         words = _tokenize(text)
         grams = [" ".join(words[i : i + n]) for n in range(1, self.ngrams + 1) for i in range(len(words) - n + 1)]
+        if self.positions:  # each word also tagged with its place from the start and from the end
+            grams += [f"<{i}> {w}" for i, w in enumerate(words)] + [f"{w} <{len(words) - i}>" for i, w in enumerate(words)]
         if not grams:
             grams = [""]
         return [zlib.crc32(f"{len(g.split())}:{g}".encode()) % self.num_buckets for g in grams]
@@ -326,11 +336,13 @@ class HashedBagOfWordsEncoder(InstructionEncoder):
 _KINDS = {
     "minilm": MiniLMEncoder,
     "hashed_bow": HashedBagOfWordsEncoder,
+    "hashed_roles": lambda **kw: HashedBagOfWordsEncoder(positions=True, **kw),
 }
 
 
 def make_instruction_encoder(kind: str, **kwargs: Any) -> InstructionEncoder:
-    """Build an instruction encoder by name: ``"minilm"`` (pretrained, frozen) or ``"hashed_bow"`` (scratch)."""
+    """Build an instruction encoder by name: ``"minilm"`` (pretrained, frozen), ``"hashed_bow"`` or
+    ``"hashed_roles"`` (scratch; the latter role-aware)."""
     try:
         cls = _KINDS[kind]
     except KeyError:

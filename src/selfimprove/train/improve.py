@@ -3,8 +3,9 @@
 A frozen copy of the SFT checkpoint is the reward model and success detector; a separate copy is
 the policy, the only thing trained. Each iteration: the fleet collects on-policy episodes until a
 batch of ``steps_per_iteration`` env steps is full; the learner computes Monte Carlo returns of the
-steps-to-go reward and takes REINFORCE steps (``-c * R_t * log pi(a_t | o_t, g)``); the batch is
-dropped and the new weights go to the fleet. Every iteration is checkpointed with everything needed
+steps-to-go reward and takes policy-gradient steps (``train/objectives.py``: the paper's REINFORCE
+``-c * R_t * log pi(a_t | o_t, g)``, optionally with normalised advantages, clipped rewards and a KL
+term to the frozen SFT policy, or PPO-clip); the batch is dropped and the new weights go to the fleet. Every iteration is checkpointed with everything needed
 to continue it bit for bit (``--resume``).
 """
 
@@ -33,12 +34,12 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
                                           recover_checkpoint, restore_optimizer, save_checkpoint)
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
-from selfimprove.reward import StepsToGoReward, detector_table, discounted_returns, recommend_threshold
+from selfimprove.domains import goal_key_for
+from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, held_firing
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
-from selfimprove.train.objectives import ppo_update, update_epochs
-from selfimprove.train.precision import autocast
+from selfimprove.train.objectives import policy_update
 from selfimprove.train.guard import Guard
-from selfimprove.train.sft import checkpoint_dir, frame_source, sft_checkpoint
+from selfimprove.train.sft import MismatchedInstructions, checkpoint_dir, frame_source, sft_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,21 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
         except (OSError, ValueError, KeyError, EOFError) as exc:  # unreadable: compute again
             log.warning("ignoring the unreadable held-out cache %s (%s)", cache, exc)
     frames = store.frames(val_idx)
-    source = frame_source(frames, reward.model.spec)
-    d = np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + 1024, len(frames.frame_index)))))
-                        for i in range(0, len(frames.frame_index), 1024)])
+    source = frame_source(frames, reward.spec)
+    d = _pass(reward, source)
     true = frames.extras.get("info.is_success", frames.is_terminal)
-    out = {"d": d, "goal_frame": frames.is_terminal.astype(bool), "true_success": np.asarray(true, dtype=bool),
+    out = {"d": d, "goal_frame": frames.goal_reached, "true_success": np.asarray(true, dtype=bool),
            "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
+    # the same frames under an instruction that asks for something else (one per episode, seeded);
+    # none when every instruction of the store asks for the same thing (e.g. the point mass)
+    keys = goal_key_for(config.domain)
+    if len({keys(t) for t in frames.instructions}) >= 2:
+        mismatched = MismatchedInstructions(frames.instructions, keys)
+        episode_task = frames.task_index[frames.episode_start]
+        drawn = mismatched.draw([frames.instructions[t] for t in episode_task], torch.Generator().manual_seed(0))
+        lookup = {t: i for i, t in enumerate(frames.instructions)}
+        source.task_index = torch.as_tensor(np.repeat([lookup[t] for t in drawn], frames.episode_lengths + 1))
+        out["d_mismatched"] = _pass(reward, source)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npz")
@@ -94,9 +104,14 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
     return out
 
 
+def _pass(reward: StepsToGoReward, source: FrameSource, chunk: int = 1024) -> np.ndarray:
+    n = len(source.frame_index)
+    return np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + chunk, n)))) for i in range(0, n, chunk)])
+
+
 def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) -> str:
     """What d on the held-out demos depends on: the model's weights and which frames of which store."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"held-out v2: goal frames with hold, d_mismatched")
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -108,65 +123,51 @@ def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) 
 
 
 def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Path | None = None) -> dict[str, Any]:
-    """Choose the success threshold ``s`` on held-out demos (or take the configured one)."""
+    """Choose the success threshold ``s`` on held-out demos (``reward.calibrate_threshold``), or take the
+    configured one; with the numbers a report shows beside it."""
+    cfg = config.improve
     probe = StepsToGoReward(reward_model, threshold=0.0)
     frames = demo_steps_to_go(probe, config, cache)
-    choice = recommend_threshold(frames["d"], frames["goal_frame"])  # the one rule; `selfimprove diagnose` too
+    if not reward_model.spec.stg_never and "d_mismatched" in frames:  # a store with several goals
+        log.warning("the reward model was trained without mismatched-instruction negatives (sft.negatives = 0): "
+                    "its steps-to-go head cannot say 'not on the way', and its detector is known to fire on "
+                    "states that are not the goal; retrain Stage 1 with sft.negatives > 0")
+    choice = calibrate_threshold(frames, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
     recommended = choice["threshold"]
-    if max(row["f1"] for row in choice["table"]) == 0:
-        log.warning("the steps-to-go head does not separate goal frames on held-out demos (no threshold "
-                    "fires on them); Stage 2 will see no detected success. Train Stage 1 longer.")
-    fixed = config.improve.success_threshold
+    fixed = cfg.success_threshold
     return {
         "threshold": float(fixed) if fixed is not None else recommended,
         "recommended": recommended,
-        "source": "config" if fixed is not None else "calibrated on held-out demos (max F1 vs goal frames)",
+        "hold": cfg.success_hold,
+        "source": "config" if fixed is not None else f"calibrated on held-out demos ({cfg.threshold_rule} rule)",
         "rule": choice["rule"],
+        "table": choice["table"],
+        "negatives_trained": bool(reward_model.spec.stg_never),
         "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
+        "mismatched_firing_rate": (float(np.mean(held_firing(frames["d_mismatched"], np.cumsum(
+            np.isin(np.arange(len(frames["d"])), frames["episode_start"])), recommended, cfg.success_hold)))
+            if "d_mismatched" in frames else None),
         "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
         "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
     }
 
 
-def episode_rewards(episode: Episode, kind: str = "steps_to_go") -> np.ndarray:
-    """Per-step rewards: ``d(o_t) - d(o_{t+1})``, or 1 everywhere for the constant-reward control."""
+def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0.0) -> np.ndarray:
+    """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), or 1
+    everywhere for the constant-reward control."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
-    return StepsToGoReward.reward(episode.stg[:-1], episode.stg[1:])
+    rewards = StepsToGoReward.reward(episode.stg[:-1], episode.stg[1:])
+    return np.clip(rewards, -clip, clip) if clip > 0 else rewards
 
 
-def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float, reward: str = "steps_to_go"
-                    ) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
+def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float, reward: str = "steps_to_go",
+                    clip: float = 0.0) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Episodes -> (frame source, acting rows o_0..o_{T-1}, their action tokens, Monte Carlo returns)."""
     source, acting = from_episodes(episodes, policy.spec)
     tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in episodes])))
-    returns = np.concatenate([discounted_returns(episode_rewards(e, reward), gamma) for e in episodes])
+    returns = np.concatenate([discounted_returns(episode_rewards(e, reward, clip), gamma) for e in episodes])
     return source, acting, tokens, torch.as_tensor(returns)
-
-
-def reinforce_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
-                     acting: torch.Tensor, tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
-                     generator: torch.Generator) -> dict[str, float]:
-    """Plain REINFORCE: shuffled minibatches of ``-c * R_t * log pi(a_t | o_t, g)``."""
-    cfg = config.improve
-    policy.train()
-    n = len(returns)
-    losses, norms = [], []
-    for _ in range(update_epochs(cfg)):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, cfg.minibatch_size):
-            idx = order[start:start + cfg.minibatch_size]
-            with autocast(config.precision):
-                logits, _ = policy(source.obs(acting[idx]))
-            logp = EmbodiedModel.token_log_prob(logits.float() / cfg.temperature, tokens[idx])
-            loss = -(cfg.loss_scale * returns[idx] * logp).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
-            optimizer.step()
-            losses.append(float(loss.detach()))
-    policy.eval()
-    return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)), "updates": len(losses)}
 
 
 def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool = False,
@@ -189,6 +190,10 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     reward_path = reward_model_path(config, sft_path)
     reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
     policy, _ = load_checkpoint(sft_path, expect_domain=config.domain)  # a separate, trainable copy
+    reference = None  # the frozen SFT policy of the KL term
+    if cfg.kl_coef > 0:
+        reference = reward_model if reward_path.resolve() == Path(sft_path).resolve() else \
+            load_checkpoint(sft_path, expect_domain=config.domain)[0].eval().requires_grad_(False)
     def make_optimizer(m: EmbodiedModel) -> torch.optim.Optimizer:
         return torch.optim.Adam(m.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel, as in SFT
 
@@ -212,7 +217,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     metrics.keep(lambda r: r.get("stage") != "improve")
     for record in history:
         metrics.append(record)
-    reward = StepsToGoReward(reward_model, detector["threshold"])
+    reward = StepsToGoReward(reward_model, detector["threshold"], int(detector.get("hold", 1)))
     collected_ahead = _collected_not_trained(config, counters)
     writer = EpisodeWriter(episodes_dir(config), fps=10)
     fleet = make_fleet(config, policy.spec, reward)
@@ -269,10 +274,9 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             stopping = it + 1 >= cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"] + len(episodes)
             if overlap and not stopping:  # the robots practise on while the learner trains
                 prefetched = fleet.start(policy.state_dict(), version=it, **collect_args(it + 1))
-            source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward)
-            learner = ppo_update if cfg.objective == "ppo" else reinforce_update
-            update = learner(policy, optimizer, source, acting, tokens, returns, config,
-                             torch_generator(config.seed, 3, it))
+            source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward, cfg.reward_clip)
+            update = policy_update(policy, optimizer, source, acting, tokens, returns, config,
+                                   torch_generator(config.seed, 3, it), reference)
             t_update = time.time() - t0 - t_collect
             counters["robot_episodes"] += len(episodes)
             counters["env_steps"] += int(sum(e.length for e in episodes))
@@ -282,6 +286,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                 "stage": "improve", "iteration": it + 1, **{k: counters[k] for k in ("robot_episodes", "env_steps")},
                 "batch_episodes": len(episodes), "batch_mean_length": float(lengths.mean()),
                 "detected_success_rate": float(np.mean([e.meta["ended_by"] == "detector" for e in episodes])),
+                # diagnostics only: how many detector-ended episodes truly succeeded
+                "detector_precision": _detector_precision(episodes),
                 "mean_return": float(returns.mean()), **update,
                 # diagnostics only: the learner above never reads the simulator's success flag
                 "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
@@ -337,6 +343,11 @@ def _collected_not_trained(config: RunConfig, counters: dict[str, int]) -> list[
     truncate_store(root, counters["files_written"] + 1)  # at most one batch can be ahead of the checkpoint
     store = EpisodeStore(root)
     return store.episodes(range(counters["robot_episodes"], store.num_episodes))
+
+
+def _detector_precision(episodes: list[Episode]) -> float | None:
+    ended = [bool(e.true_success) for e in episodes if e.meta["ended_by"] == "detector"]
+    return float(np.mean(ended)) if ended else None
 
 
 def practice_stats(episodes: list[Episode]) -> dict[str, Any]:

@@ -1,18 +1,27 @@
-"""Stage 2 policy-gradient objectives beside the paper's REINFORCE: a PPO-style clipped surrogate.
+"""Stage 2's policy-gradient losses, in one registry, and the one update loop that applies them.
 
-``improve.objective = "ppo"`` reuses each on-policy batch for ``improve.epochs`` passes (4 unless
-set). The reward and the discounted Monte Carlo returns are exactly REINFORCE's; the advantage is
-the batch-normalised return ``A_t = (R_t - mean R) / (std R + 1e-8)`` (a constant baseline and
-scale, so one clip range suits every domain). The behaviour policy's log-probabilities are
-recomputed once, before the first update, from the weights that collected the batch (in eval mode,
-at the sampling temperature). With ``improve.max_staleness = 0`` those are exactly the weights the
-robots ran; with stale episodes the ratio is taken against the policy at the start of the update.
+``improve.objective`` names the loss (:data:`OBJECTIVES`):
 
-Loss per sample: ``-c * min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)`` with
-``rho = pi(a|o,g) / pi_old(a|o,g)``. At ``rho = 1`` its gradient is REINFORCE's ``-c * A * grad log pi``.
+* ``"reinforce"`` (the paper's): ``-c * A_t * log pi(a_t | o_t, g)``, one pass over the batch unless
+  ``improve.epochs`` says otherwise;
+* ``"ppo"``: the clipped surrogate ``-c * min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)`` with
+  ``rho = pi / pi_old``, 4 passes unless set. ``pi_old`` is recomputed once, before the first
+  update, from the weights that collected the batch (eval mode, the sampling temperature, and the
+  same autocast precision as the learner's forward pass, so ``rho = 1`` exactly at the start).
+
+``A_t`` is the Monte Carlo return ``R_t`` as it is (``improve.advantage = "return"``, the paper's)
+or normalised per batch (``"normalized"``: ``(R_t - mean R) / std R``, a constant baseline and
+scale). Either loss may add ``improve.kl_coef * KL(pi || pi_ref)`` on the batch's states, where
+``pi_ref`` is the frozen SFT policy: it bounds how far a few hundred episodes can move the policy.
+
+Minibatches are equal shares of the shuffled batch (``improve.minibatch_size`` rounded so no tiny
+last minibatch takes a full Adam step); ``minibatch_size = 0`` takes one full-batch step per epoch,
+its gradient accumulated over chunks.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,9 +31,9 @@ from selfimprove.model.inputs import FrameSource
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.train.precision import autocast
 
-OBJECTIVES = ("reinforce", "ppo")
 #: passes over each batch when ``improve.epochs`` is unset.
 DEFAULT_EPOCHS = {"reinforce": 1, "ppo": 4}
+CHUNK = 256  # rows per forward pass when a gradient step covers more (accumulated)
 
 
 def update_epochs(cfg: ImproveConfig) -> int:
@@ -38,6 +47,21 @@ def normalized_advantages(returns: torch.Tensor) -> torch.Tensor:
     if len(returns) < 2:
         return returns - returns.mean()
     return (returns - returns.mean()) / (returns.std() + 1e-8)
+
+
+def advantages(returns: torch.Tensor, kind: str) -> torch.Tensor:
+    """``improve.advantage``: the returns as they are (``"return"``) or normalised per batch."""
+    if kind == "return":
+        return returns.float()
+    if kind == "normalized":
+        return normalized_advantages(returns)
+    raise ValueError(f"unknown advantage {kind!r}; use 'return' or 'normalized'")
+
+
+def reinforce_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, cfg: ImproveConfig
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``-A * log pi`` (mean over samples): the paper's REINFORCE."""
+    return -(adv * logp).mean(), {}
 
 
 def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -58,47 +82,91 @@ def clipped_surrogate_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantage
     return loss, {"clip_fraction": clip_fraction, "approx_kl": approx_kl}
 
 
+def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, cfg: ImproveConfig
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    return clipped_surrogate_loss(logp, old_logp, adv, cfg.ppo_clip)
+
+
+Loss = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, ImproveConfig],
+                tuple[torch.Tensor, dict[str, float]]]
+#: objective name -> (loss, whether it needs the behaviour policy's log-probabilities)
+OBJECTIVES: dict[str, tuple[Loss, bool]] = {"reinforce": (reinforce_loss, False), "ppo": (ppo_loss, True)}
+
+
+def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over samples of ``KL(pi || pi_ref)``, exact for the per-dimension categoricals (summed over dims)."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    ref = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
+    return (logp.exp() * (logp - ref)).sum(-1).sum(-1).mean()
+
+
 @torch.no_grad()
-def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torch.Tensor, tokens: torch.Tensor,
-                        temperature: float, chunk: int = 512) -> torch.Tensor:
-    """log pi_old(a_t | o_t, g) of the batch under the current (not yet updated) weights, in eval mode."""
-    was_training = policy.training
-    policy.eval()
+def _logits(model: EmbodiedModel, source: FrameSource, rows: torch.Tensor, precision: str) -> torch.Tensor:
+    """Action logits of ``rows`` in eval mode (chunked), float32, under the learner's autocast."""
+    was_training = model.training
+    model.eval()
     out = []
-    for start in range(0, len(acting), chunk):
-        rows = torch.arange(start, min(start + chunk, len(acting)))
-        logits, _ = policy(source.obs(acting[rows]))
-        out.append(EmbodiedModel.token_log_prob(logits / temperature, tokens[rows]))
-    policy.train(was_training)
+    for part in torch.split(rows, 4 * CHUNK):
+        with autocast(precision):
+            logits, _ = model(source.obs(part))
+        out.append(logits.float())
+    model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def ppo_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
-               acting: torch.Tensor, tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
-               generator: torch.Generator) -> dict[str, float]:
-    """Several epochs of shuffled minibatches of the clipped surrogate on one on-policy batch."""
+def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torch.Tensor, tokens: torch.Tensor,
+                        temperature: float, precision: str = "float32") -> torch.Tensor:
+    """log pi_old(a_t | o_t, g) of the batch under the current (not yet updated) weights, in eval mode."""
+    return EmbodiedModel.token_log_prob(_logits(policy, source, acting, precision) / temperature, tokens)
+
+
+def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """The shuffled rows cut into equal shares of about ``size`` (``size = 0``: one share)."""
+    n = len(order)
+    count = 1 if size <= 0 else max(1, int(round(n / size)))
+    return [part for part in torch.tensor_split(order, count) if len(part)]
+
+
+def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
+                  acting: torch.Tensor, tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
+                  generator: torch.Generator, reference: EmbodiedModel | None = None) -> dict[str, float]:
+    """Train the policy on one on-policy batch with ``improve.objective``'s loss (module docstring).
+
+    ``reference``: the frozen SFT policy of the KL term (needed when ``improve.kl_coef > 0``).
+    """
     cfg = config.improve
-    advantages = normalized_advantages(returns)
-    old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature)
+    loss_fn, needs_old = OBJECTIVES[cfg.objective]
+    if cfg.kl_coef > 0 and reference is None:
+        raise ValueError("improve.kl_coef > 0 needs the reference (SFT) policy")
+    adv = advantages(returns, cfg.advantage)
+    old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision) if needs_old else None
+    ref_logits = _logits(reference, source, acting, config.precision) if cfg.kl_coef > 0 else None
     policy.train()
-    n = len(returns)
-    losses, norms, clip_fractions, kls = [], [], [], []
+    sums: dict[str, list[float]] = {}
     for _ in range(update_epochs(cfg)):
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n, cfg.minibatch_size):
-            idx = order[start:start + cfg.minibatch_size]
-            with autocast(config.precision):
-                logits, _ = policy(source.obs(acting[idx]))
-            logp = EmbodiedModel.token_log_prob(logits.float() / cfg.temperature, tokens[idx])
-            surrogate, stats = clipped_surrogate_loss(logp, old_logp[idx], advantages[idx], cfg.ppo_clip)
-            loss = cfg.loss_scale * surrogate
+        for rows in minibatches(torch.randperm(len(returns), generator=generator), cfg.minibatch_size):
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norms.append(float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)))
+            step: dict[str, float] = {}
+            for part in torch.split(rows, CHUNK) if cfg.minibatch_size <= 0 else (rows,):
+                with autocast(config.precision):
+                    logits, _ = policy(source.obs(acting[part]))
+                logits = logits.float()
+                logp = EmbodiedModel.token_log_prob(logits / cfg.temperature, tokens[part])
+                pg, stats = loss_fn(logp, old_logp[part] if old_logp is not None else None, adv[part], cfg)
+                loss = cfg.loss_scale * pg
+                if ref_logits is not None:
+                    kl = kl_to_reference(logits, ref_logits[part], cfg.temperature)
+                    loss = loss + cfg.kl_coef * kl
+                    stats = {**stats, "kl_ref": float(kl.detach())}
+                share = len(part) / len(rows)
+                (loss * share).backward()
+                for k, v in {"loss": float(loss.detach()), **stats}.items():
+                    step[k] = step.get(k, 0.0) + v * share
+            step["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
             optimizer.step()
-            losses.append(float(loss.detach()))
-            clip_fractions.append(stats["clip_fraction"])
-            kls.append(stats["approx_kl"])
+            for k, v in step.items():
+                sums.setdefault(k, []).append(v)
     policy.eval()
-    return {"loss": float(np.mean(losses)), "grad_norm": float(np.mean(norms)), "updates": len(losses),
-            "clip_fraction": float(np.mean(clip_fractions)), "approx_kl": float(np.mean(kls))}
+    out = {k: float(np.mean(v)) for k, v in sums.items()}
+    out["updates"] = len(sums.get("loss", []))
+    return out

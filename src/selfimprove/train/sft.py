@@ -6,7 +6,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.store import EpisodeStore, Frames, split_episodes
-from selfimprove.domains import AUGMENTATIONS, check_observation_shapes, make_env, model_spec
+from selfimprove.domains import AUGMENTATIONS, check_observation_shapes, goal_key_for, make_env, model_spec
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
@@ -65,20 +65,74 @@ class FrameBatches:
         return self.source.obs(idx), self.tokens[idx], self.has_action[idx], self.stg[idx]
 
 
+class MismatchedInstructions:
+    """Label-free negatives for the steps-to-go head (as in ReWiND): a demo frame paired with an
+    instruction of the dataset that asks for something else is "not on the way"; its label is the
+    head's "never" class. ``goal_key`` says when two instructions ask for the same thing (a
+    paraphrase, or a role swap where success is symmetric): those are never drawn as negatives."""
+
+    def __init__(self, instructions: list[str], goal_key: Callable[[str], Hashable]) -> None:
+        self.instructions = list(instructions)
+        self.goal_key = goal_key
+        self._keys: dict[str, Hashable] = {}
+        self.keys = [self.key(t) for t in self.instructions]
+        if len(set(self.keys)) < 2:
+            raise DatasetError("sft.negatives needs a dataset with at least two different goals (it pairs frames "
+                               "with instructions that ask for something else); set sft.negatives = 0")
+
+    def key(self, text: str) -> Hashable:
+        if text not in self._keys:
+            self._keys[text] = self.goal_key(text)
+        return self._keys[text]
+
+    def draw(self, texts: list[str], generator: torch.Generator) -> list[str]:
+        """One instruction per text, asking for something else (uniform draw, then the next that differs)."""
+        n = len(self.instructions)
+        out = []
+        for text, j in zip(texts, torch.randint(0, n, (len(texts),), generator=generator).tolist()):
+            key = self.key(text)
+            while self.keys[j] == key:
+                j = (j + 1) % n
+            out.append(self.instructions[j])
+        return out
+
+
+def with_negatives(obs: dict, tokens: torch.Tensor, has_action: torch.Tensor, stg: torch.Tensor, count: int,
+                   mismatched: MismatchedInstructions, never: int, generator: torch.Generator
+                   ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The batch plus ``count`` rows: its first rows again (cycled), each with a mismatched
+    instruction, no BC target and the steps-to-go label ``never``."""
+    rows = torch.arange(count) % len(stg)
+    texts = mismatched.draw([obs["instruction"][int(r)] for r in rows], generator)
+    out = {k: torch.cat([v, v[rows]]) for k, v in obs.items() if k != "instruction"}
+    out["instruction"] = list(obs["instruction"]) + texts
+    return (out, torch.cat([tokens, tokens[rows]]), torch.cat([has_action, torch.zeros(count, dtype=torch.bool)]),
+            torch.cat([stg, torch.full((count,), never, dtype=stg.dtype)]))
+
+
 def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch.Tensor,
                has_action: torch.Tensor, stg: torch.Tensor) -> dict[str, torch.Tensor]:
-    """BC cross-entropy over action tokens (non-terminal frames) and steps-to-go cross-entropy."""
+    """BC cross-entropy over action tokens (non-terminal frames) and steps-to-go cross-entropy.
+
+    Rows labelled with the "never" class (negatives) train only the steps-to-go head; ``stg_mae``
+    is over the other rows, ``never_p`` the mean "never" probability the head gives the negatives.
+    """
     action_logits, stg_logits = model(obs)
     action_logits, stg_logits = action_logits.float(), stg_logits.float()  # losses in float32 under autocast
     bc_all = F.cross_entropy(action_logits.permute(0, 2, 1), tokens, reduction="none").sum(-1)
     mask = has_action.float()
     bc = (bc_all * mask).sum() / mask.sum().clamp_min(1.0)
     stg_loss = F.cross_entropy(stg_logits, stg)
+    out = {"bc": bc, "stg": stg_loss}
     with torch.no_grad():
-        d = torch.softmax(stg_logits, -1) @ model.stg_values
-        mae = (d - stg.float()).abs().mean()
-        acc = ((action_logits.argmax(-1) == tokens).all(-1).float() * mask).sum() / mask.sum().clamp_min(1.0)
-    return {"bc": bc, "stg": stg_loss, "stg_mae": mae, "bc_token_acc": acc}
+        probs = torch.softmax(stg_logits, -1)
+        d = probs @ model.stg_values
+        positive = stg <= model.spec.max_steps
+        out["stg_mae"] = ((d - stg.float()).abs() * positive).sum() / positive.sum().clamp_min(1)
+        out["bc_token_acc"] = ((action_logits.argmax(-1) == tokens).all(-1).float() * mask).sum() / mask.sum().clamp_min(1.0)
+        if model.never_class is not None and bool((~positive).any()):
+            out["never_p"] = probs[~positive, model.never_class].mean()
+    return out
 
 
 def _load_split(config: RunConfig) -> tuple[Frames, Frames, EpisodeStore]:
@@ -141,6 +195,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         metrics.keep(lambda r: r.get("stage") != "sft")
     data, held_out = FrameBatches(train, model), FrameBatches(val, model)
     augments = [AUGMENTATIONS[name][config.domain] for name in cfg.augment]
+    n_negatives = int(round(cfg.negatives * cfg.batch_size))
+    mismatched = MismatchedInstructions(train.instructions, goal_key_for(config.domain)) if n_negatives else None
     log.info("stage 1: %d train frames (%d episodes), %d held-out frames, %s gradient steps", data.size,
              len(train.episode_lengths), held_out.size, resolve_precision(config.precision))
     block = max(1, cfg.checkpoint_every)
@@ -156,6 +212,9 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         for augment in augments:
             rows = torch.rand(len(idx), generator=generator) < 0.5
             obs, tokens = augment(obs, tokens, spec.action_bins, rows)
+        if mismatched is not None:
+            obs, tokens, has_action, stg = with_negatives(obs, tokens, has_action, stg, n_negatives, mismatched,
+                                                          model.never_class, generator)
         with autocast(config.precision):
             losses = sft_losses(model, obs, tokens, has_action, stg)
         loss = losses["bc"] + cfg.stg_weight * losses["stg"]
