@@ -32,12 +32,14 @@ import numpy as np
 import torch
 
 from selfimprove.config import RunConfig, _merge, config_from_dict, load_config, parse_override
-from selfimprove.domains import make_env
+from selfimprove.domains import goal_key_for, make_env
 from selfimprove.errors import CheckpointError, ConfigError, DatasetError
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.model.policy import EmbodiedModel
-from selfimprove.reward import THRESHOLD_GRID, StepsToGoReward, detector_table, recommend_threshold
+from selfimprove.audit import audit_demos, audit_rollouts, gate
+from selfimprove.data.store import EpisodeStore
+from selfimprove.reward import THRESHOLD_GRID, StepsToGoReward, calibrate_threshold, detector_table, recommend_threshold
 from selfimprove.runlog import torch_generator
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,9 @@ HORIZONS = [(0, 0), (1, 2), (3, 5), (6, 10), (11, 20), (21, 50), (51, 100), (101
 REPORT_THRESHOLDS = (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 7.5, 10)  # rows of the report's tables
 CURVE_POINTS = 200  # points of each stored PR/ROC curve
 NEAR_STEPS = 2  # "near" success: a true success within this many steps after the detector fires
+NO_NEGATIVES_WARNING = ("this checkpoint was trained without mismatched-instruction negatives (sft.negatives = 0): "
+                        "its steps-to-go head cannot say 'not on the way', so as a reward model its detector fires "
+                        "on states that are not the goal; retrain Stage 1 with sft.negatives > 0")
 
 
 @dataclass
@@ -133,8 +138,9 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
 
 
 def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None = None
-                   ) -> tuple[FrameSet, np.ndarray]:
-    """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), and goal-frame labels.
+                   ) -> tuple[FrameSet, np.ndarray, dict[str, np.ndarray]]:
+    """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), goal-frame
+    labels, and the arrays as Stage 2 reads them (with ``d_mismatched``).
 
     ``cache``: see :func:`selfimprove.train.improve.demo_steps_to_go` (a run's Stage 2 reads it).
     """
@@ -145,19 +151,20 @@ def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None =
     sizes = np.diff(np.append(starts, len(frames["d"])))
     return FrameSet(d=frames["d"].astype(np.float64), success=frames["true_success"],
                     true_stg=frames["steps_to_go"].astype(np.float64), time=frames["frame_index"].astype(np.int64),
-                    starts=starts, sizes=sizes), frames["goal_frame"]
+                    starts=starts, sizes=sizes), frames["goal_frame"], frames
 
 
-def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> FrameSet:
+def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[FrameSet, list]:
     """``n`` episodes of the checkpoint's policy on the fixed eval seeds, run to the time limit.
 
     Sampling at ``improve.temperature`` (Stage 2's practice distribution). The reward model is the
     checkpoint itself with a detector that never fires, so ``d`` is recorded on every frame and no
-    episode is cut: the detector at any ``s`` can be replayed offline.
+    episode is cut: the detector at any ``s`` can be replayed offline. Also returns the episodes,
+    with the simulator's goal distance and block positions per frame where the env reports them.
     """
     never = StepsToGoReward(model, threshold=-math.inf)
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec,
-                       min(config.eval.robots, n), never)
+                       min(config.eval.robots, n), never, record_info=("goal_distance", "block_positions"))
     try:
         episodes = fleet.collect(model.state_dict(), version=0, seeds=seed_stream(config.eval.seed), n_episodes=n,
                                  temperature=config.improve.temperature,
@@ -179,7 +186,7 @@ def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> FrameSet
     sizes = np.array([len(x) for x in d], dtype=np.int64)
     return FrameSet(d=np.concatenate(d), success=np.concatenate(success), true_stg=np.concatenate(true_stg),
                     time=np.concatenate(time), starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
-                    sizes=sizes)
+                    sizes=sizes), episodes
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -383,23 +390,43 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
     from selfimprove.train.improve import HELD_OUT_CACHE
 
-    demos, goal = held_out_demos(model, config, out / HELD_OUT_CACHE)
-    choice = recommend_threshold(demos.d, goal)
+    demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE)
+    cfg = config.improve
+    choice = calibrate_threshold(held_out, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
+    f1_table = recommend_threshold(demos.d, goal)["table"]
     s = choice["threshold"]
+    several_goals = "d_mismatched" in held_out
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "checkpoint_meta": meta, "domain": config.domain,
         "dataset": str(config.dataset_path), "recommended_s": s, "rule": choice["rule"],
-        "rule_table": choice["table"], "alternatives": alternatives(choice["table"]),
+        "rule_table": f1_table, "alternatives": alternatives(f1_table),
         "at_recommended_s": {},
         "demos": _section(demos, s, goal_frame=goal),
+        "audit": {"hold": cfg.success_hold, "negatives_trained": bool(model.spec.stg_never),
+                  "demos": audit_demos(held_out, s, cfg.success_hold)},
     }
+    if several_goals and not model.spec.stg_never:
+        result["warning"] = NO_NEGATIVES_WARNING
+        log.warning(NO_NEGATIVES_WARNING)
+    rollout_audit = None
     if n_rollouts:
         log.info("diagnosing %s: %d policy rollouts on eval seeds from %d", checkpoint, n_rollouts, config.eval.seed)
-        rolls = policy_rollouts(model, config, n_rollouts)
+        rolls, episodes = policy_rollouts(model, config, n_rollouts)
+        draw = None
+        if several_goals:
+            from selfimprove.train.sft import MismatchedInstructions
+
+            mismatched = MismatchedInstructions(EpisodeStore(config.dataset_path).instructions,
+                                                goal_key_for(config.domain))
+            generator = torch.Generator().manual_seed(0)
+            draw = lambda texts: mismatched.draw(texts, generator)  # noqa: E731
+        rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw)
+        result["audit"]["rollouts"] = rollout_audit
         result["rollouts"] = _section(rolls, s, goal_frame=None)
         reached = [rolls.success[sl].any() for sl in rolls.episodes()]
         result["rollouts"].update(temperature=config.improve.temperature, first_seed=config.eval.seed,
                                   true_success_rate=float(np.mean(reached)))
+    result["audit"]["gate"] = gate(result["audit"]["demos"], rollout_audit)
     for name in ("demos", "rollouts"):
         if name in result:
             sec = result[name]
@@ -602,6 +629,36 @@ def _f(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def audit_lines(audit: dict[str, Any] | None) -> list[str]:
+    """The detector audit (audit.py) as a markdown section: the gate, then its parts."""
+    if not audit:
+        return []
+    hold = audit["hold"]
+    lines = [f"## Detector audit (d <= s held for {hold} step{'s' if hold > 1 else ''})", "",
+             "| check | value | bound | pass |", "|---|---|---|---|"]
+    for name, g in audit["gate"].items():
+        mark = {True: "yes", False: "**no**", None: "n/a"}[g["pass"]]
+        lines.append(f"| {name.replace('_', ' ')} | {_f(g['value'])} | {g['bound']} | {mark} |")
+    d = audit["demos"]
+    lines += ["", f"Held-out demos ({d['episodes']}): the first firing is at the goal in {_f(d['episode_recall'])} "
+              f"of them and earlier in {_f(d['fired_early'])}"
+              + (f"; under a mismatched instruction the detector fires on {_f(d['mismatched_frame_firing'])} of "
+                 f"frames ({_f(d['mismatched_episode_firing'])} of episodes)" if "mismatched_frame_firing" in d else "")
+              + "."]
+    r = audit.get("rollouts")
+    if r:
+        causes = ", ".join(f"{k}: {v}" for k, v in r["false_firings_by_cause"].items()) or "none"
+        lines += ["", f"Policy rollouts ({r['episodes']}, true success {_f(r['true_success_rate'])}): the detector "
+                  f"fires in {r['fired']}; precision per episode {_f(r['episode_precision'])} "
+                  f"({_f(r['episode_precision_near'])} counting a success within 2 steps), recall "
+                  f"{_f(r['episode_recall'])}; first firings with the named pair > 10 cm apart "
+                  f"{_f(r['first_firings_named_pair_far'])}"
+                  + (f"; mismatched-instruction frame firing {_f(r['mismatched_frame_firing'])}"
+                     if "mismatched_frame_firing" in r else "")
+                  + f". False first firings by cause: {causes}."]
+    return lines + [""]
+
+
 def write_markdown(result: dict[str, Any], out: Path) -> Path:
     """``report.md``: the recommendation, the headline numbers and the tables, with the plots."""
     s = result["recommended_s"]
@@ -609,6 +666,9 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
              f"Held-out demos: validation split of `{result['dataset']}` (never trained on).",
              "Simulator success is used here for diagnostics only; the recommendation uses demo labels only.", "",
              f"## Recommended success threshold: **s = {s:g}**", "", f"Rule: {result['rule']}.", ""]
+    if result.get("warning"):
+        lines += [f"**Warning:** {result['warning']}.", ""]
+    lines += audit_lines(result.get("audit"))
     alt = result["alternatives"]
     lines += ["Other rules on the same demo table (for comparison; Stage 2 uses the rule above unless "
               "`improve.success_threshold` is set): "
@@ -703,6 +763,9 @@ def headline(result: dict[str, Any]) -> dict[str, Any]:
     if not result:
         return {}
     out: dict[str, Any] = {"recommended_s": result["recommended_s"]}
+    if "audit" in result:
+        out["gate"] = {k: g["value"] for k, g in result["audit"]["gate"].items()}
+        out["gate_passed"] = all(g["pass"] is not False for g in result["audit"]["gate"].values())
     for name, at in result.get("at_recommended_s", {}).items():
         rho = result[name]["spearman_d_vs_time"]
         out[name] = {"frame_precision": at["frame"]["precision"], "frame_recall": at["frame"]["recall"],
@@ -718,13 +781,15 @@ def report_lines(run_dir: Path) -> list[str]:
         result = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return []
-    lines = ["## Reward model (SFT checkpoint)", "",
-             f"Recommended s = {result['recommended_s']:g} ({result['rule']}). Full diagnostics: "
-             "[diagnostics/report.md](diagnostics/report.md).", "",
+    lines = ["## Reward model (SFT checkpoint)", ""]
+    if result.get("warning"):
+        lines += [f"**Warning:** {result['warning']}.", ""]
+    lines += [f"Recommended s = {result['recommended_s']:g} ({result['rule']}). Full diagnostics: "
+             "[diagnostics/report.md](diagnostics/report.md).", "", *audit_lines(result.get("audit")),
              "| episodes | frame precision / recall at s | episode precision / recall at s | MAE of d | "
              "Spearman(d, time) mean |", "|---|---|---|---|---|"]
     for name, h in headline(result).items():
-        if isinstance(h, dict):
+        if isinstance(h, dict) and name != "gate":
             lines.append(f"| {name} | {_f(h['frame_precision'])} / {_f(h['frame_recall'])} | "
                          f"{_f(h['episode_precision'])} / {_f(h['episode_recall'])} | {_f(h['mae'], 2)} | "
                          f"{_f(h['spearman_mean'])} |")

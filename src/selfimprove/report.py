@@ -144,6 +144,7 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         lines += ["## Self-Improvement", "", f"![improvement]({fig_improve.name})", "",
                   "Eval points use fixed eval seeds and the simulator's success (diagnostic only: the learner "
                   "sees only the frozen model's reward and detector).", ""]
+    lines += detection_lines(improve_records, detector)
     lines += guard_report_lines(run_dir, improve_records, summary)
     lines += video_lines(run_dir)
     lines += _practice_lines(summary.get("practice", {}) if summary else {}, read_json(run_dir / "fleet.json"))
@@ -172,6 +173,28 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def detection_lines(records: list[dict[str, Any]], detector: dict | None) -> list[str]:
+    """Detected vs true success of each practice batch: the moment the reward model is fooled shows as
+    detected success running away from true success (true success is read for this table only)."""
+    rows = [r for r in records if r.get("iteration", 0) >= 1 and "detected_success_rate" in r]
+    lines = []
+    if detector and detector.get("negatives_trained") is False and detector.get("mismatched_firing_rate") is not None:
+        lines += ["**Warning:** the reward model was trained without mismatched-instruction negatives "
+                  "(`sft.negatives = 0`); its detector is known to fire on states that are not the goal.", ""]
+    if not rows:
+        return lines
+    lines += ["### Detected vs true success per practice batch", "",
+              "| iteration | robot episodes | detected | truly successful | detector precision | detected / true |",
+              "|---|---|---|---|---|---|"]
+    for r in rows:
+        det, true = r["detected_success_rate"], r.get("batch_true_success_rate", float("nan"))
+        ratio = det / true if true else float("inf")
+        flag = " **fooled**" if ratio > 2 else ""
+        lines.append(f"| {r['iteration']} | {r.get('robot_episodes', '')} | {_fmt(det)} | {_fmt(true)} | "
+                     f"{_fmt(r.get('detector_precision'))} | {ratio:.2f}{flag} |")
+    return lines + ["", "**fooled**: the detector ended more than twice as many episodes as truly succeeded.", ""]
 
 
 def _eval_point_rows(records: list[dict[str, Any]], sft_eval: dict, improve_eval: dict, config: dict) -> list[str]:

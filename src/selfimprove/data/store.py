@@ -367,6 +367,12 @@ class EpisodeStore:
         return np.asarray(self._episodes.get("length", []), dtype=np.int64) - 1
 
     @property
+    def instructions(self) -> list[str]:
+        """Every instruction of the store, by task index (meta/tasks.parquet)."""
+        tasks = _read_parquet(self.root / "meta" / "tasks.parquet")
+        return [t for _, t in sorted(zip(tasks.column("task_index").to_pylist(), tasks.column("task").to_pylist()))]
+
+    @property
     def true_success(self) -> list[bool | None]:
         return list(self._episodes.get("true_success", []))
 

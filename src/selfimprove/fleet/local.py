@@ -44,6 +44,7 @@ class _Slot:
     active: bool = False
     start: str = "episodic"
     reset_reason: str | None = None
+    recorded: dict[str, list] = field(default_factory=dict)  # extra info keys, per frame (diagnostics)
 
 
 class LocalFleet:
@@ -60,7 +61,7 @@ class LocalFleet:
 
     def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int,
                  reward: StepsToGoReward | None = None, reset_free: bool = False, reset_every: int = 0,
-                 robot_offset: int = 0) -> None:
+                 robot_offset: int = 0, record_info: tuple[str, ...] = ()) -> None:
         if n_robots < 1:
             raise ValueError("a fleet needs at least one robot")
         self.envs = [make_env() for _ in range(n_robots)]
@@ -76,6 +77,7 @@ class LocalFleet:
         self.spec = spec
         self.reset_free, self.reset_every = reset_free, reset_every
         self.robot_offset = robot_offset  # robot ids in episode meta are offset + index
+        self.record_info = tuple(record_info)  # info keys kept per frame in Episode.info (diagnostics only)
         self.skipped_starts = 0  # boards where the detector fired before the first action
         self.failures: list[dict[str, Any]] = []  # in-process robots do not fail separately from the learner
         self._set_up = [False] * n_robots  # reset-free: has this robot's board been set up yet?
@@ -118,6 +120,7 @@ class LocalFleet:
                     continue
             slot.observations, slot.actions = [o], []
             slot.success, slot.stg = [bool(info.get("is_success", False))], [d0]
+            slot.recorded = {k: [np.asarray(info[k])] for k in self.record_info if k in info}
             slot.active = True
             self._since_reset[i] += 1
             return
@@ -172,6 +175,8 @@ class LocalFleet:
                 o, terminated, truncated, info = results[k]
                 slot.actions.append(actions[k])
                 slot.success.append(bool(info.get("is_success", False)))
+                for key, values in slot.recorded.items():
+                    values.append(np.asarray(info[key]))
                 slot.stg.append(float(d_next[k]))
                 detected = self.reward is not None and self.reward.detects(slot.stg)
                 if detected or terminated or truncated:
@@ -193,7 +198,7 @@ class LocalFleet:
             meta={"seed": slot.seed, "robot": self.robot_offset + robot, "policy_version": version,
                   "ended_by": ended_by, "temperature": temperature, "start": slot.start,
                   "reset_reason": slot.reset_reason},
-            info={"is_success": success},
+            info={"is_success": success, **{k: np.stack(v) for k, v in slot.recorded.items()}},
             stg=None if self.reward is None else np.asarray(slot.stg, dtype=np.float32),
         )
 
