@@ -128,11 +128,14 @@ def main() -> int:
         source, acting, tokens, returns = reinforce_batch(episodes, policy, 0.9)
         opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
         t0 = time.perf_counter()
-        policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0))
+        reference = EmbodiedModel(spec).eval().requires_grad_(False) if config.improve.kl_coef > 0 else None
+        policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0), reference)
         update_s = time.perf_counter() - t0
         rate = len(returns) / update_s
-        rows.append((f"REINFORCE update, minibatch {config.improve.minibatch_size}, {figures['precision']}",
-                     f"{rate:,.0f} samples/s"))
+        imp = config.improve
+        learner = (f"{imp.objective}, {'full batch' if imp.minibatch_size <= 0 else f'minibatch {imp.minibatch_size}'}"
+                   f" x {imp.epochs or 1} epoch(s){', KL' if imp.kl_coef > 0 else ''}")
+        rows.append((f"Stage-2 update ({learner}), {figures['precision']}", f"{rate:,.0f} samples/s"))
         figures["reinforce_samples_per_s"] = round(rate, 1)
         steps = int(len(returns))
         figures["si_env_steps_per_s_with_update"] = round(steps / (collect_s + update_s), 1)

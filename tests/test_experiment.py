@@ -287,9 +287,11 @@ def test_shipped_experiments_expand_into_cells_with_controls(tmp_path, name):
     for cell in plan.cells:
         assert cell.config.run_dir == tmp_path / "experiments" / name / cell.name
         assert cell.config.eval.control_temperatures
-        if cell.config.improve.iterations > 0:
+        if cell.config.improve.iterations > 0 and spec.constant_reward_control:
             control = plan.runs[cell.control]
             assert control.config.improve.reward == "constant" and control.stage1 == cell.stage1
+    if not spec.constant_reward_control:  # then the grid holds its control as a cell
+        assert any(c.config.improve.reward == "constant" for c in plan.cells)
     if not spec.init_from:  # every seed trains its own SFT; Stage-2 variants share it
         assert len({c.stage1 for c in plan.cells}) == expected // max(
             1, len(next((a.values for a in spec.axes if a.name == "objective"), [0])))

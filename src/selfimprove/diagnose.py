@@ -458,6 +458,13 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"  {name:8s} frame P/R {_f(fr['precision'])}/{_f(fr['recall'])}, episode P/R "
               f"{_f(ep['precision'])}/{_f(ep['recall'])}, MAE {_f(result[name]['mae'], 2)}, "
               f"Spearman(d, time) mean {_f(rho['mean'])}")
+    if result.get("warning"):
+        print(f"  warning: {result['warning']}")
+    audit = result.get("audit")
+    if audit:
+        checks = ", ".join(f"{k.replace('_', ' ')} {_f(g['value'])} ({g['bound']}: "
+                           f"{ {True: 'pass', False: 'FAIL', None: 'n/a'}[g['pass']]})" for k, g in audit["gate"].items())
+        print(f"  detector gate (hold {audit['hold']}): {checks}")
     print(f"  report: {Path(result['out']) / 'report.md'}")
 
 
