@@ -483,3 +483,45 @@ def format_summary(summary: dict[str, Any], runs_dir: Path | None = None) -> str
     if runs_dir is not None:
         lines.append(f"  report: {Path(runs_dir) / 'experiments' / summary['experiment'] / 'report.md'}")
     return "\n".join(lines)
+
+
+def plot_episodes_vs_success(out: str | Path, summaries: dict[str, str | Path],
+                             cells: dict[str, str] | None = None) -> Path:
+    """One figure over several experiments' ``summary.json`` (label -> path): true success against
+    the episodes used (demos + practice) for the start policy and, per ``cells`` (setting of the
+    first axis -> legend label), Stage 2 from it: the mean over seeds with its interval, and each
+    seed faintly. E.g. the tabletop's ``self-improvement`` grids at 10% and 80% of the demos."""
+    cells = cells or {"all": "Self-Improvement (preset)", "constant": "constant-reward control",
+                      "paper-learner": "the paper's learner"}
+    markers = {"sft": "o", **{k: m for k, m in zip(cells, "s^vDP")}}
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    for i, (label, path) in enumerate(summaries.items()):
+        colour = f"C{i}"
+        summary = read_json(Path(path))
+        by_setting = {next(iter(a["settings"].values())): a for a in summary["aggregates"]}
+        start = next(a["stages"]["sft"] for a in summary["aggregates"] if "sft" in a["stages"])
+        x0, y0 = start["demo_episodes_mean"], start["mean"]
+        ax.errorbar([x0], [y0], yerr=[[v] for v in _errorbar(start)], fmt="o", color=colour, capsize=3,
+                    label=f"{label}: SFT")
+        for j, (setting, name) in enumerate(cells.items()):
+            stage = by_setting.get(setting, {}).get("stages", {}).get("improve")
+            if not stage or not stage.get("n"):
+                continue
+            x1 = stage["total_episodes_mean"] * (1 + 0.04 * j)  # side by side, not on top of each other
+            ax.errorbar([x1], [stage["mean"]], yerr=[[v] for v in _errorbar(stage)], fmt=markers[setting],
+                        color=colour, capsize=3, mfc="white" if setting != "all" else colour, mew=1.5,
+                        label=f"{label}: {name}")
+            ax.plot([x1] * len(stage["per_seed"]), stage["per_seed"], ".", color=colour, alpha=0.35)
+            if setting == "all":
+                ax.annotate("", xy=(x1, stage["mean"]), xytext=(x0, y0),
+                            arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2, "shrinkA": 4, "shrinkB": 4})
+    ax.set_xlabel("episodes used (demonstrations + Self-Improvement practice)")
+    ax.set_ylabel("true success rate (eval seeds)")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

@@ -14,9 +14,9 @@ or normalised per batch (``"normalized"``: ``(R_t - mean R) / std R``, a constan
 scale). Either loss may add ``improve.kl_coef * KL(pi || pi_ref)`` on the batch's states, where
 ``pi_ref`` is the frozen SFT policy: it bounds how far a few hundred episodes can move the policy.
 
-Minibatches are equal shares of the shuffled batch (``improve.minibatch_size`` rounded so no tiny
-last minibatch takes a full Adam step); ``minibatch_size = 0`` takes one full-batch step per epoch,
-its gradient accumulated over chunks.
+Minibatches of ``improve.minibatch_size`` rows cut the shuffled batch; a last one under half that
+size joins the one before (no few-row minibatch takes a full Adam step). ``minibatch_size = 0``
+takes one full-batch step per epoch, its gradient accumulated over chunks.
 """
 
 from __future__ import annotations
@@ -121,10 +121,14 @@ def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torc
 
 
 def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """The shuffled rows cut into equal shares of about ``size`` (``size = 0``: one share)."""
-    n = len(order)
-    count = 1 if size <= 0 else max(1, int(round(n / size)))
-    return [part for part in torch.tensor_split(order, count) if len(part)]
+    """The shuffled rows cut into minibatches of ``size`` (``size = 0``: one); a last one smaller than
+    half a minibatch joins the one before, so no few-row minibatch takes a full optimiser step."""
+    if size <= 0 or len(order) <= size:
+        return [order] if len(order) else []
+    parts = list(torch.split(order, size))
+    if len(parts[-1]) < size / 2:
+        parts[-2:] = [torch.cat(parts[-2:])]
+    return parts
 
 
 def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,

@@ -1,0 +1,69 @@
+"""The detector audit (audit.py): replaying the detector on demos and rollouts, causes, the gate."""
+
+import json
+
+import numpy as np
+
+from selfimprove.audit import audit_demos, audit_rollouts, first_firings, gate
+from selfimprove.data.episode import Episode
+from selfimprove.experiment_report import plot_episodes_vs_success
+
+
+def _rollout(d, success, distance, positions=None):
+    n = len(d)
+    info = {"is_success": np.asarray(success, dtype=bool), "goal_distance": np.asarray(distance, dtype=float)}
+    if positions is not None:
+        info["block_positions"] = np.asarray(positions, dtype=float)
+    return Episode(observations={"x": np.zeros((n, 1))}, actions=np.zeros((n - 1, 2)), instruction="push it",
+                   true_success=bool(np.any(success)), info=info, stg=np.asarray(d, dtype=np.float32))
+
+
+def test_first_firings_respect_the_hold():
+    d = np.array([5, 1, 1, 5, 1, 1, 1, 9, 9])
+    assert first_firings(d, np.array([7, 2]), 2.0, 1) == [1, None]
+    assert first_firings(d, np.array([7, 2]), 2.0, 3) == [6, None]
+
+
+def test_rollout_audit_counts_precision_and_causes():
+    far_apart = [[0.3, 0.0], [0.3, 0.2], [0.5, 0.0]]
+    adjacent = [[0.3, 0.0], [0.3, 0.2], [0.3, 0.03]]  # blocks 0 and 2 touch; the named pair is far
+    episodes = [
+        _rollout([9, 5, 1, 1], [0, 0, 1, 1], [0.2, 0.1, 0.04, 0.04]),  # fires at t=2, truly successful
+        _rollout([9, 1, 9, 9], [0, 0, 0, 0], [0.2, 0.08, 0.2, 0.2]),  # fires at t=1: goal missed by < 10 cm
+        _rollout([9, 1, 9, 9], [0, 0, 0, 0], [0.3] * 4, [far_apart] * 4),  # fires: named pair far apart
+        _rollout([9, 1, 9, 9], [0, 0, 0, 0], [0.3] * 4, [adjacent] * 4),  # fires: another pair adjacent
+        _rollout([9, 9, 9, 9], [0, 0, 0, 1], [0.2, 0.2, 0.2, 0.04]),  # never fires; succeeds at the end
+    ]
+    out = audit_rollouts(episodes, threshold=2.0, hold=1)
+    assert out["fired"] == 4 and out["episode_precision"] == 0.25 and out["episode_recall"] == 0.5
+    assert out["first_firings_named_pair_far"] == 0.5
+    assert out["false_firings_by_cause"] == {"goal missed (named pair within 10 cm)": 1, "named pair far apart": 1,
+                                             "another pair adjacent": 1}
+
+
+def test_demo_audit_and_the_gate():
+    held_out = {"d": np.array([9, 4, 1, 0.5, 9, 1, 9]), "steps_to_go": np.array([3, 2, 0, 0, 2, 1, 0]),
+                "episode_start": np.array([0, 4]), "d_mismatched": np.array([9, 9, 9, 9, 9, 1, 9])}
+    demos = audit_demos(held_out, threshold=2.0, hold=1)
+    assert demos["episode_recall"] == 0.5 and demos["fired_early"] == 0.5  # second episode fires 1 step early
+    assert demos["mismatched_frame_firing"] == 1 / 7
+    checks = gate(demos, {"episode_precision": 0.6, "first_firings_named_pair_far": 0.1,
+                          "mismatched_frame_firing": 0.01})
+    assert checks["demo_episode_recall"]["pass"] and checks["rollout_episode_precision"]["pass"]
+    assert not checks["mismatched_frame_firing"]["pass"]  # the worse of demos (1/7) and rollouts
+    assert gate(demos, None)["rollout_episode_precision"]["pass"] is None
+
+
+def test_episodes_vs_success_plot_reads_experiment_summaries(tmp_path):
+    def stage(mean, demos, robots, seeds):
+        return {"n": len(seeds), "mean": mean, "ci95_t": [mean - 0.05, mean + 0.05], "per_seed": seeds,
+                "demo_episodes_mean": demos, "total_episodes_mean": demos + robots,
+                "pooled": {"ci95_wilson": [mean - 0.05, mean + 0.05]}}
+    summary = {"aggregates": [
+        {"settings": {"lever": "all"}, "stages": {"sft": stage(0.4, 950, 0, [0.4]),
+                                                  "improve": stage(0.45, 950, 1000, [0.44, 0.46])}},
+        {"settings": {"lever": "constant"}, "stages": {"sft": stage(0.4, 950, 0, [0.4]),
+                                                       "improve": stage(0.41, 950, 1000, [0.41])}}]}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    out = plot_episodes_vs_success(tmp_path / "plot.png", {"10%": tmp_path / "summary.json"})
+    assert out.exists() and out.stat().st_size > 1000
