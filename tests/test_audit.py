@@ -58,7 +58,8 @@ def test_episodes_vs_success_plot_reads_experiment_summaries(tmp_path):
     def stage(mean, demos, robots, seeds):
         return {"n": len(seeds), "mean": mean, "ci95_t": [mean - 0.05, mean + 0.05], "per_seed": seeds,
                 "demo_episodes_mean": demos, "total_episodes_mean": demos + robots,
-                "pooled": {"ci95_wilson": [mean - 0.05, mean + 0.05]}}
+                "pooled": {"ci95_wilson": [mean - 0.05, mean + 0.05], "successes": int(mean * 200) * len(seeds),
+                           "episodes": 200 * len(seeds)}}
     summary = {"aggregates": [
         {"settings": {"lever": "all"}, "stages": {"sft": stage(0.4, 950, 0, [0.4]),
                                                   "improve": stage(0.45, 950, 1000, [0.44, 0.46])}},

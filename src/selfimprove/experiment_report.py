@@ -501,8 +501,13 @@ def plot_episodes_vs_success(out: str | Path, summaries: dict[str, str | Path],
         by_setting = {next(iter(a["settings"].values())): a for a in summary["aggregates"]}
         start = next(a["stages"]["sft"] for a in summary["aggregates"] if "sft" in a["stages"])
         x0, y0 = start["demo_episodes_mean"], start["mean"]
-        ax.errorbar([x0], [y0], yerr=[[v] for v in _errorbar(start)], fmt="o", color=colour, capsize=3,
-                    label=f"{label}: SFT")
+        if len(set(start["per_seed"])) == 1:  # one start checkpoint copied to every seed: one evaluation
+            pooled = start["pooled"]
+            lo, hi = wilson_interval(pooled["successes"] // start["n"], pooled["episodes"] // start["n"])
+            bar = (y0 - lo, hi - y0)
+        else:
+            bar = _errorbar(start)
+        ax.errorbar([x0], [y0], yerr=[[v] for v in bar], fmt="o", color=colour, capsize=3, label=f"{label}: SFT")
         for j, (setting, name) in enumerate(cells.items()):
             stage = by_setting.get(setting, {}).get("stages", {}).get("improve")
             if not stage or not stage.get("n"):
