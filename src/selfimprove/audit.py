@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 from selfimprove.data.episode import Episode
 from selfimprove.model.inputs import from_episodes
@@ -87,15 +86,12 @@ def _cause(info: dict[str, np.ndarray], t: int) -> str:
     return "named pair far apart"
 
 
-@torch.no_grad()
 def _mismatched_d(model: EmbodiedModel, episodes: list[Episode], draw) -> np.ndarray:
     """``d`` on every rollout frame under an instruction that asks for something else (one per episode)."""
     wrong = [Episode(observations=e.observations, actions=e.actions, instruction=t) for e, t in
              zip(episodes, draw([e.instruction for e in episodes]))]
     source, _ = from_episodes(wrong, model.spec)
-    reward = StepsToGoReward(model, threshold=0.0)
-    n = len(source.frame_index)
-    return np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + 1024, n)))) for i in range(0, n, 1024)])
+    return StepsToGoReward(model, threshold=0.0).steps_to_go_of(source)
 
 
 def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: EmbodiedModel | None = None,

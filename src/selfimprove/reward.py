@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from selfimprove.model.checkpoint import load_checkpoint
+from selfimprove.model.inputs import FrameSource
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,14 @@ class StepsToGoReward:
         """d(o, g) for a batch of observations, as float32 numpy [B]."""
         return self.model.expected_steps_to_go(obs).numpy().astype(np.float32)
 
+    def steps_to_go_of(self, source: FrameSource, chunk: int = 1024) -> np.ndarray:
+        """d(o, g) on every row of ``source`` (stored frames with their history), in chunks."""
+        n = len(source.frame_index)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate([self.steps_to_go(source.obs(torch.arange(i, min(i + chunk, n))))
+                               for i in range(0, n, chunk)])
+
     @staticmethod
     def reward(d_t: np.ndarray, d_next: np.ndarray) -> np.ndarray:
         return np.asarray(d_t, dtype=np.float32) - np.asarray(d_next, dtype=np.float32)
@@ -65,6 +74,11 @@ class StepsToGoReward:
         if len(d_history) < self.hold:
             return False
         return bool(np.all(np.asarray(d_history[-self.hold:]) <= self.threshold))
+
+
+def episode_ids(episode_start: np.ndarray, n: int) -> np.ndarray:
+    """Per row of ``n`` consecutive frames, the index of its episode (from each episode's first row)."""
+    return np.cumsum(np.isin(np.arange(n), episode_start)) - 1
 
 
 def held_firing(d: np.ndarray, episode: np.ndarray, threshold: float, hold: int = 1) -> np.ndarray:
@@ -177,7 +191,7 @@ def calibrate_threshold(held_out: dict[str, np.ndarray], rule: str = "f1", targe
     if rule == "f1":
         choice = recommend_threshold(held_out["d"], held_out["goal_frame"])
     elif rule == "precision":
-        episode = np.cumsum(np.isin(np.arange(len(held_out["d"])), held_out["episode_start"]))
+        episode = episode_ids(held_out["episode_start"], len(held_out["d"]))
         choice = precision_threshold(held_out["d"], held_out["steps_to_go"], episode, target, hold,
                                      held_out.get("d_mismatched"))
         if not choice["target_met"]:

@@ -18,6 +18,11 @@ from selfimprove.errors import DatasetError
 log = logging.getLogger(__name__)
 
 
+def demo_env(config: RunConfig):
+    """The env demos are rolled out in: it does not end on success when the demos hold the goal."""
+    return make_env(config, **({"terminate_on_success": False} if config.data.hold_steps else {}))
+
+
 def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode:
     """Roll out the expert once from the board of ``seed`` (which fixes both board and expert noise).
 
@@ -26,7 +31,7 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
     time limit counts as failed (it is re-drawn).
     """
     hold = int(config.data.hold_steps)
-    env = env or make_env(config, **({"terminate_on_success": False} if hold else {}))
+    env = env or demo_env(config)
     expert = expert or expert_for(config)
     obs, info = env.reset(seed=seed)
     expert.reset(env, np.random.default_rng([seed, 1]))
@@ -62,8 +67,7 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
 
 def _demo_worker(args: tuple[RunConfig, list[int]]) -> list[Episode]:
     config, seeds = args
-    env = make_env(config, **({"terminate_on_success": False} if config.data.hold_steps else {}))
-    expert = expert_for(config)
+    env, expert = demo_env(config), expert_for(config)
     return [demo_episode(config, s, env, expert) for s in seeds]
 
 

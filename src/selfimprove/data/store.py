@@ -414,9 +414,7 @@ class EpisodeStore:
             raise DatasetError(f"{self.root} holds no frames for the requested episodes")
         lengths_arr = np.asarray(lengths, dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths_arr + 1)[:-1]]).astype(np.int64)
-        tasks = _read_parquet(self.root / "meta" / "tasks.parquet")
-        instructions = [t for _, t in sorted(zip(tasks.column("task_index").to_pylist(),
-                                                  tasks.column("task").to_pylist()))]
+        instructions = self.instructions
         return Frames(
             observations={k.removeprefix("observation."): v for k, v in data.items() if k.startswith("observation.")},
             actions=data["action"].astype(np.float32),

@@ -35,7 +35,8 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.domains import goal_key_for
-from selfimprove.reward import StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, held_firing
+from selfimprove.reward import (StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, episode_ids,
+                                held_firing)
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
 from selfimprove.train.objectives import policy_update
 from selfimprove.train.guard import Guard
@@ -82,7 +83,7 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
             log.warning("ignoring the unreadable held-out cache %s (%s)", cache, exc)
     frames = store.frames(val_idx)
     source = frame_source(frames, reward.spec)
-    d = _pass(reward, source)
+    d = reward.steps_to_go_of(source)
     true = frames.extras.get("info.is_success", frames.is_terminal)
     out = {"d": d, "goal_frame": frames.goal_reached, "true_success": np.asarray(true, dtype=bool),
            "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
@@ -95,18 +96,13 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
         drawn = mismatched.draw([frames.instructions[t] for t in episode_task], torch.Generator().manual_seed(0))
         lookup = {t: i for i, t in enumerate(frames.instructions)}
         source.task_index = torch.as_tensor(np.repeat([lookup[t] for t in drawn], frames.episode_lengths + 1))
-        out["d_mismatched"] = _pass(reward, source)
+        out["d_mismatched"] = reward.steps_to_go_of(source)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npz")
         np.savez_compressed(tmp, key=np.array(key), **out)
         tmp.replace(cache)
     return out
-
-
-def _pass(reward: StepsToGoReward, source: FrameSource, chunk: int = 1024) -> np.ndarray:
-    n = len(source.frame_index)
-    return np.concatenate([reward.steps_to_go(source.obs(torch.arange(i, min(i + chunk, n)))) for i in range(0, n, chunk)])
 
 
 def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) -> str:
@@ -144,9 +140,9 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Pa
         "table": choice["table"],
         "negatives_trained": bool(reward_model.spec.stg_never),
         "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
-        "mismatched_firing_rate": (float(np.mean(held_firing(frames["d_mismatched"], np.cumsum(
-            np.isin(np.arange(len(frames["d"])), frames["episode_start"])), recommended, cfg.success_hold)))
-            if "d_mismatched" in frames else None),
+        "mismatched_firing_rate": (float(np.mean(held_firing(
+            frames["d_mismatched"], episode_ids(frames["episode_start"], len(frames["d"])), recommended,
+            cfg.success_hold))) if "d_mismatched" in frames else None),
         "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
         "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
     }
