@@ -200,6 +200,9 @@ def calibrate_threshold(held_out: dict[str, np.ndarray], rule: str = "f1", targe
                         choice["precision"])
     else:
         raise ValueError(f"unknown threshold rule {rule!r}; use 'f1' or 'precision'")
+    if not any(r.get("f1", 0) > 0 or r.get("true_positives", 0) > 0 for r in choice["table"]):
+        log.warning("the steps-to-go head does not separate goal frames on held-out demos (no threshold "
+                    "fires on them); Stage 2 will see no detected success. Train Stage 1 longer.")
     if choice["at_grid_edge"]:
         log.warning("the calibrated success threshold s = %g is the largest on the grid; d may be poorly "
                     "calibrated (check `selfimprove diagnose`) or fix improve.success_threshold", choice["threshold"])
