@@ -101,7 +101,8 @@ def observations(n: int = 3) -> dict:
     g = torch.Generator().manual_seed(0)
     return {"image": torch.randint(0, 255, (n, 2, 32, 32, 3), dtype=torch.uint8, generator=g),
             "effector": torch.randn(n, 2, generator=g) * 0.1,
-            "instruction": ["push the red moon to the blue cube", "push the blue cube to the red moon", "x"][:n]}
+            "instruction": ["push the red moon to the blue cube", "push the blue cube to the red moon",
+                            "push the green star to the top left corner"][:n]}
 
 
 def test_vlm_trunk_feeds_both_heads_and_every_vlm_weight_learns(tiny_vlm):

@@ -88,7 +88,8 @@ def test_pretrained_initialisation_builds_and_runs_offline(monkeypatch):
                      channels=[16])
     model = EmbodiedModel(spec)
     obs = {"image": torch.randint(0, 255, (3, 2, 32, 32, 3), dtype=torch.uint8), "effector": torch.zeros(3, 2),
-           "instruction": ["push the red moon to the blue cube", "push the blue cube to the red moon", "x"]}
+           "instruction": ["push the red moon to the blue cube", "push the blue cube to the red moon",
+                           "push the green star to the top left corner"]}
     action_logits, stg_logits = model(obs)
     assert action_logits.shape == (3, 2, 41) and stg_logits.shape == (3, 51)
     text = model.encoder.text.encode(obs["instruction"][:2])

@@ -263,10 +263,10 @@ def test_existing_output_is_never_overwritten(pointmass_lerobot, tmp_path):
     path, _ = pointmass_lerobot
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken/file.txt").write_text("keep me")
-    with pytest.raises(DatasetError, match="already exists"):
+    with pytest.raises(DatasetError, match="already holds file.txt"):
         import_lerobot(path, tmp_path / "taken", progress=False)
     store = import_lerobot(path, tmp_path / "store", progress=False)
-    with pytest.raises(DatasetError, match="already exists"):
+    with pytest.raises(DatasetError, match="already holds file.txt"):
         export_lerobot(store, tmp_path / "taken", progress=False)
     assert (tmp_path / "taken/file.txt").read_text() == "keep me"
 

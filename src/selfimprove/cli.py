@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -58,7 +57,10 @@ def _common(p: argparse.ArgumentParser, *flags: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from selfimprove import __version__
+
     parser = argparse.ArgumentParser(prog="selfimprove", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"selfimprove {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("collect", help="write expert demonstrations to an episode store")
     _common(p, "episodes", "workers")
@@ -116,6 +118,25 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # flush here (also after --help's SystemExit) so a closed pipe is caught below
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # the reader went away (e.g. `selfimprove dataset info ... | head -1`): stop quietly, as the
+        # "Note on SIGPIPE" in the signal module docs recommends. Point stdout at devnull so the
+        # interpreter's final flush does not raise again.
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (e.g. captured in tests)
+            pass
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -155,6 +176,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_summary(summary, Path(args.runs_dir)))
         return 1 if summary["counts"]["failed"] or summary["failed_runs"] else 0
     config = config_from_args(args)
+    if getattr(args, "resume", False):
+        from selfimprove.runlog import check_resume
+
+        check_resume(config)  # before any work: the run must exist and keep its config
     import torch
 
     torch.set_num_threads(config.torch_threads)
@@ -168,7 +193,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(si.improve(config, sft_path=args.sft, resume=args.resume, progress=progress))
     elif args.command == "eval":
         result = si.evaluate(config, args.checkpoint)
-        print(json.dumps(result, indent=2))
+        from selfimprove.runlog import dumps_json
+
+        print(dumps_json(result, indent=2))
     elif args.command == "run":
         summary = si.run_pipeline(config, resume=args.resume, progress=progress)
         _print_summary(config, summary)

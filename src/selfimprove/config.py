@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import tomllib
 import types
 import typing
@@ -199,8 +200,42 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        """Check value ranges that types alone cannot; returns self for chaining."""
+        """Check value ranges that types alone cannot; returns self for chaining.
+
+        Runs whenever a config is built (presets, overrides, a run's ``config.json``), so a bad value
+        fails before any demo is collected or any step is trained.
+        """
+        for where, value in _numbers(self):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"invalid config: {where} = {value} is not a finite number")
+        known_env = _domain_of_env(self.env.id)
         checks = [
+            (self.seed >= 0, f"seed must be >= 0 (it seeds the simulator), got {self.seed}"),
+            (self.sft.lr > 0 and self.improve.lr > 0, "sft.lr and improve.lr must be > 0 (e.g. 3e-4, 1e-4)"),
+            (self.sft.weight_decay >= 0 and self.sft.stg_weight >= 0 and self.improve.loss_scale > 0,
+             "sft.weight_decay and sft.stg_weight must be >= 0 and improve.loss_scale > 0"),
+            (self.improve.max_grad_norm > 0, "improve.max_grad_norm must be > 0"),
+            (self.model.hidden >= 1 and self.model.layers >= 1, "model.hidden and model.layers must be >= 1"),
+            (all(c >= 1 for c in self.model.channels), "model.channels must all be >= 1"),
+            (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
+            (self.env.max_episode_steps >= 1, "env.max_episode_steps must be >= 1"),
+            (self.improve.success_threshold is None or self.improve.success_threshold > 0,
+             f"improve.success_threshold (--threshold) must be > 0 steps (d >= 0, so s <= 0 never fires); "
+             f"got {self.improve.success_threshold}; leave it unset to calibrate s on held-out demos"),
+            (self.improve.max_robot_episodes >= 0 and self.improve.eval_every >= 0 and self.improve.eval_episodes >= 1,
+             "improve.max_robot_episodes and improve.eval_every must be >= 0 and improve.eval_episodes >= 1"),
+            (self.sft.eval_every >= 1 and self.sft.checkpoint_every >= 1,
+             "sft.eval_every and sft.checkpoint_every must be >= 1"),
+            (self.data.collect_workers >= 1, "data.collect_workers (--workers) must be >= 1"),
+            (self.eval.robots >= 1 and self.eval.seed >= 0, "eval.robots must be >= 1 and eval.seed >= 0"),
+            (all(t >= 0 for t in self.eval.control_temperatures), "eval.control_temperatures must be >= 0 (0: greedy)"),
+            (self.domain in DOMAINS or known_env is None,
+             f"domain {self.domain!r} is not a built-in domain ({', '.join(DOMAINS)}) but env.id {self.env.id!r} "
+             f"is the {known_env!r} domain's environment: set domain={known_env!r}, or point env.id at your own "
+             "task's environment (docs/tutorial.md)"),
+            (self.domain not in DOMAINS or known_env in (None, self.domain),
+             f"domain {self.domain!r} does not match env.id {self.env.id!r} (an environment of the {known_env!r} "
+             f"domain); use the {known_env!r} preset or set domain={known_env!r}"),
             (0 < self.data.fraction <= 1, "data.fraction must be in (0, 1]"),
             (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
             (self.data.episodes >= 2, "data.episodes must be >= 2"),
@@ -233,7 +268,8 @@ class RunConfig:
             (self.sft.negatives == 0 or self.model.encoder != "mlp",
              "sft.negatives needs an instruction-conditioned model (model.encoder 'film', 'late_fusion' or 'hf')"),
             (self.fleet.backend in FLEET_BACKENDS, f"fleet.backend must be one of {FLEET_BACKENDS}"),
-            (self.improve.temperature > 0 and self.eval.temperature >= 0, "temperatures must be positive"),
+            (self.improve.temperature > 0 and self.eval.temperature >= 0,
+             "improve.temperature must be > 0 and eval.temperature (--temperature) >= 0 (0: greedy)"),
             (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
             (self.diagnose.rollouts >= 0, "diagnose.rollouts must be >= 0 (0: held-out demos only)"),
             (self.eval.videos >= 0, "eval.videos must be >= 0 (0: no rollout videos)"),
@@ -272,6 +308,27 @@ class RunConfig:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise ConfigError(f"invalid run name {self.name!r}: use a plain folder name such as 'pointmass'")
         return self
+
+
+def _numbers(node: Any, where: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """Every (dotted name, value) of a config's numeric fields, nested sections included."""
+    for f in dataclasses.fields(node):
+        value, name = getattr(node, f.name), f"{where}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _numbers(value, name + ".")
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            yield name, value
+        elif isinstance(value, list):
+            yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
+
+
+def _domain_of_env(env_id: str) -> str | None:
+    """The built-in domain whose environment ``env_id`` is, or None for an environment of your own."""
+    if env_id.startswith("selfimprove/PointMass"):
+        return "pointmass"
+    if env_id.startswith("selfimprove/Tabletop"):
+        return "language-table"
+    return None
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from selfimprove.model.policy import EmbodiedModel
 from selfimprove.audit import audit_demos, audit_rollouts, gate
 from selfimprove.data.store import EpisodeStore
 from selfimprove.reward import THRESHOLD_GRID, StepsToGoReward, calibrate_threshold, detector_table, recommend_threshold
-from selfimprove.runlog import torch_generator
+from selfimprove.runlog import dumps_json, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -441,7 +441,7 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     result["out"] = str(out)
     result["plots"] = write_plots(result, out)
     tmp = out / "diagnostics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(dumps_json(result, indent=2) + "\n")
     tmp.replace(out / "diagnostics.json")
     write_markdown(result, out)
     log.info("diagnostics written to %s (recommended s = %g)", out, s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from typing import Any, Callable, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import gymnasium as gym
 import numpy as np
@@ -18,9 +18,12 @@ import torch
 import selfimprove.envs  # noqa: F401  (registers the environment ids)
 from selfimprove.config import RunConfig
 from selfimprove.envs.experts import Expert, make_expert
-from selfimprove.envs.tasks import goal_key
-from selfimprove.errors import ConfigError
+from selfimprove.envs.tasks import goal_key, parse_instruction
+from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.policy import ModelSpec
+
+if TYPE_CHECKING:
+    from selfimprove.data.store import EpisodeStore
 
 # Seed ranges are disjoint so evaluation never replays a board seen in training.
 DEMO_SEED_BASE = 0  # + run seed * 100_000 + episode
@@ -337,3 +340,82 @@ def goal_key_for(domain: str) -> Callable[[str], Hashable]:
     """How to tell whether two instructions ask for the same thing in ``domain`` (Stage 1's
     mismatched-instruction negatives must ask for something else)."""
     return GOAL_KEYS.get(domain, _same_words)
+
+
+#: instruction -> task per domain; raises ConfigError naming what is wrong. Other domains (the point
+#: mass, tasks of your own) take any non-empty text.
+INSTRUCTION_PARSERS: dict[str, Callable[[str], Any]] = {"language-table": parse_instruction}
+
+
+@functools.lru_cache(maxsize=65_536)
+def instruction_problem(domain: str, text: str) -> str | None:
+    """Why ``text`` is not an instruction of ``domain``, or None when it is (each text is parsed once).
+
+    An empty instruction never is; the language-table domain's must parse (``envs.tasks.parse_instruction``).
+    """
+    if not isinstance(text, str):
+        return f"it is {type(text).__name__}, not text; every episode and every observation needs an instruction"
+    if not text.strip():
+        return "it is empty; every episode and every observation needs an instruction"
+    parser = INSTRUCTION_PARSERS.get(domain)
+    if parser is None:
+        return None
+    try:
+        parser(text)
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+#: the observations that mark a built-in domain's episodes (a store's ``observation.*`` features):
+#: key -> per-frame shape (camera frames, of any size, are not a mark)
+DOMAIN_OBSERVATIONS: dict[str, dict[str, list[int]]] = {
+    "pointmass": {"state": [6]},
+    "language-table": {"effector": [2], "effector_target": [2]},
+}
+
+
+def domain_of_observations(shapes: dict[str, list[int]]) -> str | None:
+    """The built-in domain whose episodes have these observations (key -> shape), or None.
+
+    The point mass's are exactly ``state`` [6]; the tabletop's include the pusher's ``effector`` and
+    ``effector_target`` [2] (and camera frames, when the env renders them).
+    """
+    def fits(domain: str) -> bool:
+        marks = DOMAIN_OBSERVATIONS[domain]
+        if domain == "pointmass" and set(shapes) != set(marks):
+            return False
+        return all(list(shapes.get(k, ())) == shape for k, shape in marks.items())
+
+    found = [d for d in DOMAIN_OBSERVATIONS if fits(d)]
+    return found[0] if len(found) == 1 else None
+
+
+def check_store(store: "EpisodeStore", domain: str) -> None:
+    """Raise DatasetError, before any frame is read, when ``store`` cannot train a ``domain`` model.
+
+    Its episodes must not be another built-in domain's (told from its observation features), and
+    every instruction in ``meta/tasks.parquet`` must be one of ``domain`` (see :func:`instruction_problem`).
+    Reads meta/info.json (already loaded) and the task table only, and writes nothing.
+    """
+    shapes = store.observation_shapes
+    held = domain_of_observations(shapes)
+    if domain in DOMAIN_OBSERVATIONS and held is not None and held != domain:
+        raise DatasetError(
+            f"{store.root} holds {held} episodes (observations {shapes}) but the config is {domain!r}; "
+            f"point data.path (--dataset) at a {domain} store (`selfimprove collect {domain} --out DIR`), "
+            f"or use the {held!r} preset to train on this one")
+    instructions = store.instructions
+    bad = [(i, text, problem) for i, text in enumerate(instructions)
+           if (problem := instruction_problem(domain, text)) is not None]
+    if not bad:
+        return
+    i, text, problem = bad[0]
+    more = f" ({len(bad)} of its {len(instructions)} instructions are invalid)" if len(bad) > 1 else ""
+    empty = not isinstance(text, str) or not text.strip()
+    fix = ("give every episode a non-empty instruction (Episode.instruction when you write the store, the task "
+           "column when you import a LeRobot dataset) and write the store again" if empty else
+           f"correct the task text and write the store again, or, for a task of your own, set domain to its "
+           f"name (the {domain!r} domain only takes its own instructions)")
+    raise DatasetError(f"{store.root}/meta/tasks.parquet: task {i} {text!r} is not a {domain} instruction: "
+                       f"{problem}{more}. Fix: {fix}")

@@ -19,3 +19,7 @@ class CheckpointError(SelfImproveError):
 
 class RunStateError(SelfImproveError):
     """A run directory is in a state that does not allow the requested action."""
+
+
+class InputError(SelfImproveError, ValueError):
+    """Observations or instructions handed to a model do not fit it (shape, channels, dtype, instruction)."""

@@ -154,8 +154,8 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         lines += ["## Success detector `d(o, g) <= s`", "",
                   f"Threshold used: **s = {detector['threshold']:g}** ({detector.get('source', '')}); "
                   f"recommended on held-out demos: {detector.get('recommended')}. "
-                  f"Mean d on goal frames {detector.get('d_goal_frames_mean', float('nan')):.2f}, "
-                  f"on other frames {detector.get('d_other_frames_mean', float('nan')):.2f}.", "",
+                  f"Mean d on goal frames {_fmt(detector.get('d_goal_frames_mean'), 2)}, "
+                  f"on other frames {_fmt(detector.get('d_other_frames_mean'), 2)}.", "",
                   "Per frame against the simulator's true success, on held-out demos:", ""]
         lines += _detector_rows(detector.get("held_out_demos_vs_true_success", []), detector["threshold"])
         lines.append("")

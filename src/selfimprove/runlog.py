@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,9 +21,18 @@ log = logging.getLogger(__name__)
 
 
 def json_safe(value: Any) -> Any:
-    """NaN and infinities as ``null``: ``metrics.jsonl`` stays standard JSON that every tool reads."""
-    if isinstance(value, float):
+    """Strict JSON data: NaN and infinities as ``null``, numpy scalars and arrays as Python numbers and lists.
+
+    Every run record (``metrics.jsonl``, ``summary.json``, ``detector.json``, ``diagnostics.json``, ...) goes
+    through this, so the files stay standard JSON that every tool reads (strict parsers reject ``NaN``).
+    """
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
         return value if np.isfinite(value) else None
+    if isinstance(value, np.generic):  # numpy ints and bools
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
     if isinstance(value, dict):
         return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -29,12 +40,53 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def dumps_json(data: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for run records: :func:`json_safe` first, and ``allow_nan=False`` so a NaN that slips
+    through fails loudly instead of writing a file strict readers reject."""
+    return json.dumps(json_safe(data), allow_nan=False, default=_default, **kwargs)
+
+
 def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically (a reader never sees half a file)."""
+    """Write ``data`` as strict JSON (:func:`dumps_json`) atomically (a reader never sees half a file)."""
     path = Path(path)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2) + "\n")
+    tmp.write_text(dumps_json(data, indent=2) + "\n")
     tmp.replace(path)
+
+
+class WallClock:
+    """A run's wall time that survives a kill: ``{"wall_time_s": ...}`` is rewritten every ``every`` seconds
+    (a background thread), so a resumed run's total counts the time spent before the kill as well."""
+
+    def __init__(self, path: str | Path, before: float = 0.0, every: float = 10.0) -> None:
+        self.path, self.before, self.every = Path(path), float(before), every
+        self.t0 = time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="wall-clock", daemon=True)
+        self._thread.start()
+
+    def total(self) -> float:
+        return round(self.before + time.time() - self.t0, 2)
+
+    def _write(self) -> float:
+        total = self.total()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"wall_time_s": total}) + "\n")
+        tmp.replace(self.path)
+        return total
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self._write()
+            except OSError:  # the folder went away (a failed fresh run is removed): nothing to record
+                return
+
+    def stop(self) -> float:
+        """Stop the clock and write the final total (returned)."""
+        self._stop.set()
+        self._thread.join()
+        return self._write() if self.path.parent.exists() else self.total()
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -76,7 +128,7 @@ class MetricsLog:
     def append(self, record: dict[str, Any]) -> None:
         record = json_safe(record)
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record, default=_default) + "\n")
+            fh.write(json.dumps(record, default=_default, allow_nan=False) + "\n")
             fh.flush()
         if self.tensorboard is not None:
             try:
@@ -104,7 +156,7 @@ class MetricsLog:
         """Drop records for which ``predicate`` is false (used on resume to forget unfinished work)."""
         records = [r for r in self.read() if predicate(r)]
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(json_safe(r), default=_default) + "\n" for r in records))
+        tmp.write_text("".join(dumps_json(r) + "\n" for r in records))
         tmp.replace(self.path)
         if self.tensorboard is not None:
             try:
@@ -136,6 +188,48 @@ def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     known = sorted(p.name for p in root.iterdir() if (p / "config.json").exists()) if root.is_dir() else []
     raise RunStateError(f"no run {str(run)!r}: neither {Path(run)} nor {root / str(run)} is a folder. "
                         f"Runs in {root}/: {', '.join(known) or 'none'} (or pass --runs-dir)")
+
+
+#: fields ``--resume`` may change: how the work is spread over the machine, never what is computed
+RESUME_MAY_CHANGE = ("runs_dir", "torch_threads", "tensorboard", "data.collect_workers", "fleet.address",
+                     "fleet.bind_host", "fleet.timeout_s", "fleet.max_restarts")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
+    """``field: saved -> new`` for every saved field a resumed run would change (beyond
+    :data:`RESUME_MAY_CHANGE`); fields newer than the saved config are not compared."""
+    old, new = _flatten(saved), _flatten(json.loads(json.dumps(config.to_dict())))
+    return [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in sorted(old)
+            if old.get(k) != new.get(k) and k not in RESUME_MAY_CHANGE]
+
+
+def check_resume(config: RunConfig, must_exist: bool = True) -> None:
+    """Refuse to resume a run that is not there (``must_exist``) or with a config that differs from its own."""
+    path = config.run_dir / "config.json"
+    if not path.exists():
+        if must_exist:
+            raise RunStateError(f"nothing to resume: {config.run_dir} holds no run (no config.json). Drop --resume "
+                                "to start it, or check --name and --runs-dir")
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError) as exc:
+        raise RunStateError(f"{path} is unreadable ({exc}); restore it, or start a new run under another --name") from exc
+    changes = config_changes(saved, config)
+    if changes:
+        raise RunStateError(f"--resume would continue {config.run_dir} with a config that differs from the one it "
+                            f"was started with: {'; '.join(changes)}. Resume with the same preset, --seed and --set "
+                            "values, or start a new run under another --name (nothing was changed)")
 
 
 def prepare_run(config: RunConfig) -> Path:

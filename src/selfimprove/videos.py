@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
+from selfimprove.runlog import dumps_json
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def record_videos(config: RunConfig, checkpoint: str | Path, stage: str, resume:
     index = read_index(config.run_dir)
     index[stage] = entries
     tmp = out / (INDEX + ".tmp")
-    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    tmp.write_text(dumps_json(index, indent=2) + "\n")
     tmp.replace(out / INDEX)
     log.info("wrote %d %s rollout videos to %s", len(entries), stage, out)
     return entries

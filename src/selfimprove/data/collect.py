@@ -13,6 +13,7 @@ from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeWriter, read_info
 from selfimprove.domains import DEMO_SEED_BASE, expert_for, instruction_of, make_env, observation_dict
+from selfimprove.folders import ensure_empty, publish, staging_folder
 from selfimprove.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,12 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
     if (out / "meta" / "info.json").exists():
         info = read_info(out)
         raise DatasetError(f"{out} already holds a dataset of {info['total_episodes']} episodes; "
-                           "choose another --out or delete it first")
+                           "choose another --out or delete it first (nothing was changed)")
+    ensure_empty(out, "demos", "Choose another --out (or data.path), or move its files away first", DatasetError)
     seed_base = DEMO_SEED_BASE + config.seed * 100_000
-    writer = EpisodeWriter(out, fps=10, flush_every=1000, hold_steps=config.data.hold_steps)
+    # built beside ``out`` and renamed into place when complete: a killed collection leaves no half store
+    staging = staging_folder(out)
+    writer = EpisodeWriter(staging, fps=10, flush_every=1000, hold_steps=config.data.hold_steps)
     next_seed, kept, failed = seed_base, 0, 0
     bar = tqdm(total=n, desc=f"collect {out.name}", unit="ep", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -110,6 +114,7 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
                 kept += 1
                 bar.update(1)
         writer.close()
+        publish(staging, out)
     finally:
         bar.close()
         if pool is not None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import shutil
 import tomllib
@@ -48,6 +47,7 @@ from tqdm import tqdm
 
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore, EpisodeWriter
+from selfimprove.folders import ensure_empty, publish, staging_folder
 from selfimprove.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
@@ -575,20 +575,11 @@ def mapping_error(root: Path, mapping: LeRobotMapping, problems: list[str], feat
 # -- import -------------------------------------------------------------------------------------------
 
 def _claim_output(out: Path) -> Path:
-    """A fresh temporary folder beside ``out``; ``out`` itself must not hold anything yet."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DatasetError(f"{out} already exists and is not empty; choose another --out or delete it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """An empty staging folder beside ``out``; ``out`` itself must not hold anything yet."""
+    ensure_empty(out, "a dataset", "Choose another --out or move its files away first", DatasetError)
+    tmp = staging_folder(out)
     tmp.mkdir()
     return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        out.rmdir()  # empty (checked in _claim_output)
-    os.replace(tmp, out)
 
 
 def import_lerobot(path: str | Path, out: str | Path, mapping: str | Path | LeRobotMapping | None = None,
@@ -630,7 +621,7 @@ def import_lerobot(path: str | Path, out: str | Path, mapping: str | Path | LeRo
             raise DatasetError(f"{source.root} holds no episode with at least 2 frames; nothing to import")
         if skipped:
             log.warning("skipped %d episodes of a single frame (no action to learn from)", skipped)
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -913,7 +904,7 @@ def export_lerobot(store: str | Path, out: str | Path, mapping: str | Path | LeR
         problems = check_lerobot(tmp)
         if problems:
             raise DatasetError(f"the exported dataset fails the v3 layout check: {'; '.join(problems)}")
-        _publish(tmp, out)
+        publish(tmp, out)
     except BaseException:
         data.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -939,12 +930,44 @@ def _write_episode_tables(root: Path, rows: list[dict[str, Any]]) -> None:
 
 # -- inspect and check --------------------------------------------------------------------------------
 
+def _footer_rows(path: Path, fix: str) -> int:
+    """Rows of a Parquet file from its footer alone (no data is read); DatasetError when it is unreadable."""
+    try:
+        return int(pq.read_metadata(path).num_rows)
+    except (pa.ArrowException, OSError) as exc:
+        raise DatasetError(f"{path} is truncated or corrupt ({exc}); {fix}") from exc
+
+
+def _check_counts(root: Path, info: dict[str, Any], ours: bool) -> None:
+    """Open every data and episode Parquet file's footer and check the row counts against meta/info.json.
+
+    Cheap (footers only), so ``dataset info`` never calls a store with a truncated or missing file healthy.
+    """
+    fix = ("the store is damaged: re-collect it (`selfimprove collect`) or restore it from a copy" if ours
+           else "the dataset is damaged: copy it again")
+    pattern = re.sub(r"\{[^}]*\}", "*", str(info["data_path"]))
+    for what, paths, key in (
+            ("frames", sorted(root.glob(pattern)), "total_frames"),
+            ("episodes", sorted(root.glob("meta/episodes/chunk-*/file-*.parquet")), "total_episodes")):
+        rows = sum(_footer_rows(p, fix) for p in paths)
+        expected = info.get(key)
+        if expected is not None and rows != int(expected):
+            where = "data files" if what == "frames" else "meta/episodes files"
+            raise DatasetError(f"{root}: its {len(paths)} {where} hold {rows} {what} but meta/info.json says "
+                               f"{key} = {expected} (a file is missing, truncated or extra); {fix}")
+
+
 def dataset_info(path: str | Path) -> dict[str, Any]:
-    """Episodes, frames, fps, features (dtype, shape) and tasks of a LeRobot dataset or an episode store."""
+    """Episodes, frames, fps, features (dtype, shape) and tasks of a LeRobot dataset or an episode store.
+
+    Raises DatasetError when a data or episode Parquet file is unreadable (e.g. truncated) or the files'
+    row counts disagree with meta/info.json (only the files' footers are read).
+    """
     root = Path(path)
     info = read_lerobot_info(root)
     tasks = read_tasks(root)
     ours = "selfimprove_schema_version" in info
+    _check_counts(root, info, ours)
     return {
         "path": str(root),
         "format": "selfimprove episode store (LeRobot v3 layout)" if ours else f"LeRobot {info['codebase_version']}",

@@ -367,6 +367,12 @@ class EpisodeStore:
         return np.asarray(self._episodes.get("length", []), dtype=np.int64) - 1
 
     @property
+    def observation_shapes(self) -> dict[str, list[int]]:
+        """Per-frame shape of each observation, from meta/info.json alone (no frames are read)."""
+        return {k.removeprefix("observation."): list(f["shape"]) for k, f in self.info["features"].items()
+                if k.startswith("observation.")}
+
+    @property
     def instructions(self) -> list[str]:
         """Every instruction of the store, by task index (meta/tasks.parquet)."""
         tasks = _read_parquet(self.root / "meta" / "tasks.parquet")

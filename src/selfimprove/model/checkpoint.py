@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from selfimprove.errors import CheckpointError
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
+from selfimprove.runlog import dumps_json
 
 FORMAT = "selfimprove-checkpoint"
 VERSION = 1
@@ -58,11 +59,11 @@ def save_checkpoint(model: EmbodiedModel, path: str | Path, meta: dict[str, Any]
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))
         config = {"format": FORMAT, "version": VERSION, "spec": model.spec.to_dict(), "meta": meta or {}}
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "config.json").write_text(dumps_json(config, indent=2) + "\n")
         if train_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in train_state.items()},
                       str(tmp / "train_state.safetensors"))
-            (tmp / "train_state.json").write_text(json.dumps(train_meta or {}, indent=2) + "\n")
+            (tmp / "train_state.json").write_text(dumps_json(train_meta or {}, indent=2) + "\n")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -2,27 +2,144 @@
 
 Stores and robots keep one camera frame per step; the model sees the last ``spec.frames`` of them
 (repeating the first frame at an episode's start), so nothing is stored twice.
+
+:func:`check_inputs` is the one place a batch is checked against the model's spec (the model runs it
+on every forward pass): observation keys, shapes, channels and dtype once per batch, and each distinct
+instruction once per process, so a bad input raises :class:`~selfimprove.errors.InputError` naming
+the problem and the fix instead of a torch error from deep inside the network.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from selfimprove.model.policy import ModelSpec
+from selfimprove.errors import InputError
+
+if TYPE_CHECKING:  # policy.py imports this module
+    from selfimprove.model.policy import ModelSpec
+
+
+def _image_fix(got: Sequence[int], shape: Sequence[int], frames: int) -> str:
+    """What to do about camera frames of per-row shape ``got`` when the model takes ``shape`` [H, W, C]."""
+    h, w, c = shape
+    got = tuple(got)
+    if got[-3:] == (c, h, w):
+        return "frames are channels-last [H, W, C]: transpose channels-first ones, e.g. frame.transpose(1, 2, 0)"
+    if got[-2:] == (h, w):
+        return f"a grayscale frame has no colour axis: give [H, W, {c}], e.g. np.repeat(frame[..., None], {c}, axis=-1)"
+    if got[-3:] == (h, w, 1):
+        return f"a grayscale frame has 1 channel: give {c}, e.g. np.repeat(frame, {c}, axis=-1)"
+    if len(got) >= 3 and got[-1] == c and got[-3:-1] != (h, w):
+        return f"resize each frame to {h}x{w}, the size the model was trained on"
+    if len(got) >= 3 and got[-3:] == (h, w, c):
+        return f"stack the last {frames} frame(s) of each robot (model.inputs.from_histories does it)"
+    return f"give each frame as [{h}, {w}, {c}] uint8 RGB"
+
+
+def _batch_problem(spec: ModelSpec, key: str, got: tuple[int, ...]) -> str | None:
+    """Why a batch ``got`` of observation ``key`` does not fit the spec (None when it does)."""
+    shape = tuple(spec.obs_shapes[key])
+    if len(shape) == 3:
+        if got[1:] == (spec.frames, *shape) or (spec.frames == 1 and got[1:] == shape):
+            return None
+        return (f"camera observation {key!r} has shape {list(got)} but the model takes "
+                f"[batch, {spec.frames} frame(s), {shape[0]}, {shape[1]}, {shape[2]}] uint8: "
+                f"{_image_fix(got[1:], shape, spec.frames)}")
+    if got[1:] == shape:
+        return None
+    return (f"observation {key!r} has shape {list(got)} but the model takes [batch, "
+            f"{', '.join(map(str, shape))}]: give each robot's {key!r} as {list(shape)} (the shape it had in the "
+            "training data)")
+
+
+def check_instructions(domain: str, texts: Sequence[str]) -> None:
+    """Raise InputError when an instruction is empty or, for the language-table domain, does not parse."""
+    from selfimprove.domains import instruction_problem  # domains imports the model
+
+    try:
+        distinct = set(texts)
+    except TypeError as exc:
+        raise InputError(f"instructions must be strings, got {[type(t).__name__ for t in texts][:4]}") from exc
+    for text in distinct:
+        problem = instruction_problem(domain, text)
+        if problem is not None:
+            raise InputError(f"instruction {text!r} is not one a {domain!r} model reads: {problem}")
+
+
+def check_inputs(spec: ModelSpec, obs: Mapping) -> None:
+    """Raise InputError when ``obs`` does not fit a model of ``spec`` (see the module docstring).
+
+    ``obs`` maps each of ``spec.obs_shapes``' keys to a torch tensor ``[B, *shape]`` (camera frames
+    ``[B, spec.frames, H, W, C]`` uint8) and ``"instruction"`` to ``B`` strings (required by the
+    trunks that read it, checked whenever present).
+    """
+    if not isinstance(obs, Mapping):
+        raise InputError(f"the model takes a dict of observations, got {type(obs).__name__}; build one with "
+                         "selfimprove.model.inputs.from_histories")
+    batch: int | None = None
+    for key in spec.obs_shapes:
+        value = obs.get(key)
+        if value is None:
+            raise InputError(f"the observations lack {key!r} (they have {sorted(obs)}); the model reads "
+                             f"{sorted(spec.obs_shapes)}: give every robot the observations it was trained on")
+        if not isinstance(value, torch.Tensor):
+            raise InputError(f"observation {key!r} is a {type(value).__name__}, not a torch tensor; convert it "
+                             "with torch.as_tensor or build the batch with model.inputs.from_histories")
+        got = tuple(value.shape)
+        if not got:
+            raise InputError(f"observation {key!r} is a scalar; the model takes a batch [batch, ...]")
+        problem = _batch_problem(spec, key, got)
+        if problem is not None:
+            raise InputError(problem)
+        if key in spec.image_keys and value.dtype != torch.uint8:
+            raise InputError(f"camera observation {key!r} is {value.dtype}; the model takes uint8 RGB in 0..255 "
+                             "(convert with (frame * 255).round().to(torch.uint8) if yours is float in 0..1)")
+        if batch is not None and got[0] != batch:
+            raise InputError(f"observation {key!r} holds {got[0]} rows but the others hold {batch}; "
+                             "give every observation one row per robot")
+        batch = got[0]
+    texts = obs.get("instruction")
+    if texts is None:
+        if spec.encoder != "mlp":
+            raise InputError(f"the observations lack 'instruction'; the {spec.encoder!r} trunk reads one "
+                             "instruction string per row")
+        return
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InputError(f"'instruction' must be a list of strings, one per row, got {type(texts).__name__}")
+    if batch is not None and len(texts) != batch:
+        raise InputError(f"{len(texts)} instructions for a batch of {batch} observations; give one per row")
+    check_instructions(spec.domain, texts)
 
 
 @dataclass
 class FrameSource:
-    """Rows of observations (whole episodes, in order) from which batches with history are gathered."""
+    """Rows of observations (whole episodes, in order) from which batches with history are gathered.
+
+    Built once per dataset, it checks its arrays' shapes and instructions against ``spec`` then.
+    """
 
     arrays: dict[str, torch.Tensor]
     frame_index: torch.Tensor  # [N] position of each row in its episode
     task_index: torch.Tensor  # [N] index into ``instructions``
     instructions: list[str]
     spec: ModelSpec
+
+    def __post_init__(self) -> None:
+        for key, shape in self.spec.obs_shapes.items():
+            if key not in self.arrays:
+                raise InputError(f"the frames lack observation {key!r} (they have {sorted(self.arrays)}); the "
+                                 f"model reads {sorted(self.spec.obs_shapes)}")
+            got = tuple(self.arrays[key].shape)
+            if got[1:] != tuple(shape):
+                rows = (got[0], *([self.spec.frames] if len(shape) == 3 else []), *got[1:])
+                raise InputError(_batch_problem(self.spec, key, rows) or
+                                 f"observation {key!r} has per-row shape {list(got[1:])}, not {list(shape)}")
+        check_instructions(self.spec.domain, self.instructions)
 
     def obs(self, idx: torch.Tensor) -> dict:
         out: dict = {}
@@ -39,19 +156,44 @@ class FrameSource:
         return out
 
 
+def _check_rows(key: str, rows: list[tuple[int, np.ndarray]], spec: ModelSpec) -> None:
+    """Raise InputError naming the robot whose ``key`` (a frame or a vector: ``(robot, value)``) has another shape."""
+    want = tuple(spec.obs_shapes[key])
+    for robot, value in rows:
+        got = np.shape(value)
+        if got != want:
+            fix = (_image_fix(got, want, spec.frames) if len(want) == 3 else
+                   f"give it as {list(want)}, the shape it had in the training data")
+            raise InputError(f"robot {robot}'s observation {key!r} has shape {list(got)} but the model takes "
+                             f"{list(want)}{' uint8' if len(want) == 3 else ''}: {fix}")
+
+
 def from_histories(histories: list[list[dict[str, np.ndarray]]], instructions: list[str], spec: ModelSpec) -> dict:
-    """Batch the latest observation (with frame history) of each robot."""
+    """Batch the latest observation (with frame history) of each robot.
+
+    Raises InputError naming the robot when an observation is missing or has another shape than the
+    model's, or when there is not one instruction per robot (shapes only: no per-pixel work).
+    """
+    if len(instructions) != len(histories):
+        raise InputError(f"{len(instructions)} instructions for {len(histories)} robots; give one per robot")
+    if any(not h for h in histories):
+        raise InputError("a robot has no observations yet; reset it before asking the model")
     out: dict = {}
     image_keys = set(spec.image_keys)
     for key in spec.obs_shapes:
+        missing = [i for i, h in enumerate(histories) if key not in h[-1]]
+        if missing:
+            raise InputError(f"robot {missing[0]}'s observation lacks {key!r} (it has "
+                             f"{sorted(histories[missing[0]][-1])}); the model reads {sorted(spec.obs_shapes)}")
         if key in image_keys:
-            stacks = []
-            for history in histories:
-                frames = [history[max(0, len(history) - spec.frames + i)][key] for i in range(spec.frames)]
-                stacks.append(np.stack(frames))
-            out[key] = torch.as_tensor(np.stack(stacks))
+            stacks = [[history[max(0, len(history) - spec.frames + i)][key] for i in range(spec.frames)]
+                      for history in histories]
+            _check_rows(key, [(r, frame) for r, frames in enumerate(stacks) for frame in frames], spec)
+            out[key] = torch.as_tensor(np.stack([np.stack(frames) for frames in stacks]))
         else:
-            out[key] = torch.as_tensor(np.stack([h[-1][key] for h in histories]))
+            rows = [h[-1][key] for h in histories]
+            _check_rows(key, list(enumerate(rows)), spec)
+            out[key] = torch.as_tensor(np.stack(rows))
     out["instruction"] = list(instructions)
     return out
 

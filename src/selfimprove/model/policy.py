@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfimprove.model.inputs import check_inputs
 from selfimprove.model.tokens import ActionTokenizer
 
 
@@ -137,7 +138,13 @@ class EmbodiedModel(nn.Module):
         self.register_buffer("stg_values", torch.arange(classes, dtype=torch.float32))
 
     def forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (action logits [B, action_dim, bins], steps-to-go logits [B, max_steps + 1])."""
+        """Return (action logits [B, action_dim, bins], steps-to-go logits [B, max_steps + 1]).
+
+        ``obs`` is checked against the spec first (:func:`selfimprove.model.inputs.check_inputs`): a
+        frame of the wrong size or channels, a vector of the wrong length or an instruction the domain
+        does not read raises InputError naming the fix.
+        """
+        check_inputs(self.spec, obs)
         h = self.encoder(obs)
         action_logits = self.action_head(h).view(h.shape[0], self.spec.action_dim, self.spec.action_bins)
         return action_logits, self.stg_head(h)

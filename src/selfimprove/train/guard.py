@@ -47,7 +47,7 @@ from selfimprove.model.checkpoint import load_train_state, read_checkpoint_confi
 from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
-from selfimprove.runlog import torch_generator
+from selfimprove.runlog import dumps_json, torch_generator
 
 log = logging.getLogger(__name__)
 
@@ -339,7 +339,7 @@ def evaluate_best(config: RunConfig, resume: bool = False,
         result = {k: v for k, v in evaluate(config, path).items() if k != "episodes"}
     result["best_iteration"] = iteration
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.write_text(dumps_json(result, indent=2) + "\n")
     tmp.replace(cache)
     return result
 

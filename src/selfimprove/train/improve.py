@@ -12,7 +12,6 @@ to continue it bit for bit (``--resume``).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import time
@@ -27,6 +26,7 @@ from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore, EpisodeWriter, split_episodes, truncate_store
 from selfimprove.domains import IMPROVE_SEED_BASE, make_env
+from selfimprove.folders import locks_run
 from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
 from selfimprove.fleet.local import LocalFleet, seed_stream
@@ -34,7 +34,7 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
                                           recover_checkpoint, restore_optimizer, save_checkpoint)
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
-from selfimprove.domains import goal_key_for
+from selfimprove.domains import check_store, goal_key_for
 from selfimprove.reward import (StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, episode_ids,
                                 held_firing)
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
@@ -72,6 +72,7 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
     same pass over the held-out demos.
     """
     store = EpisodeStore(config.dataset_path)
+    check_store(store, config.domain)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
     key = _held_out_key(reward.model, config, val_idx) if cache is not None else ""
     if cache is not None and cache.exists():
@@ -166,6 +167,7 @@ def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float
     return source, acting, tokens, torch.as_tensor(returns)
 
 
+@locks_run
 def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool = False,
             progress: bool = True, sft_eval: dict[str, Any] | None = None,
             final_eval: Path | None = None) -> Path:
@@ -209,7 +211,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
         detector = calibrate_detector(reward_model, config, config.run_dir / "diagnostics" / HELD_OUT_CACHE)
         if episodes_dir(config).exists():
             truncate_store(episodes_dir(config), 0)
-    (config.run_dir / "detector.json").write_text(json.dumps(detector, indent=2) + "\n")
+    write_json(config.run_dir / "detector.json", detector)  # strict JSON: NaN -> null
     metrics.keep(lambda r: r.get("stage") != "improve")
     for record in history:
         metrics.append(record)
@@ -218,7 +220,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     writer = EpisodeWriter(episodes_dir(config), fps=10)
     fleet = make_fleet(config, policy.spec, reward)
     fleet_file = config.run_dir / "fleet.json"
-    fleet_file.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
+    write_json(fleet_file, fleet.describe())
     # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
     provenance = {"sft": str(sft_path), "threshold": detector["threshold"], "reward_model": str(reward_path)}
     guard = (Guard(config, reward, policy.spec, resume_from=latest if start > 0 else None, provenance=provenance)
@@ -316,7 +318,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
                             det=f"{record['detected_success_rate']:.2f}")
     finally:
         try:
-            fleet_file.write_text(json.dumps(fleet.describe(), indent=2) + "\n")
+            write_json(fleet_file, fleet.describe())
         except Exception as exc:  # noqa: BLE001 - never mask the error that got us here
             log.warning("could not record the fleet's state in %s: %s", fleet_file, exc)
         fleet.close()

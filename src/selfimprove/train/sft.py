@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.store import EpisodeStore, Frames, split_episodes
-from selfimprove.domains import AUGMENTATIONS, check_observation_shapes, goal_key_for, make_env, model_spec
+from selfimprove.domains import check_store, AUGMENTATIONS, check_observation_shapes, goal_key_for, make_env, model_spec
+from selfimprove.folders import locks_run
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
@@ -135,9 +136,20 @@ def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch
     return out
 
 
+FEW_EPISODES = 10  # fewer training episodes than this gets a warning
+
+
 def _load_split(config: RunConfig) -> tuple[Frames, Frames, EpisodeStore]:
     store = EpisodeStore(config.dataset_path)
+    check_store(store, config.domain)  # its instructions and its domain, before any frame is read
     train_idx, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
+    available = store.num_episodes - len(val_idx)
+    if config.data.fraction * available < 1:
+        raise ConfigError(f"data.fraction (--fraction) {config.data.fraction:g} of the {available} training episodes "
+                          f"of {store.root} is less than one episode; use a fraction >= {1 / available:.3g}")
+    if len(train_idx) < FEW_EPISODES:
+        log.warning("SFT trains on only %d episode(s) (data.fraction %g of %d): expect a weak policy",
+                    len(train_idx), config.data.fraction, available)
     train, val = store.frames(train_idx), store.frames(val_idx)
     longest = int(max(train.episode_lengths.max(), val.episode_lengths.max()))
     if longest > config.model.max_steps:
@@ -146,6 +158,7 @@ def _load_split(config: RunConfig) -> tuple[Frames, Frames, EpisodeStore]:
     return train, val, store
 
 
+@locks_run
 def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     """Train Stage 1 and return the path of the ``sft`` checkpoint.
 
@@ -169,6 +182,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     spec = model_spec(config, env)
     env.close()
     model = EmbodiedModel(spec)
+    frame_source(train, spec)  # the store's observation shapes against the model's, before any tensor maths
     vectors = {k: torch.as_tensor(v) for k, v in train.observations.items() if k in spec.vector_keys}
     if vectors:
         obs_all = model.encoder.flatten(vectors).numpy()

@@ -1,0 +1,131 @@
+"""The folders the library writes: never into one that already holds something, one writer per run.
+
+* :func:`ensure_empty` is the one guard every writer of a new folder calls (demo collection, dataset
+  import and export, a new run): a folder that holds anything is refused with the way out, so no
+  file a user made or collected earlier is overwritten or mixed with new ones.
+* :func:`staging_folder` is where a writer builds a folder before one atomic rename to its name: a
+  killed writer leaves only its staging folder behind, which the next attempt replaces.
+* :class:`RunLock` stops two commands from writing one run folder at the same time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, TypeVar
+
+from selfimprove.errors import RunStateError
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = ".lock"
+T = TypeVar("T")
+
+
+def holds_something(path: str | Path) -> bool:
+    """Whether ``path`` exists and is a file or a non-empty folder."""
+    path = Path(path)
+    return path.exists() and (not path.is_dir() or any(path.iterdir()))
+
+
+def ensure_empty(path: str | Path, what: str, fix: str, error: type[Exception] = RunStateError) -> None:
+    """Refuse to write ``what`` into ``path`` when it already holds anything (``fix``: the way out)."""
+    path = Path(path)
+    if not holds_something(path):
+        return
+    if not path.is_dir():
+        raise error(f"{path} is a file, not a folder for {what}; {fix} (nothing was changed)")
+    entries = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+    raise error(f"{path} already holds {shown}; refusing to write {what} into it. {fix} (nothing was changed)")
+
+
+def staging_folder(target: str | Path) -> Path:
+    """An empty hidden sibling of ``target`` to build it in (a leftover of a killed writer is removed)."""
+    target = Path(target)
+    staging = target.parent / f".{target.name}.partial"
+    if staging.exists():
+        log.info("removing %s, left by an interrupted writer", staging)
+        shutil.rmtree(staging)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def publish(staging: Path, target: str | Path) -> Path:
+    """Move a finished staging folder to ``target`` in one rename (``target`` must not hold anything)."""
+    target = Path(target)
+    if target.exists():
+        target.rmdir()  # an empty folder only: ensure_empty refused anything else before the work began
+    os.replace(staging, target)
+    return target
+
+
+class RunLock:
+    """An exclusive lock on a run folder for as long as this process works in it.
+
+    An advisory ``flock`` on ``<run>/.lock``: the operating system drops it when the process ends,
+    killed or not, so a crashed run never leaves a stale lock. Re-entrant within one process (the
+    pipeline's stages take it in turn). Where ``fcntl`` does not exist the run goes on unlocked.
+    """
+
+    _held: dict[Path, tuple[int, int]] = {}  # run folder -> (file descriptor, depth)
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir).resolve()
+
+    def __enter__(self) -> "RunLock":
+        held = RunLock._held.get(self.run_dir)
+        if held is not None:
+            RunLock._held[self.run_dir] = (held[0], held[1] + 1)
+            return self
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return self
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunStateError(f"{self.run_dir} is in use by {holder}; wait for it to finish or stop it, "
+                                "or choose another --name (nothing was changed)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()}".encode(), 0)
+        RunLock._held[self.run_dir] = (fd, 1)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        held = RunLock._held.get(self.run_dir)
+        if held is None:
+            return
+        fd, depth = held
+        if depth > 1:
+            RunLock._held[self.run_dir] = (fd, depth - 1)
+            return
+        del RunLock._held[self.run_dir]
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def locks_run(stage: Callable[..., T]) -> Callable[..., T]:
+    """Run ``stage(config, ...)`` holding :class:`RunLock` on ``config.run_dir``."""
+
+    @functools.wraps(stage)
+    def locked(config: Any, *args: Any, **kwargs: Any) -> T:
+        run_dir = Path(config.run_dir)
+        fresh = not run_dir.exists()
+        with RunLock(run_dir):
+            try:
+                return stage(config, *args, **kwargs)
+            except BaseException:
+                if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
+                    shutil.rmtree(run_dir, ignore_errors=True)  # refused before any work: leave nothing behind
+                raise
+
+    return locked
