@@ -150,3 +150,22 @@ def test_conservative_learner_stays_near_the_sft_policy(trained_quick, tmp_path)
                             "improve.kl_coef=1.0", "improve.reward_clip=5")
     assert all(r["updates"] == 1 and "kl_ref" in r for r in history)
     assert anchored < paper / 5
+
+
+def test_reward_model_baseline_uses_no_frame_after_the_action_and_removes_the_frame_noise():
+    from selfimprove.reward import discounted_returns, reward_model_baseline
+
+    rng = np.random.default_rng(0)
+    d = np.linspace(60, 0, 31).astype(np.float32) + rng.normal(0, 8, 31).astype(np.float32)  # noisy progress
+    b = reward_model_baseline(d, 0.9)
+    assert b.shape == (30,)
+    later = d.copy()
+    later[11:] += 100.0  # what happens after the action at t = 10 ...
+    assert np.array_equal(reward_model_baseline(later, 0.9)[:11], b[:11])  # ... never reaches its baseline
+    returns = discounted_returns(d[:-1] - d[1:], 0.9)
+    # R_t - b_t no longer holds d(o_t)'s own noise: the frame noise moves R_t one for one, R_t - b_t far less
+    noise = d - np.linspace(60, 0, 31)
+    corr = lambda x: float(np.corrcoef(x, noise[:-1])[0, 1])  # noqa: E731
+    assert corr(returns) > 0.5 and abs(corr(returns - b)) < corr(returns) / 2
+    with pytest.raises(ConfigError, match="improve.baseline"):
+        load_config("pointmass-quick", ["improve.baseline=critic"])

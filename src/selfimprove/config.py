@@ -114,6 +114,8 @@ class ImproveConfig:
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
     advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std
     reward_clip: float = 0.0  # clip each r_t to [-reward_clip, reward_clip] before the returns; 0: no clip
+    baseline: str = "none"  # "none", or "reward_model": subtract d(o_t) minus its past average from R_t (less noise, no bias; docs/self_improvement.md)
+    baseline_decay: float = 0.9  # baseline "reward_model": decay of the past average of d (0.9: about the last 10 frames)
     kl_coef: float = 0.0  # weight of KL(pi || pi_SFT) on the batch's states (the frozen SFT policy); 0: no KL term
     success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT (threshold_rule)
     threshold_rule: str = "f1"  # calibration of s: "f1" (max F1 vs goal frames) or "precision" (largest s meeting threshold_precision on held-out demos + mismatched negatives)
@@ -261,6 +263,8 @@ class RunConfig:
             (0 < self.improve.threshold_precision <= 1, "improve.threshold_precision must be in (0, 1]"),
             (self.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
             (self.improve.advantage in ("return", "normalized"), "improve.advantage must be 'return' or 'normalized'"),
+            (self.improve.baseline in ("none", "reward_model"), "improve.baseline must be 'none' or 'reward_model'"),
+            (0 <= self.improve.baseline_decay < 1, "improve.baseline_decay must be in [0, 1)"),
             (self.improve.reward_clip >= 0 and self.improve.kl_coef >= 0,
              "improve.reward_clip and improve.kl_coef must be >= 0 (0: off)"),
             (0 <= self.sft.negatives <= 4, "sft.negatives must be in [0, 4] (negative rows per batch row)"),

@@ -36,7 +36,7 @@ from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.domains import check_store, goal_key_for
 from selfimprove.reward import (StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, episode_ids,
-                                held_firing)
+                                held_firing, reward_model_baseline)
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
 from selfimprove.train.objectives import policy_update
 from selfimprove.train.guard import Guard
@@ -159,12 +159,22 @@ def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0
 
 
 def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float, reward: str = "steps_to_go",
-                    clip: float = 0.0) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Episodes -> (frame source, acting rows o_0..o_{T-1}, their action tokens, Monte Carlo returns)."""
+                    clip: float = 0.0, baseline: str = "none", baseline_decay: float = 0.9
+                    ) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Episodes -> (frame source, acting rows o_0..o_{T-1}, their action tokens, Monte Carlo returns).
+
+    ``baseline = "reward_model"`` subtracts :func:`~selfimprove.reward.reward_model_baseline` from the
+    returns of the learned reward (the constant-reward control has no ``d`` to take it from).
+    """
     source, acting = from_episodes(episodes, policy.spec)
     tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in episodes])))
-    returns = np.concatenate([discounted_returns(episode_rewards(e, reward, clip), gamma) for e in episodes])
-    return source, acting, tokens, torch.as_tensor(returns)
+    parts = []
+    for e in episodes:
+        returns = discounted_returns(episode_rewards(e, reward, clip), gamma)
+        if baseline == "reward_model" and reward == "steps_to_go":
+            returns = returns - reward_model_baseline(e.stg, baseline_decay)
+        parts.append(returns)
+    return source, acting, tokens, torch.as_tensor(np.concatenate(parts))
 
 
 @locks_run
@@ -272,7 +282,8 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             stopping = it + 1 >= cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"] + len(episodes)
             if overlap and not stopping:  # the robots practise on while the learner trains
                 prefetched = fleet.start(policy.state_dict(), version=it, **collect_args(it + 1))
-            source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward, cfg.reward_clip)
+            source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward, cfg.reward_clip,
+                                                              cfg.baseline, cfg.baseline_decay)
             update = policy_update(policy, optimizer, source, acting, tokens, returns, config,
                                    torch_generator(config.seed, 3, it), reference)
             t_update = time.time() - t0 - t_collect
