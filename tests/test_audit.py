@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from selfimprove.audit import audit_demos, audit_rollouts, first_firings, gate
+from selfimprove.audit import audit_demos, audit_rollouts, first_firings, gate, reward_signal
 from selfimprove.data.episode import Episode
 from selfimprove.experiment_report import plot_episodes_vs_success
 
@@ -39,6 +39,24 @@ def test_rollout_audit_counts_precision_and_causes():
     assert out["first_firings_named_pair_far"] == 0.5
     assert out["false_firings_by_cause"] == {"goal missed (named pair within 10 cm)": 1, "named pair far apart": 1,
                                              "another pair adjacent": 1}
+
+
+def test_reward_signal_tells_a_reward_that_follows_progress_from_noise():
+    rng = np.random.default_rng(0)
+    distance = [np.clip(np.linspace(0.3, 0.0, 40) + rng.normal(0, 0.03, 40).cumsum() * 0.1, 0, None) for _ in range(20)]
+    follows = [_rollout(200 * x, [0] * 40, x) for x in distance]  # d proportional to the true distance
+    noise = [_rollout(rng.uniform(0, 80, 40), [0] * 40, x) for x in distance]  # d unrelated to it
+    good, bad = reward_signal(follows, gamma=0.9), reward_signal(noise, gamma=0.9)
+    assert good["step"] > 0.99 and good["return"] > 0.9
+    assert abs(bad["step"]) < 0.1 and abs(bad["return"]) < 0.1
+    # the baseline strips d(o_t)'s own frame noise from the return (steady progress at each episode's pace)
+    steady = [np.linspace(0.3, 0.3 - rng.uniform(0, 0.3), 40) for _ in range(20)]
+    noisy = [_rollout(200 * x + rng.normal(0, 15, 40), [0] * 40, x) for x in steady]
+    out = reward_signal(noisy, gamma=0.9)
+    assert out["return_with_baseline"] > out["return"]
+    no_distance = [Episode(observations={"x": np.zeros((3, 1))}, actions=np.zeros((2, 2)), instruction="go",
+                           stg=np.zeros(3, np.float32))]
+    assert reward_signal(no_distance, gamma=0.9) is None
 
 
 def test_demo_audit_and_the_gate():

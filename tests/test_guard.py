@@ -16,7 +16,8 @@ from selfimprove.pipeline import run_pipeline
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train import guard as guard_module
 from selfimprove.train.guard import (GUARD_SEED_BASE, GUARD_SHIFTS, best_checkpoint, blind, describe_views,
-                                     guard_report_lines, spearman, views_for)
+                                     guard_report_lines, views_for)
+from selfimprove.stats import spearman
 from selfimprove.train.improve import episodes_dir, improve, improve_checkpoint
 from selfimprove.train.sft import sft_checkpoint
 

@@ -22,7 +22,8 @@ import numpy as np
 from selfimprove.data.episode import Episode
 from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel
-from selfimprove.reward import StepsToGoReward, held_firing
+from selfimprove.reward import StepsToGoReward, discounted_returns, held_firing, reward_model_baseline
+from selfimprove.stats import spearman
 
 NEAR = 2  # a firing followed by true success within this many steps counts as "near"
 FAR_APART = 0.10  # m: the named pair is "far apart" beyond this (block2block success is < 0.05)
@@ -135,6 +136,39 @@ def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: 
                                                            np.repeat(np.arange(len(sizes)), sizes), threshold,
                                                            hold).mean())
     return out
+
+
+def reward_signal(episodes: list[Episode], gamma: float, clip: float = 0.0, decay: float = 0.9) -> dict[str, Any] | None:
+    """Does the shaped reward point the way the task goes, on the policy's own states? Rank correlations,
+    over every acting step, of what the learner would see against the same quantity of true progress
+    (the named pair's distance falling, from the simulator: diagnostics only):
+
+    * ``step``: ``r_t`` against the distance's fall over that step;
+    * ``return``: ``R_t`` (discount ``gamma``, each ``r_t`` clipped to ``clip`` when > 0) against the
+      discounted return of the distance's falls;
+    * ``return_with_baseline``: ``R_t`` minus :func:`~selfimprove.reward.reward_model_baseline` against the same.
+
+    None when the env reports no ``goal_distance``. 0 means the learner's signal is noise on these states.
+    """
+    if not episodes or not all("goal_distance" in e.info for e in episodes):
+        return None
+    step, progress, returns, baselined, true_returns = [], [], [], [], []
+    for e in episodes:
+        d = np.asarray(e.stg, dtype=np.float64)
+        distance = np.asarray(e.info["goal_distance"], dtype=np.float64)
+        r = d[:-1] - d[1:]
+        if clip > 0:
+            r = np.clip(r, -clip, clip)
+        step.append(r)
+        progress.append(distance[:-1] - distance[1:])
+        R = discounted_returns(r, gamma)
+        returns.append(R)
+        baselined.append(R - reward_model_baseline(d, decay))
+        true_returns.append(discounted_returns(progress[-1], gamma))
+    cat = np.concatenate
+    return {"steps": int(sum(len(x) for x in step)), "step": spearman(cat(step), cat(progress)),
+            "return": spearman(cat(returns), cat(true_returns)),
+            "return_with_baseline": spearman(cat(baselined), cat(true_returns))}
 
 
 def gate(demos: dict[str, Any], rollouts: dict[str, Any] | None) -> dict[str, Any]:

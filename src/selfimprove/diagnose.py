@@ -37,10 +37,11 @@ from selfimprove.errors import CheckpointError, ConfigError, DatasetError
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.model.policy import EmbodiedModel
-from selfimprove.audit import audit_demos, audit_rollouts, gate
+from selfimprove.audit import audit_demos, audit_rollouts, gate, reward_signal
 from selfimprove.data.store import EpisodeStore
 from selfimprove.reward import THRESHOLD_GRID, StepsToGoReward, calibrate_threshold, detector_table, recommend_threshold
 from selfimprove.runlog import dumps_json, torch_generator
+from selfimprove.stats import spearman
 
 log = logging.getLogger(__name__)
 
@@ -190,23 +191,6 @@ def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[Fr
 
 
 # ------------------------------------------------------------------------------------------- statistics
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties averaged."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
-
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (NaN when either side is constant or shorter than 3)."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 3:
-        return float("nan")
-    rx, ry = _ranks(x), _ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
 
 def value_order(frames: FrameSet, up_to_success: bool) -> list[float]:
     """Per episode: Spearman of ``d`` against time (-1: ``d`` falls at every step, as a value should).
@@ -421,6 +405,7 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
             generator = torch.Generator().manual_seed(0)
             draw = lambda texts: mismatched.draw(texts, generator)  # noqa: E731
         rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw)
+        rollout_audit["reward_signal"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip, cfg.baseline_decay)
         result["audit"]["rollouts"] = rollout_audit
         result["rollouts"] = _section(rolls, s, goal_frame=None)
         reached = [rolls.success[sl].any() for sl in rolls.episodes()]
@@ -465,6 +450,10 @@ def print_summary(result: dict[str, Any]) -> None:
         checks = ", ".join(f"{k.replace('_', ' ')} {_f(g['value'])} ({g['bound']}: "
                            f"{ {True: 'pass', False: 'FAIL', None: 'n/a'}[g['pass']]})" for k, g in audit["gate"].items())
         print(f"  detector gate (hold {audit['hold']}): {checks}")
+        signal = (audit.get("rollouts") or {}).get("reward_signal")
+        if signal:
+            print(f"  reward signal vs true progress (rank corr.): step {_f(signal['step'])}, return "
+                  f"{_f(signal['return'])}, with baseline {_f(signal['return_with_baseline'])}")
     print(f"  report: {Path(result['out']) / 'report.md'}")
 
 
@@ -663,6 +652,11 @@ def audit_lines(audit: dict[str, Any] | None) -> list[str]:
                   + (f"; mismatched-instruction frame firing {_f(r['mismatched_frame_firing'])}"
                      if "mismatched_frame_firing" in r else "")
                   + f". False first firings by cause: {causes}."]
+        signal = r.get("reward_signal")
+        if signal:
+            lines += ["", f"Reward signal on the rollouts ({signal['steps']} steps; rank correlation with the named "
+                      f"pair's true progress, 0 = noise): per step {_f(signal['step'])}, return R_t "
+                      f"{_f(signal['return'])}, R_t with the reward-model baseline {_f(signal['return_with_baseline'])}."]
     return lines + [""]
 
 

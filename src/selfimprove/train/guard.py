@@ -48,6 +48,7 @@ from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
 from selfimprove.runlog import dumps_json, torch_generator
+from selfimprove.stats import spearman
 
 log = logging.getLogger(__name__)
 
@@ -184,29 +185,6 @@ def fire_frame_signals(reward: StepsToGoReward, episodes: list[Episode], policy:
         if policy is not None:
             out["d_policy"][sl] = policy.expected_steps_to_go(obs).double().numpy()
     return out
-
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (average ranks for ties; NaN pairs dropped; NaN if undefined)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if len(x) < 3:
-        return float("nan")
-
-    def ranks(v: np.ndarray) -> np.ndarray:
-        order = np.argsort(v, kind="mergesort")
-        r = np.empty(len(v))
-        r[order] = np.arange(len(v), dtype=float)
-        for value in np.unique(v):
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
-
-    rx, ry = ranks(x), ranks(y)
-    if rx.std() == 0 or ry.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(rx, ry)[0, 1])
-
 
 def confirmed_detections(signals: dict[str, np.ndarray], threshold: float) -> np.ndarray:
     """Per episode: 1[detector ended it] x the fraction of view changes under which ``d <= s`` too."""
