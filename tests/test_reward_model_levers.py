@@ -83,6 +83,19 @@ def test_negatives_train_the_never_class_only():
     assert float(sft_losses(model, obs2, tokens2, has2, stg2)["never_p"]) > before + 0.2
 
 
+def test_reachable_steps_to_go_leaves_the_never_class_out():
+    model = _tiny_model(never=True)
+    obs = {"image": torch.zeros(3, 1, 16, 16, 3, dtype=torch.uint8), "effector": torch.zeros(3, 2),
+           "instruction": ["push the red moon to the blue cube"] * 3}
+    with torch.no_grad():
+        model.stg_head.weight.zero_()
+        model.stg_head.bias.copy_(torch.tensor([0.0] * 11 + [5.0]))  # most mass on "never"
+    full, reachable = model.expected_steps_to_go(obs), model.expected_steps_to_go(obs, reachable=True)
+    assert torch.all(full > 10) and torch.allclose(reachable, torch.full((3,), 5.0))  # uniform over 0..10
+    plain = _tiny_model(never=False)
+    assert torch.equal(plain.expected_steps_to_go(obs, reachable=True), plain.expected_steps_to_go(obs))
+
+
 def test_demos_hold_the_goal_and_label_it_zero_steps_to_go(tmp_path):
     config = load_config("language-table-quick", [f"runs_dir={tmp_path}", "data.hold_steps=3"])
     episode = demo_episode(config, seed=3)

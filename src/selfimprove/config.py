@@ -114,6 +114,7 @@ class ImproveConfig:
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
     advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std
     reward_clip: float = 0.0  # clip each r_t to [-reward_clip, reward_clip] before the returns; 0: no clip
+    reward_steps: str = "expected"  # d of the reward r_t: "expected" (the detector's d) or "reachable" (without the "never" class: it flickers between frames)
     baseline: str = "none"  # "none", or "reward_model": subtract d(o_t) minus its past average from R_t (less noise, no bias; docs/self_improvement.md)
     baseline_decay: float = 0.9  # baseline "reward_model": decay of the past average of d (0.9: about the last 10 frames)
     kl_coef: float = 0.0  # weight of KL(pi || pi_SFT) on the batch's states (the frozen SFT policy); 0: no KL term
@@ -264,6 +265,7 @@ class RunConfig:
             (self.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
             (self.improve.advantage in ("return", "normalized"), "improve.advantage must be 'return' or 'normalized'"),
             (self.improve.baseline in ("none", "reward_model"), "improve.baseline must be 'none' or 'reward_model'"),
+            (self.improve.reward_steps in ("expected", "reachable"), "improve.reward_steps must be 'expected' or 'reachable'"),
             (0 <= self.improve.baseline_decay < 1, "improve.baseline_decay must be in [0, 1)"),
             (self.improve.reward_clip >= 0 and self.improve.kl_coef >= 0,
              "improve.reward_clip and improve.kl_coef must be >= 0 (0: off)"),

@@ -49,16 +49,17 @@ class StepsToGoReward:
         return self.model.spec
 
     @torch.no_grad()
-    def steps_to_go(self, obs: dict[str, torch.Tensor]) -> np.ndarray:
-        """d(o, g) for a batch of observations, as float32 numpy [B]."""
-        return self.model.expected_steps_to_go(obs).numpy().astype(np.float32)
+    def steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> np.ndarray:
+        """d(o, g) for a batch of observations, as float32 numpy [B] (``reachable``: see
+        :meth:`EmbodiedModel.expected_steps_to_go`)."""
+        return self.model.expected_steps_to_go(obs, reachable).numpy().astype(np.float32)
 
-    def steps_to_go_of(self, source: FrameSource, chunk: int = 1024) -> np.ndarray:
+    def steps_to_go_of(self, source: FrameSource, chunk: int = 1024, reachable: bool = False) -> np.ndarray:
         """d(o, g) on every row of ``source`` (stored frames with their history), in chunks."""
         n = len(source.frame_index)
         if n == 0:
             return np.zeros(0, dtype=np.float32)
-        return np.concatenate([self.steps_to_go(source.obs(torch.arange(i, min(i + chunk, n))))
+        return np.concatenate([self.steps_to_go(source.obs(torch.arange(i, min(i + chunk, n))), reachable)
                                for i in range(0, n, chunk)])
 
     @staticmethod

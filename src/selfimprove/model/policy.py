@@ -162,9 +162,16 @@ class EmbodiedModel(nn.Module):
         """Categorical logits over steps-to-go 0..max_steps (then "never" when ``spec.stg_never``)."""
         return self.forward(obs)[1]
 
-    def expected_steps_to_go(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """d(o, g): the expectation of the steps-to-go distribution, [B]."""
-        return expected_steps(self.steps_to_go_distribution(obs), self.stg_values)
+    def expected_steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> torch.Tensor:
+        """d(o, g): the expectation of the steps-to-go distribution, [B].
+
+        ``reachable``: the expectation over 0..max_steps only (the "never" class left out and the rest
+        renormalised), for a head that has that class; the full expectation otherwise.
+        """
+        logits = self.steps_to_go_distribution(obs)
+        if reachable and self.spec.stg_never:
+            return expected_steps(logits[:, :-1], self.stg_values[:-1])
+        return expected_steps(logits, self.stg_values)
 
     @staticmethod
     def token_log_prob(action_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

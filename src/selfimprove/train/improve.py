@@ -149,30 +149,42 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Pa
     }
 
 
-def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0.0) -> np.ndarray:
+def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0.0,
+                    d: np.ndarray | None = None) -> np.ndarray:
     """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), or 1
-    everywhere for the constant-reward control."""
+    everywhere for the constant-reward control. ``d`` defaults to the detector's, ``episode.stg``."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
-    rewards = StepsToGoReward.reward(episode.stg[:-1], episode.stg[1:])
+    d = episode.stg if d is None else d
+    rewards = StepsToGoReward.reward(d[:-1], d[1:])
     return np.clip(rewards, -clip, clip) if clip > 0 else rewards
 
 
+def reachable_steps_to_go(episodes: list[Episode], reward: StepsToGoReward) -> list[np.ndarray]:
+    """Per episode, ``d`` without the "never" class (``improve.reward_steps = "reachable"``): the frozen
+    model's expectation over 0..max_steps on every frame, in one batched pass."""
+    source, _ = from_episodes(episodes, reward.spec)
+    d = reward.steps_to_go_of(source, reachable=True)
+    return np.split(d, np.cumsum([e.length + 1 for e in episodes])[:-1])
+
+
 def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float, reward: str = "steps_to_go",
-                    clip: float = 0.0, baseline: str = "none", baseline_decay: float = 0.9
-                    ) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    clip: float = 0.0, baseline: str = "none", baseline_decay: float = 0.9,
+                    reward_d: list[np.ndarray] | None = None) -> tuple[FrameSource, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Episodes -> (frame source, acting rows o_0..o_{T-1}, their action tokens, Monte Carlo returns).
 
     ``baseline = "reward_model"`` subtracts :func:`~selfimprove.reward.reward_model_baseline` from the
     returns of the learned reward (the constant-reward control has no ``d`` to take it from).
+    ``reward_d``: per episode, the ``d`` the reward is taken from (default: the detector's ``e.stg``).
     """
     source, acting = from_episodes(episodes, policy.spec)
     tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in episodes])))
     parts = []
-    for e in episodes:
-        returns = discounted_returns(episode_rewards(e, reward, clip), gamma)
+    for i, e in enumerate(episodes):
+        d = e.stg if reward_d is None else reward_d[i]
+        returns = discounted_returns(episode_rewards(e, reward, clip, d), gamma)
         if baseline == "reward_model" and reward == "steps_to_go":
-            returns = returns - reward_model_baseline(e.stg, baseline_decay)
+            returns = returns - reward_model_baseline(d, baseline_decay)
         parts.append(returns)
     return source, acting, tokens, torch.as_tensor(np.concatenate(parts))
 
@@ -282,8 +294,10 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
             stopping = it + 1 >= cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"] + len(episodes)
             if overlap and not stopping:  # the robots practise on while the learner trains
                 prefetched = fleet.start(policy.state_dict(), version=it, **collect_args(it + 1))
+            reward_d = reachable_steps_to_go(fresh, reward) if (
+                cfg.reward_steps == "reachable" and cfg.reward == "steps_to_go" and reward.spec.stg_never) else None
             source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward, cfg.reward_clip,
-                                                              cfg.baseline, cfg.baseline_decay)
+                                                              cfg.baseline, cfg.baseline_decay, reward_d)
             update = policy_update(policy, optimizer, source, acting, tokens, returns, config,
                                    torch_generator(config.seed, 3, it), reference)
             t_update = time.time() - t0 - t_collect
