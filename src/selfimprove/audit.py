@@ -138,7 +138,8 @@ def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: 
     return out
 
 
-def reward_signal(episodes: list[Episode], gamma: float, clip: float = 0.0, decay: float = 0.9) -> dict[str, Any] | None:
+def reward_signal(episodes: list[Episode], gamma: float, clip: float = 0.0, decay: float = 0.9,
+                  d_per_episode: list[np.ndarray] | None = None) -> dict[str, Any] | None:
     """Does the shaped reward point the way the task goes, on the policy's own states? Rank correlations,
     over every acting step, of what the learner would see against the same quantity of true progress
     (the named pair's distance falling, from the simulator: diagnostics only):
@@ -148,13 +149,14 @@ def reward_signal(episodes: list[Episode], gamma: float, clip: float = 0.0, deca
       discounted return of the distance's falls;
     * ``return_with_baseline``: ``R_t`` minus :func:`~selfimprove.reward.reward_model_baseline` against the same.
 
+    ``d_per_episode`` replaces each episode's ``stg`` (e.g. the reward's ``d`` without the "never" class).
     None when the env reports no ``goal_distance``. 0 means the learner's signal is noise on these states.
     """
     if not episodes or not all("goal_distance" in e.info for e in episodes):
         return None
     step, progress, returns, baselined, true_returns = [], [], [], [], []
-    for e in episodes:
-        d = np.asarray(e.stg, dtype=np.float64)
+    for i, e in enumerate(episodes):
+        d = np.asarray(e.stg if d_per_episode is None else d_per_episode[i], dtype=np.float64)
         distance = np.asarray(e.info["goal_distance"], dtype=np.float64)
         r = d[:-1] - d[1:]
         if clip > 0:

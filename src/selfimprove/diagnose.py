@@ -406,6 +406,12 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
             draw = lambda texts: mismatched.draw(texts, generator)  # noqa: E731
         rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw)
         rollout_audit["reward_signal"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip, cfg.baseline_decay)
+        if model.spec.stg_never and rollout_audit["reward_signal"] is not None:
+            from selfimprove.train.improve import reachable_steps_to_go
+
+            reachable = reachable_steps_to_go(episodes, StepsToGoReward(model, threshold=0.0))
+            rollout_audit["reward_signal_reachable"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip,
+                                                                     cfg.baseline_decay, reachable)
         result["audit"]["rollouts"] = rollout_audit
         result["rollouts"] = _section(rolls, s, goal_frame=None)
         reached = [rolls.success[sl].any() for sl in rolls.episodes()]
@@ -454,6 +460,10 @@ def print_summary(result: dict[str, Any]) -> None:
         if signal:
             print(f"  reward signal vs true progress (rank corr.): step {_f(signal['step'])}, return "
                   f"{_f(signal['return'])}, with baseline {_f(signal['return_with_baseline'])}")
+            other = audit["rollouts"].get("reward_signal_reachable")
+            if other:
+                print(f"    ... with reachable d: step {_f(other['step'])}, return {_f(other['return'])}, "
+                      f"with baseline {_f(other['return_with_baseline'])}")
     print(f"  report: {Path(result['out']) / 'report.md'}")
 
 
@@ -657,6 +667,11 @@ def audit_lines(audit: dict[str, Any] | None) -> list[str]:
             lines += ["", f"Reward signal on the rollouts ({signal['steps']} steps; rank correlation with the named "
                       f"pair's true progress, 0 = noise): per step {_f(signal['step'])}, return R_t "
                       f"{_f(signal['return'])}, R_t with the reward-model baseline {_f(signal['return_with_baseline'])}."]
+            other = r.get("reward_signal_reachable")
+            if other:
+                lines[-1] += (f" With d without the \"never\" class (`improve.reward_steps = \"reachable\"`): per step "
+                              f"{_f(other['step'])}, return {_f(other['return'])}, with the baseline "
+                              f"{_f(other['return_with_baseline'])}.")
     return lines + [""]
 
 
