@@ -122,9 +122,9 @@ def test_held_out_pass_is_cached_for_the_same_weights_only(diagnosed, tmp_path):
     calls = []
     original = StepsToGoReward.steps_to_go
 
-    def counted(self, obs):
+    def counted(self, obs, reachable=False):
         calls.append(1)
-        return original(self, obs)
+        return original(self, obs, reachable)
 
     StepsToGoReward.steps_to_go = counted
     try:
