@@ -20,7 +20,9 @@ install: $(STAMP)
 
 ## The main job on the embedded default: the whole method on the point-mass domain (CPU, offline).
 demo: $(STAMP)
-	$(VENV)/bin/selfimprove run pointmass --resume
+	@# a finished or interrupted demo is continued (--resume refuses a run that does not exist)
+	if [ -f runs/pointmass/config.json ]; then $(VENV)/bin/selfimprove run pointmass --resume; \
+	else $(VENV)/bin/selfimprove run pointmass; fi
 	@echo "report: runs/pointmass/report.md"
 
 test: $(STAMP)
