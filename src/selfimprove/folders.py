@@ -23,7 +23,16 @@ from selfimprove.errors import RunStateError
 log = logging.getLogger(__name__)
 
 LOCK_FILE = ".lock"
+#: what a run folder holds before its first stage finishes: a fresh run that fails holding only these
+#: is removed, so the same command can simply be run again
+BOOKKEEPING = frozenset({LOCK_FILE, "config.json", "timing.json", "metrics.jsonl", "tensorboard", ".demos.partial"})
 T = TypeVar("T")
+
+
+def run_contents(run_dir: str | Path) -> set[str]:
+    """The names in a run folder, its lock aside (empty when the folder does not exist)."""
+    run_dir = Path(run_dir)
+    return {p.name for p in run_dir.iterdir()} - {LOCK_FILE} if run_dir.is_dir() else set()
 
 
 def holds_something(path: str | Path) -> bool:
@@ -114,7 +123,8 @@ class RunLock:
 
 
 def locks_run(stage: Callable[..., T]) -> Callable[..., T]:
-    """Run ``stage(config, ...)`` holding :class:`RunLock` on ``config.run_dir``."""
+    """Run ``stage(config, ...)`` holding :class:`RunLock` on ``config.run_dir``; when the folder was new and
+    the stage fails before it holds more than :data:`BOOKKEEPING`, the folder is removed again."""
 
     @functools.wraps(stage)
     def locked(config: Any, *args: Any, **kwargs: Any) -> T:
@@ -124,8 +134,8 @@ def locks_run(stage: Callable[..., T]) -> Callable[..., T]:
             try:
                 return stage(config, *args, **kwargs)
             except BaseException:
-                if fresh and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:
-                    shutil.rmtree(run_dir, ignore_errors=True)  # refused before any work: leave nothing behind
+                if fresh and run_contents(run_dir) <= BOOKKEEPING:
+                    shutil.rmtree(run_dir, ignore_errors=True)  # nothing finished: leave nothing behind
                 raise
 
     return locked

@@ -6,10 +6,8 @@ exists, so a killed run continues where it stopped and nothing finished is recom
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from selfimprove.config import RunConfig
 from selfimprove.data.collect import collect_demos
 from selfimprove.data.store import EpisodeStore, split_episodes
 from selfimprove.errors import DatasetError, RunStateError
-from selfimprove.folders import LOCK_FILE, RunLock, ensure_empty, holds_something
+from selfimprove.folders import ensure_empty, locks_run, run_contents
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
 from selfimprove.diagnose import headline, run_diagnostics
@@ -102,42 +100,23 @@ def practice_summary(config: RunConfig, control_hz: float = 10.0) -> dict[str, A
     }
 
 
+@locks_run
 def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every stage for ``config`` and return the summary (also written to ``summary.json``)."""
     run_dir = config.run_dir
-    with RunLock(run_dir) if run_dir.exists() else contextlib.nullcontext():
-        if holds_something(run_dir) and not resume and set(p.name for p in run_dir.iterdir()) != {LOCK_FILE}:
-            raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it, or choose "
-                                "another --name (nothing was changed)")
-        if resume:
-            check_resume(config, must_exist=False)
+    if run_contents(run_dir) and not resume:
+        raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it, or choose "
+                            "another --name (nothing was changed)")
+    if resume:
+        check_resume(config, must_exist=False)
     collect = not (config.dataset_path / "meta" / "info.json").exists()
-    make_env(config).close()  # a wrong env.id or env.module fails here, before the run folder is written
+    make_env(config).close()  # a wrong env.id or env.module fails here, before any work
     if collect:
         expert_for(config)  # and so does a task with neither a demo store at data.path nor a scripted expert
         if config.data.path:  # a folder of the user's: never written into when it holds anything
             ensure_empty(config.dataset_path, "demos", "Point data.path (--dataset) at an episode store (with "
                          "meta/info.json) or at a new folder", DatasetError)
-    fresh = not run_dir.exists()
-    with RunLock(run_dir):
-        try:
-            return _run_stages(config, resume, progress)
-        except BaseException:
-            if fresh and _nothing_finished(run_dir):  # a retry of the same command is not refused
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
-
-
-def _nothing_finished(run_dir: Path) -> bool:
-    """Whether a run folder holds only what a run writes before its first stage finishes."""
-    bookkeeping = {"config.json", "timing.json", "metrics.jsonl", LOCK_FILE, "tensorboard", ".demos.partial"}
-    return all(p.name in bookkeeping for p in run_dir.iterdir()) if run_dir.is_dir() else False
-
-
-def _run_stages(config: RunConfig, resume: bool, progress: bool) -> dict[str, Any]:
-    run_dir = config.run_dir
     prepare_run(config)
-    collect = not (config.dataset_path / "meta" / "info.json").exists()
     timing_path = run_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_time_s": 0.0}
     clock = WallClock(timing_path, timing["wall_time_s"])

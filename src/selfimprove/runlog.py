@@ -70,9 +70,7 @@ class WallClock:
 
     def _write(self) -> float:
         total = self.total()
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({"wall_time_s": total}) + "\n")
-        tmp.replace(self.path)
+        write_json(self.path, {"wall_time_s": total})
         return total
 
     def _tick(self) -> None:

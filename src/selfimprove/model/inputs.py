@@ -172,7 +172,8 @@ def from_histories(histories: list[list[dict[str, np.ndarray]]], instructions: l
     """Batch the latest observation (with frame history) of each robot.
 
     Raises InputError naming the robot when an observation is missing or has another shape than the
-    model's, or when there is not one instruction per robot (shapes only: no per-pixel work).
+    model's, or when there is not one instruction per robot (the robots are looked at one by one only
+    when the stacked batch does not fit).
     """
     if len(instructions) != len(histories):
         raise InputError(f"{len(instructions)} instructions for {len(histories)} robots; give one per robot")
@@ -188,12 +189,18 @@ def from_histories(histories: list[list[dict[str, np.ndarray]]], instructions: l
         if key in image_keys:
             stacks = [[history[max(0, len(history) - spec.frames + i)][key] for i in range(spec.frames)]
                       for history in histories]
-            _check_rows(key, [(r, frame) for r, frames in enumerate(stacks) for frame in frames], spec)
-            out[key] = torch.as_tensor(np.stack([np.stack(frames) for frames in stacks]))
+            rows = [(r, frame) for r, frames in enumerate(stacks) for frame in frames]
         else:
-            rows = [h[-1][key] for h in histories]
-            _check_rows(key, list(enumerate(rows)), spec)
-            out[key] = torch.as_tensor(np.stack(rows))
+            stacks = [h[-1][key] for h in histories]
+            rows = list(enumerate(stacks))
+        try:
+            batch = np.stack([np.stack(x) for x in stacks]) if key in image_keys else np.stack(stacks)
+        except ValueError:  # robots disagree on the shape: name the first that is wrong
+            _check_rows(key, rows, spec)
+            raise
+        if batch.shape[1:] != (*([spec.frames] if key in image_keys else []), *spec.obs_shapes[key]):
+            _check_rows(key, rows, spec)  # every robot has the same wrong shape
+        out[key] = torch.as_tensor(batch)
     out["instruction"] = list(instructions)
     return out
 

@@ -182,7 +182,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     spec = model_spec(config, env)
     env.close()
     model = EmbodiedModel(spec)
-    frame_source(train, spec)  # the store's observation shapes against the model's, before any tensor maths
+    # first: it checks the store's observation shapes against the model's, before any tensor maths
+    data, held_out = FrameBatches(train, model), FrameBatches(val, model)
     vectors = {k: torch.as_tensor(v) for k, v in train.observations.items() if k in spec.vector_keys}
     if vectors:
         obs_all = model.encoder.flatten(vectors).numpy()
@@ -207,7 +208,6 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         log.info("resuming stage 1 at step %d", start)
     else:
         metrics.keep(lambda r: r.get("stage") != "sft")
-    data, held_out = FrameBatches(train, model), FrameBatches(val, model)
     augments = [AUGMENTATIONS[name][config.domain] for name in cfg.augment]
     n_negatives = int(round(cfg.negatives * cfg.batch_size))
     mismatched = MismatchedInstructions(train.instructions, goal_key_for(config.domain)) if n_negatives else None
