@@ -146,3 +146,16 @@ def test_robot_episode_budget_stops_self_improvement(trained_quick, tmp_path):
     used = [r["robot_episodes"] for r in records]
     assert used[-1] >= 20 and used[-2] < 20 and records[-1]["iteration"] < 50
     assert "eval_success_rate" in records[-1]  # the last iteration is always evaluated
+
+
+def test_true_success_control_practises_on_the_simulators_success(trained_quick, tmp_path):
+    """The ceiling control: the simulator ends each episode on success and pays 1 there; the detector never fires."""
+    config = _stage2_config(trained_quick, tmp_path, "oracle", 2, "improve.reward=true_success",
+                            "improve.steps_per_iteration=256", "improve.guard=false")
+    improve(config, sft_checkpoint(trained_quick), progress=False)
+    episodes = EpisodeStore(episodes_dir(config)).episodes()
+    ends = {e.meta["ended_by"] for e in episodes}
+    assert ends <= {"success", "timeout"} and "success" in ends
+    assert all(e.true_success == (e.meta["ended_by"] == "success") for e in episodes)
+    records = improve_records(config)
+    assert all(r["detected_success_rate"] == 0.0 for r in records if r["iteration"] > 0)

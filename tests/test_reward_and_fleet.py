@@ -115,3 +115,8 @@ def test_constant_reward_control_ignores_the_reward_model():
                  instruction="", stg=np.array([9.0, 5.0, 7.0, 1.0], np.float32))
     assert episode_rewards(ep).tolist() == [4.0, -2.0, 6.0]
     assert episode_rewards(ep, "constant").tolist() == [1.0, 1.0, 1.0]
+    # the true-success control pays 1 on the step that first reaches success, whatever d says
+    ep.info = {"is_success": np.array([False, False, True, True])}
+    assert episode_rewards(ep, "true_success").tolist() == [0.0, 1.0, 0.0]
+    ep.info = {"is_success": np.array([True, False, False, False])}  # a start already solved pays nothing
+    assert episode_rewards(ep, "true_success").tolist() == [0.0, 0.0, 0.0]

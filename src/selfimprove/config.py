@@ -35,6 +35,8 @@ PRESET_DIR = _preset_dir()
 DOMAINS = ("pointmass", "language-table")  # built-in domains; any other name is a task of your own (docs/tutorial.md)
 PRECISIONS = ("auto", "float32", "bfloat16")  # of gradient steps; see train/precision.py
 FLEET_BACKENDS = ("local", "ray")
+# Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
+REWARDS = ("steps_to_go", "constant", "true_success")
 
 
 @dataclass
@@ -124,7 +126,7 @@ class ImproveConfig:
     success_hold: int = 1  # the detector ends an episode once d <= s held for this many consecutive steps
     temperature: float = 1.0  # sampling temperature of the practising robots (the learner's log pi uses it too)
     max_grad_norm: float = 1.0  # gradient-norm clip of each minibatch step
-    reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward
+    reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward; or "true_success": the simulator's success (1 on the step that reaches it, where the episode ends), the upper-bound control: evaluation-only information, never on a real robot
     reward_model: str = ""  # frozen reward model + detector checkpoint; empty: the SFT checkpoint Stage 2 starts from
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
@@ -299,7 +301,7 @@ class RunConfig:
              f"domain must be a name without spaces: one of {DOMAINS} or your task's own (e.g. 'reach')"),
             (set(self.sft.augment) <= {"mirror", "shift", "flip", "recolour"},
              f"sft.augment may hold 'mirror', 'shift', 'flip' and 'recolour', got {self.sft.augment}"),
-            (self.improve.reward in ("steps_to_go", "constant"), "improve.reward must be 'steps_to_go' or 'constant'"),
+            (self.improve.reward in REWARDS, f"improve.reward must be one of {', '.join(REWARDS)}"),
             (self.improve.objective in ("reinforce", "ppo"),
              f"improve.objective must be 'reinforce' or 'ppo', got {self.improve.objective!r}"),
             (0 < self.improve.ppo_clip < 1, f"improve.ppo_clip must be in (0, 1) (e.g. 0.2), got {self.improve.ppo_clip}"),

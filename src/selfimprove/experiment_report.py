@@ -492,7 +492,7 @@ def plot_episodes_vs_success(out: str | Path, summaries: dict[str, str | Path],
     first axis -> legend label), Stage 2 from it: the mean over seeds with its interval, and each
     seed faintly. E.g. the tabletop's ``self-improvement`` grids at 10% and 80% of the demos."""
     cells = cells or {"all": "Self-Improvement (preset)", "constant": "constant-reward control",
-                      "paper-learner": "the paper's learner"}
+                      "paper-learner": "the paper's learner", "true-success": "true-success reward (ceiling)"}
     markers = {"sft": "o", **{k: m for k, m in zip(cells, "s^vDP")}}
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
     for i, (label, path) in enumerate(summaries.items()):

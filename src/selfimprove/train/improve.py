@@ -151,10 +151,17 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Pa
 
 def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0.0,
                     d: np.ndarray | None = None) -> np.ndarray:
-    """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), or 1
-    everywhere for the constant-reward control. ``d`` defaults to the detector's, ``episode.stg``."""
+    """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), 1
+    everywhere for the constant-reward control, or 1 on the step that first reaches the simulator's success
+    for the true-success control. ``d`` defaults to the detector's, ``episode.stg``."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
+    if kind == "true_success":
+        rewards = np.zeros(episode.length, dtype=np.float32)
+        reached = np.flatnonzero(np.asarray(episode.info["is_success"])[1:])
+        if reached.size:
+            rewards[reached[0]] = 1.0
+        return rewards
     d = episode.stg if d is None else d
     rewards = StepsToGoReward.reward(d[:-1], d[1:])
     return np.clip(rewards, -clip, clip) if clip > 0 else rewards
@@ -237,10 +244,11 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     metrics.keep(lambda r: r.get("stage") != "improve")
     for record in history:
         metrics.append(record)
-    reward = StepsToGoReward(reward_model, detector["threshold"], int(detector.get("hold", 1)))
+    oracle = cfg.reward == "true_success"  # the ceiling control: the simulator ends episodes, not the detector
+    reward = StepsToGoReward(reward_model, -np.inf if oracle else detector["threshold"], int(detector.get("hold", 1)))
     collected_ahead = _collected_not_trained(config, counters)
     writer = EpisodeWriter(episodes_dir(config), fps=10)
-    fleet = make_fleet(config, policy.spec, reward)
+    fleet = make_fleet(config, policy.spec, reward, terminate_on_success=oracle)
     fleet_file = config.run_dir / "fleet.json"
     write_json(fleet_file, fleet.describe())
     # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
@@ -380,12 +388,13 @@ def practice_stats(episodes: list[Episode]) -> dict[str, Any]:
             "continued": sum(s == "continued" for s in starts)}
 
 
-def make_fleet(config: RunConfig, spec, reward: StepsToGoReward | None):
-    """The configured fleet backend for Stage 2 (episodes do not terminate on the simulator's success)."""
+def make_fleet(config: RunConfig, spec, reward: StepsToGoReward | None, terminate_on_success: bool = False):
+    """The configured fleet backend for Stage 2 (episodes end on the detector, not on the simulator's
+    success, except in the true-success control)."""
     f = config.fleet
 
     def env_factory():
-        return make_env(config, terminate_on_success=False)
+        return make_env(config, terminate_on_success=terminate_on_success)
 
     if f.backend == "ray":
         from selfimprove.fleet.ray import RayFleet
