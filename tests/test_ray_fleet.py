@@ -47,8 +47,11 @@ def _ray_fleet(trained_quick, **kwargs):
 
 
 def test_collect_is_deterministic_and_versioned(trained_quick, local_ray):
+    from selfimprove.fleet import BackgroundFleet, Fleet
+
     fleet, model = _ray_fleet(trained_quick)
     try:
+        assert isinstance(fleet, Fleet) and isinstance(fleet, BackgroundFleet)  # it keeps the contract
         runs = [fleet.collect(model.state_dict(), 7, seeds=seed_stream(100), n_steps=600,
                               generator=torch.Generator().manual_seed(3)) for _ in range(2)]
     finally:

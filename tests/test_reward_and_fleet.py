@@ -73,8 +73,11 @@ def _fleet(config, threshold):
 
 
 def test_detector_terminates_episodes_exactly_when_d_drops_below_s(trained_quick):
+    from selfimprove.fleet import BackgroundFleet, Fleet
+
     threshold = 3.0
     model, fleet = _fleet(trained_quick, threshold)
+    assert isinstance(fleet, Fleet) and not isinstance(fleet, BackgroundFleet)  # the contract; no overlap
     episodes = fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_episodes=24,
                              generator=torch.Generator().manual_seed(0))
     assert len(episodes) == 24

@@ -1,8 +1,6 @@
 import numpy as np
 import pytest
-import torch
 
-from selfimprove.data.episode import steps_to_go_labels
 from selfimprove.model.tokens import ActionTokenizer
 
 
@@ -20,12 +18,6 @@ def test_continuous_actions_within_half_a_bin_and_clipped():
     assert back.min() >= -1 and back.max() <= 1
 
 
-def test_detokenize_torch_matches_numpy():
-    tok = ActionTokenizer([-1, 0], [1, 2], bins=7)
-    tokens = torch.randint(0, 7, (50, 2))
-    assert np.allclose(tok.detokenize_torch(tokens).numpy(), tok.detokenize(tokens))
-
-
 def test_out_of_range_tokens_and_bad_bounds_raise():
     tok = ActionTokenizer([-1], [1], bins=5)
     with pytest.raises(ValueError, match="tokens must lie"):
@@ -33,6 +25,3 @@ def test_out_of_range_tokens_and_bad_bounds_raise():
     with pytest.raises(ValueError, match="low < high"):
         ActionTokenizer([1], [-1], bins=5)
 
-
-def test_steps_to_go_labels_count_down_to_zero():
-    assert steps_to_go_labels(3).tolist() == [3, 2, 1, 0]

@@ -514,12 +514,3 @@ def save_config(config: RunConfig, path: Path) -> None:
     tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     tmp.replace(path)
 
-
-def read_config_json(path: Path) -> RunConfig:
-    if not path.exists():
-        raise ConfigError(f"no config at {path}: is this a run directory made by `selfimprove`?")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config {path} is not valid JSON ({exc}); restore it or start a new run") from exc
-    return config_from_dict(data)

@@ -1,7 +1,6 @@
-"""Episodes on disk: schema, writer/reader, splits and fractions, steps-to-go labels."""
+"""Episodes on disk: schema, writer/reader, splits and fractions."""
 
-from selfimprove.data.episode import Episode, steps_to_go_labels
+from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore, EpisodeWriter, Frames, read_info, split_episodes
 
-__all__ = ["Episode", "EpisodeStore", "EpisodeWriter", "Frames", "read_info", "split_episodes",
-           "steps_to_go_labels"]
+__all__ = ["Episode", "EpisodeStore", "EpisodeWriter", "Frames", "read_info", "split_episodes"]

@@ -39,7 +39,3 @@ class Episode:
         if self.stg is not None and self.stg.shape[0] != t + 1:
             raise ValueError(f"stg has {self.stg.shape[0]} entries; expected T+1 = {t + 1}")
 
-
-def steps_to_go_labels(length: int) -> np.ndarray:
-    """Steps-to-go label of each of the ``length + 1`` frames of a successful demo: T - t."""
-    return np.arange(length, -1, -1, dtype=np.int64)

@@ -217,8 +217,3 @@ def seed_stream(start: int) -> Iterator[int]:
         yield seed
         seed += 1
 
-
-def fleet_stats(episodes: list[Episode]) -> dict[str, Any]:
-    lengths = np.array([e.length for e in episodes])
-    return {"episodes": len(episodes), "env_steps": int(lengths.sum()),
-            "mean_length": float(lengths.mean()) if len(lengths) else float("nan")}

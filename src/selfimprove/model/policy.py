@@ -149,10 +149,6 @@ class EmbodiedModel(nn.Module):
         action_logits = self.action_head(h).view(h.shape[0], self.spec.action_dim, self.spec.action_bins)
         return action_logits, self.stg_head(h)
 
-    def action_distribution(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per-dimension categorical logits over action bins, [B, action_dim, bins]."""
-        return self.forward(obs)[0]
-
     @property
     def never_class(self) -> int | None:
         """Index of the "not reached within the horizon" class, or None when the head has none."""
@@ -193,6 +189,3 @@ class EmbodiedModel(nn.Module):
 def expected_steps(stg_logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (torch.softmax(stg_logits, dim=-1) * values).sum(-1)
 
-
-def to_tensors(obs: dict[str, np.ndarray], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(v, device=device) for k, v in obs.items()}

@@ -21,7 +21,6 @@ class ActionTokenizer:
             raise ValueError(f"need at least 2 bins per action dimension, got {bins}")
         self.bins = int(bins)
         self.step = (self.high - self.low) / (self.bins - 1)
-        self._centers = torch.as_tensor(self.centers(), dtype=torch.float32)
 
     @property
     def action_dim(self) -> int:
@@ -42,7 +41,3 @@ class ActionTokenizer:
         if t.size and (t.min() < 0 or t.max() >= self.bins):
             raise ValueError(f"action tokens must lie in [0, {self.bins - 1}]")
         return (self.low + t * self.step).astype(np.float32)
-
-    def detokenize_torch(self, tokens: torch.Tensor) -> torch.Tensor:
-        centers = self._centers.to(tokens.device)
-        return torch.gather(centers.expand(*tokens.shape[:-1], -1, -1), -1, tokens.unsqueeze(-1)).squeeze(-1)

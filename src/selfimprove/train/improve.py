@@ -29,11 +29,12 @@ from selfimprove.domains import IMPROVE_SEED_BASE, make_env
 from selfimprove.folders import locks_run
 from selfimprove.errors import RunStateError
 from selfimprove.evaluate import evaluate
+from selfimprove.fleet.base import BackgroundFleet, Fleet
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           recover_checkpoint, restore_optimizer, save_checkpoint)
 from selfimprove.model.inputs import FrameSource, from_episodes
-from selfimprove.model.policy import EmbodiedModel
+from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.domains import check_store, goal_key_for
 from selfimprove.reward import (StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, episode_ids,
                                 held_firing, reward_model_baseline)
@@ -272,7 +273,7 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
 
     # with max_staleness >= 1 a fleet that can collect in the background (Ray) overlaps the next
     # batch with this update; those episodes are one policy version old when trained on
-    overlap, prefetched = cfg.max_staleness >= 1 and hasattr(fleet, "start"), None
+    overlap, prefetched = cfg.max_staleness >= 1 and isinstance(fleet, BackgroundFleet), None
 
     def budget_spent() -> bool:
         return 0 < cfg.max_robot_episodes <= counters["robot_episodes"]
@@ -388,7 +389,8 @@ def practice_stats(episodes: list[Episode]) -> dict[str, Any]:
             "continued": sum(s == "continued" for s in starts)}
 
 
-def make_fleet(config: RunConfig, spec, reward: StepsToGoReward | None, terminate_on_success: bool = False):
+def make_fleet(config: RunConfig, spec: ModelSpec, reward: StepsToGoReward | None,
+               terminate_on_success: bool = False) -> Fleet:
     """The configured fleet backend for Stage 2 (episodes end on the detector, not on the simulator's
     success, except in the true-success control)."""
     f = config.fleet

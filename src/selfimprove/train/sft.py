@@ -6,7 +6,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable, Hashable
+from typing import Callable, Hashable
 
 import numpy as np
 import torch
@@ -280,8 +280,3 @@ def evaluate_losses(model: EmbodiedModel, frames: FrameBatches, batch_size: int 
             sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
     return {k: round(v / frames.size, 5) for k, v in sums.items()}
 
-
-def summarize_dataset(frames: Frames) -> dict[str, Any]:
-    lengths = frames.episode_lengths
-    return {"episodes": int(len(lengths)), "frames": int(lengths.sum() + len(lengths)),
-            "mean_length": float(lengths.mean()), "max_length": int(lengths.max())}
