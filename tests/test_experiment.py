@@ -12,7 +12,7 @@ from selfimprove.cli import main
 from selfimprove.config import ImproveConfig, RunConfig
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.experiment import available_experiments, load_experiment, plan_experiment, run_experiment
-from selfimprove.experiment_report import seed_interval, t_quantile_975
+from selfimprove.stats import seed_interval, t_quantile_975
 from selfimprove.model.checkpoint import read_checkpoint_config
 
 from conftest import quick_config

@@ -18,7 +18,8 @@ import torch
 import selfimprove.envs  # noqa: F401  (registers the environment ids)
 from selfimprove.config import RunConfig
 from selfimprove.envs.experts import Expert, make_expert
-from selfimprove.envs.tasks import goal_key, parse_instruction
+from selfimprove.envs.instructions import instruction_problem
+from selfimprove.envs.tasks import goal_key
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.policy import ModelSpec
 
@@ -340,31 +341,6 @@ def goal_key_for(domain: str) -> Callable[[str], Hashable]:
     """How to tell whether two instructions ask for the same thing in ``domain`` (Stage 1's
     mismatched-instruction negatives must ask for something else)."""
     return GOAL_KEYS.get(domain, _same_words)
-
-
-#: instruction -> task per domain; raises ConfigError naming what is wrong. Other domains (the point
-#: mass, tasks of your own) take any non-empty text.
-INSTRUCTION_PARSERS: dict[str, Callable[[str], Any]] = {"language-table": parse_instruction}
-
-
-@functools.lru_cache(maxsize=65_536)
-def instruction_problem(domain: str, text: str) -> str | None:
-    """Why ``text`` is not an instruction of ``domain``, or None when it is (each text is parsed once).
-
-    An empty instruction never is; the language-table domain's must parse (``envs.tasks.parse_instruction``).
-    """
-    if not isinstance(text, str):
-        return f"it is {type(text).__name__}, not text; every episode and every observation needs an instruction"
-    if not text.strip():
-        return "it is empty; every episode and every observation needs an instruction"
-    parser = INSTRUCTION_PARSERS.get(domain)
-    if parser is None:
-        return None
-    try:
-        parser(text)
-    except ConfigError as exc:
-        return str(exc)
-    return None
 
 
 #: the observations that mark a built-in domain's episodes (a store's ``observation.*`` features):

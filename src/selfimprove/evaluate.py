@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,7 @@ from selfimprove.domains import make_env
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint
 from selfimprove.runlog import torch_generator
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion (sane at 0% and 100%)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+from selfimprove.stats import wilson_interval
 
 
 def summarize_episodes(episodes: list[Episode]) -> dict[str, Any]:

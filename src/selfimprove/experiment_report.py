@@ -15,37 +15,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from selfimprove.evaluate import wilson_interval  # noqa: E402
 from selfimprove.runlog import read_json, stored_episodes  # noqa: E402
+from selfimprove.stats import seed_interval, wilson_interval  # noqa: E402
 
 if TYPE_CHECKING:
     from selfimprove.experiment import ExperimentPlan
 
-# two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
 _STAGE_KEYS = ("success_rate", "ci95", "mean_episode_length", "eval_episodes")
-
-
-def t_quantile_975(df: int) -> float:
-    """t_{0.975} with ``df`` degrees of freedom (table to 30, then a close approximation)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
-    return _T975[df - 1] if df <= 30 else 1.96 + 2.4 / df
-
-
-def seed_interval(values: list[float]) -> dict[str, Any]:
-    """Mean over seeds and its 95% t-interval (clipped to [0, 1]; None with fewer than two seeds)."""
-    n = len(values)
-    if n == 0:
-        return {"n": 0, "mean": None, "sd": None, "ci95_t": None}
-    mean = sum(values) / n
-    if n < 2:
-        return {"n": 1, "mean": mean, "sd": None, "ci95_t": None}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "ci95_t": [max(0.0, mean - half), min(1.0, mean + half)]}
 
 
 def _stage(result: dict[str, Any], robot_episodes: int, demo_episodes: int | None) -> dict[str, Any]:

@@ -163,6 +163,16 @@ class MetricsLog:
                 log.warning("could not rebuild TensorBoard events in %s: %s", self.tensorboard.logdir, exc)
 
 
+def write_tensorboard(run_dir: str | Path) -> Path:
+    """(Re)build ``<run_dir>/tensorboard/`` from ``metrics.jsonl`` (e.g. for a run made with it off)."""
+    from selfimprove.tracking import TENSORBOARD_DIR, TensorBoardWriter
+
+    run_dir = Path(run_dir)
+    logdir = run_dir / TENSORBOARD_DIR
+    TensorBoardWriter(logdir).rebuild(MetricsLog(run_dir / "metrics.jsonl").read())
+    return logdir
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()

@@ -1,6 +1,10 @@
-"""Statistics the library reports: rank correlations (the one home; diagnostics, guard and audit use it)."""
+"""Statistics the library reports, in one home: Wilson intervals of success rates, means over seeds
+with their Student t intervals, and rank correlations (diagnostics, guard and audit)."""
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import numpy as np
 
@@ -22,3 +26,40 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     if rx.std() == 0 or ry.std() == 0:
         return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion (sane at 0% and 100%)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+# two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975} with ``df`` degrees of freedom (table to 30, then a close approximation)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    return _T975[df - 1] if df <= 30 else 1.96 + 2.4 / df
+
+
+def seed_interval(values: list[float]) -> dict[str, Any]:
+    """Mean over seeds and its 95% t-interval (clipped to [0, 1]; None with fewer than two seeds)."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "sd": None, "ci95_t": None}
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": 1, "mean": mean, "sd": None, "ci95_t": None}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile_975(n - 1) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "ci95_t": [max(0.0, mean - half), min(1.0, mean + half)]}

@@ -139,16 +139,6 @@ class TensorBoardWriter:
         self.append(list(records))
 
 
-def write_tensorboard(run_dir: str | Path) -> Path:
-    """(Re)build ``<run_dir>/tensorboard/`` from ``metrics.jsonl`` (e.g. for a run made with it off)."""
-    from selfimprove.runlog import MetricsLog
-
-    run_dir = Path(run_dir)
-    logdir = run_dir / TENSORBOARD_DIR
-    TensorBoardWriter(logdir).rebuild(MetricsLog(run_dir / "metrics.jsonl").read())
-    return logdir
-
-
 def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar in ``logdir`` as ``{tag: [(step, value), ...]}``, read with TensorBoard's own reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

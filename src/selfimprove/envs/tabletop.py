@@ -19,7 +19,7 @@ import pymunk
 from gymnasium import spaces
 from PIL import Image, ImageDraw
 
-from selfimprove.envs import tasks as tasks_mod
+import selfimprove.envs.tasks as tasks_mod
 from selfimprove.envs.tasks import BLOCK_MODES, Task
 from selfimprove.errors import ConfigError
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from selfimprove.envs.instructions import instruction_problem
 from selfimprove.errors import InputError
 
 if TYPE_CHECKING:  # policy.py imports this module
@@ -59,8 +60,6 @@ def _batch_problem(spec: ModelSpec, key: str, got: tuple[int, ...]) -> str | Non
 
 def check_instructions(domain: str, texts: Sequence[str]) -> None:
     """Raise InputError when an instruction is empty or, for the language-table domain, does not parse."""
-    from selfimprove.domains import instruction_problem  # domains imports the model
-
     try:
         distinct = set(texts)
     except TypeError as exc:
