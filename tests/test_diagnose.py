@@ -110,7 +110,7 @@ def test_held_out_pass_is_cached_for_the_same_weights_only(diagnosed, tmp_path):
 
     from selfimprove.model.checkpoint import load_checkpoint
     from selfimprove.reward import StepsToGoReward
-    from selfimprove.train.improve import HELD_OUT_CACHE, demo_steps_to_go
+    from selfimprove.reward import HELD_OUT_CACHE, demo_steps_to_go
 
     config, out, _ = diagnosed
     cache = out / HELD_OUT_CACHE

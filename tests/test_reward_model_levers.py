@@ -11,7 +11,8 @@ from selfimprove.domains import goal_key_for
 from selfimprove.envs import tasks
 from selfimprove.model.backbones import make_text_encoder
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
-from selfimprove.train.sft import MismatchedInstructions, sft_losses, with_negatives
+from selfimprove.reward import MismatchedInstructions
+from selfimprove.train.sft import sft_losses, with_negatives
 
 
 def _role_swap(text: str) -> str:

@@ -39,7 +39,8 @@ from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.audit import audit_demos, audit_rollouts, gate, reward_signal
 from selfimprove.data.store import EpisodeStore
-from selfimprove.reward import THRESHOLD_GRID, StepsToGoReward, calibrate_threshold, detector_table, recommend_threshold
+from selfimprove.reward import (HELD_OUT_CACHE, THRESHOLD_GRID, MismatchedInstructions, StepsToGoReward, calibrate_threshold,
+                                demo_steps_to_go, detector_table, reachable_steps_to_go, recommend_threshold)
 from selfimprove.runlog import dumps_json, torch_generator
 from selfimprove.stats import spearman
 
@@ -143,9 +144,8 @@ def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None =
     """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), goal-frame
     labels, and the arrays as Stage 2 reads them (with ``d_mismatched``).
 
-    ``cache``: see :func:`selfimprove.train.improve.demo_steps_to_go` (a run's Stage 2 reads it).
+    ``cache``: see :func:`selfimprove.reward.demo_steps_to_go` (a run's Stage 2 reads it).
     """
-    from selfimprove.train.improve import demo_steps_to_go
 
     frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, cache)
     starts = np.asarray(frames["episode_start"], dtype=np.int64)
@@ -372,7 +372,6 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     torch.set_num_threads(config.torch_threads)
     model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
-    from selfimprove.train.improve import HELD_OUT_CACHE
 
     demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE)
     cfg = config.improve
@@ -398,7 +397,6 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
         rolls, episodes = policy_rollouts(model, config, n_rollouts)
         draw = None
         if several_goals:
-            from selfimprove.train.sft import MismatchedInstructions
 
             mismatched = MismatchedInstructions(EpisodeStore(config.dataset_path).instructions,
                                                 goal_key_for(config.domain))
@@ -407,7 +405,6 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
         rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw)
         rollout_audit["reward_signal"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip, cfg.baseline_decay)
         if model.spec.stg_never and rollout_audit["reward_signal"] is not None:
-            from selfimprove.train.improve import reachable_steps_to_go
 
             reachable = reachable_steps_to_go(episodes, StepsToGoReward(model, threshold=0.0))
             rollout_audit["reward_signal_reachable"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip,

@@ -159,17 +159,6 @@ def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
                      hf_train=m.hf_train, hf_batch_size=m.hf_batch_size, stg_never=config.sft.negatives > 0)
 
 
-def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], source: str, fix: str) -> None:
-    """Raise ConfigError when ``source`` gives observations of other shapes than the model expects."""
-    for key, expected in spec.obs_shapes.items():
-        got = shapes.get(key)
-        if got is None:
-            raise ConfigError(f"{source} has no observation {key!r} (it has {sorted(shapes)}); the model needs it: "
-                              f"{fix}")
-        if list(got) != list(expected):
-            raise ConfigError(f"{source} gives {key!r} of shape {list(got)} but the model expects {list(expected)}; {fix}")
-
-
 _LEFT_RIGHT = {"left": "right", "right": "left"}
 
 

@@ -1,20 +1,28 @@
-"""Stage 2's reward and success detector, both from a FROZEN steps-to-go model.
+"""Everything the steps-to-go prediction ``d(o, g)`` of a FROZEN model is used for.
 
-``r_t = d(o_t, g) - d(o_{t+1}, g)`` and ``success(o, g) = [d(o, g) <= s]``. The model is put in
-eval mode with gradients off and is never handed to an optimizer.
+Stage 2's reward ``r_t = d(o_t, g) - d(o_{t+1}, g)`` and success detector ``[d(o, g) <= s]`` (held
+for ``hold`` steps), the calibration of ``s`` on held-out demos, the baseline built from ``d``, and the
+mismatched-instruction negatives that teach ``d`` to say "not on the way" in Stage 1. The model is
+put in eval mode with gradients off and is never handed to an optimizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 import torch
 
+from selfimprove.config import RunConfig
+from selfimprove.data.episode import Episode
+from selfimprove.data.store import EpisodeStore, split_episodes
+from selfimprove.domains import check_store, goal_key_for
+from selfimprove.errors import DatasetError
 from selfimprove.model.checkpoint import load_checkpoint
-from selfimprove.model.inputs import FrameSource
+from selfimprove.model.inputs import FrameSource, frame_source, from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -232,3 +240,133 @@ def calibrate_threshold(held_out: dict[str, np.ndarray], rule: str = "f1", targe
         log.warning("the calibrated success threshold s = %g is the largest on the grid; d may be poorly "
                     "calibrated (check `selfimprove diagnose`) or fix improve.success_threshold", choice["threshold"])
     return choice
+
+
+def reachable_steps_to_go(episodes: list[Episode], reward: StepsToGoReward) -> list[np.ndarray]:
+    """Per episode, ``d`` without the "never" class (``improve.reward_steps = "reachable"``): the frozen
+    model's expectation over 0..max_steps on every frame, in one batched pass."""
+    source, _ = from_episodes(episodes, reward.spec)
+    d = reward.steps_to_go_of(source, reachable=True)
+    return np.split(d, np.cumsum([e.length + 1 for e in episodes])[:-1])
+
+
+class MismatchedInstructions:
+    """Label-free negatives for the steps-to-go head (as in ReWiND): a demo frame paired with an
+    instruction of the dataset that asks for something else is "not on the way"; its label is the
+    head's "never" class. ``goal_key`` says when two instructions ask for the same thing (a
+    paraphrase, or a role swap where success is symmetric): those are never drawn as negatives."""
+
+    def __init__(self, instructions: list[str], goal_key: Callable[[str], Hashable]) -> None:
+        self.instructions = list(instructions)
+        self.goal_key = goal_key
+        self._keys: dict[str, Hashable] = {}
+        self.keys = [self.key(t) for t in self.instructions]
+        if len(set(self.keys)) < 2:
+            raise DatasetError("sft.negatives needs a dataset with at least two different goals (it pairs frames "
+                               "with instructions that ask for something else); set sft.negatives = 0")
+
+    def key(self, text: str) -> Hashable:
+        if text not in self._keys:
+            self._keys[text] = self.goal_key(text)
+        return self._keys[text]
+
+    def draw(self, texts: list[str], generator: torch.Generator) -> list[str]:
+        """One instruction per text, asking for something else (uniform draw, then the next that differs)."""
+        n = len(self.instructions)
+        out = []
+        for text, j in zip(texts, torch.randint(0, n, (len(texts),), generator=generator).tolist()):
+            key = self.key(text)
+            while self.keys[j] == key:
+                j = (j + 1) % n
+            out.append(self.instructions[j])
+        return out
+
+
+HELD_OUT_CACHE = "held_out_d.npz"  # in a run's diagnostics/: d on the held-out demos, shared by diagnose and Stage 2
+
+
+def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | None = None) -> dict[str, np.ndarray]:
+    """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels.
+
+    Also each frame's ``frame_index`` and true ``steps_to_go`` (T - t) and each episode's first row
+    (``episode_start``), for the diagnostics. With ``cache`` (an ``.npz`` path) the arrays are read
+    from there when it was written for the same reward-model weights and held-out split, and
+    written there otherwise: the diagnostics and every Stage-2 run from one SFT checkpoint need the
+    same pass over the held-out demos.
+    """
+    store = EpisodeStore(config.dataset_path)
+    check_store(store, config.domain)
+    _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
+    key = _held_out_key(reward.model, config, val_idx) if cache is not None else ""
+    if cache is not None and cache.exists():
+        try:
+            with np.load(cache) as saved:
+                if str(saved["key"]) == key:
+                    return {k: saved[k] for k in saved.files if k != "key"}
+        except (OSError, ValueError, KeyError, EOFError) as exc:  # unreadable: compute again
+            log.warning("ignoring the unreadable held-out cache %s (%s)", cache, exc)
+    frames = store.frames(val_idx)
+    source = frame_source(frames, reward.spec)
+    d = reward.steps_to_go_of(source)
+    true = frames.extras.get("info.is_success", frames.is_terminal)
+    out = {"d": d, "goal_frame": frames.goal_reached, "true_success": np.asarray(true, dtype=bool),
+           "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
+    # the same frames under an instruction that asks for something else (one per episode, seeded);
+    # none when every instruction of the store asks for the same thing (e.g. the point mass)
+    keys = goal_key_for(config.domain)
+    if len({keys(t) for t in frames.instructions}) >= 2:
+        mismatched = MismatchedInstructions(frames.instructions, keys)
+        episode_task = frames.task_index[frames.episode_start]
+        drawn = mismatched.draw([frames.instructions[t] for t in episode_task], torch.Generator().manual_seed(0))
+        lookup = {t: i for i, t in enumerate(frames.instructions)}
+        source.task_index = torch.as_tensor(np.repeat([lookup[t] for t in drawn], frames.episode_lengths + 1))
+        out["d_mismatched"] = reward.steps_to_go_of(source)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + ".tmp.npz")
+        np.savez_compressed(tmp, key=np.array(key), **out)
+        tmp.replace(cache)
+    return out
+
+
+def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) -> str:
+    """What d on the held-out demos depends on: the model's weights and which frames of which store."""
+    h = hashlib.sha256(b"held-out v2: goal frames with hold, d_mismatched")
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    info = config.dataset_path / "meta" / "info.json"
+    h.update(str(config.dataset_path.resolve()).encode())
+    h.update(info.read_bytes() if info.exists() else b"")
+    h.update(np.asarray(val_idx, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Path | None = None) -> dict[str, Any]:
+    """Choose the success threshold ``s`` on held-out demos (``reward.calibrate_threshold``), or take the
+    configured one; with the numbers a report shows beside it."""
+    cfg = config.improve
+    probe = StepsToGoReward(reward_model, threshold=0.0)
+    frames = demo_steps_to_go(probe, config, cache)
+    if not reward_model.spec.stg_never and "d_mismatched" in frames:  # a store with several goals
+        log.warning("the reward model was trained without mismatched-instruction negatives (sft.negatives = 0): "
+                    "its steps-to-go head cannot say 'not on the way', and its detector is known to fire on "
+                    "states that are not the goal; retrain Stage 1 with sft.negatives > 0")
+    choice = calibrate_threshold(frames, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
+    recommended = choice["threshold"]
+    fixed = cfg.success_threshold
+    return {
+        "threshold": float(fixed) if fixed is not None else recommended,
+        "recommended": recommended,
+        "hold": cfg.success_hold,
+        "source": "config" if fixed is not None else f"calibrated on held-out demos ({cfg.threshold_rule} rule)",
+        "rule": choice["rule"],
+        "table": choice["table"],
+        "negatives_trained": bool(reward_model.spec.stg_never),
+        "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
+        "mismatched_firing_rate": (float(np.mean(held_firing(
+            frames["d_mismatched"], episode_ids(frames["episode_start"], len(frames["d"])), recommended,
+            cfg.success_hold))) if "d_mismatched" in frames else None),
+        "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
+        "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
+    }

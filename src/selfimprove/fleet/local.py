@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from selfimprove.data.episode import Episode
-from selfimprove.domains import check_observation_shapes, continue_on_board, instruction_of, observation_dict
+from selfimprove.domains import continue_on_board, instruction_of, observation_dict
 from selfimprove.errors import SelfImproveError
-from selfimprove.model.inputs import from_histories
+from selfimprove.model.inputs import check_observation_shapes, from_histories
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
 

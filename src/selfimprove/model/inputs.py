@@ -19,9 +19,10 @@ import numpy as np
 import torch
 
 from selfimprove.envs.instructions import instruction_problem
-from selfimprove.errors import InputError
+from selfimprove.errors import ConfigError, DatasetError, InputError
 
 if TYPE_CHECKING:  # policy.py imports this module
+    from selfimprove.data.store import Frames
     from selfimprove.model.policy import ModelSpec
 
 
@@ -214,3 +215,28 @@ def from_episodes(episodes, spec: ModelSpec) -> tuple[FrameSource, torch.Tensor]
     is_last = np.concatenate([np.arange(e.length + 1) == e.length for e in episodes])
     acting = torch.as_tensor(np.flatnonzero(~is_last))
     return FrameSource(arrays, frame_index, task_index, instructions, spec), acting
+
+
+def check_observation_shapes(spec: ModelSpec, shapes: dict[str, list[int]], source: str, fix: str) -> None:
+    """Raise ConfigError when ``source`` gives observations of other shapes than the model expects."""
+    for key, expected in spec.obs_shapes.items():
+        got = shapes.get(key)
+        if got is None:
+            raise ConfigError(f"{source} has no observation {key!r} (it has {sorted(shapes)}); the model needs it: "
+                              f"{fix}")
+        if list(got) != list(expected):
+            raise ConfigError(f"{source} gives {key!r} of shape {list(got)} but the model expects {list(expected)}; {fix}")
+
+
+def frame_source(frames: Frames, spec: ModelSpec) -> FrameSource:
+    """Stored frames as model inputs, after checking they have the shapes the model expects."""
+    try:
+        check_observation_shapes(spec, {k: list(v.shape[1:]) for k, v in frames.observations.items()},
+                                 "the dataset", "collect it with the same env config as this run, or import it "
+                                 "with `selfimprove dataset import --map LEROBOT_FEATURE=OUR_KEY` so that "
+                                 "its observation keys are the env's")
+    except ConfigError as exc:
+        raise DatasetError(str(exc)) from exc
+    return FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
+                       torch.as_tensor(frames.frame_index), torch.as_tensor(frames.task_index),
+                       frames.instructions, spec)

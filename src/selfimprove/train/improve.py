@@ -11,7 +11,6 @@ to continue it bit for bit (``--resume``).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import time
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
-from selfimprove.data.store import EpisodeStore, EpisodeWriter, split_episodes, truncate_store
+from selfimprove.data.store import EpisodeStore, EpisodeWriter, truncate_store
 from selfimprove.domains import IMPROVE_SEED_BASE, make_env
 from selfimprove.folders import locks_run
 from selfimprove.errors import RunStateError
@@ -35,13 +34,12 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
                                           recover_checkpoint, restore_optimizer, save_checkpoint)
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
-from selfimprove.domains import check_store, goal_key_for
-from selfimprove.reward import (StepsToGoReward, calibrate_threshold, detector_table, discounted_returns, episode_ids,
-                                held_firing, reward_model_baseline)
+from selfimprove.reward import (HELD_OUT_CACHE, StepsToGoReward, calibrate_detector, discounted_returns,
+                                reachable_steps_to_go, reward_model_baseline)
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
 from selfimprove.train.objectives import policy_update
 from selfimprove.train.guard import Guard
-from selfimprove.train.sft import MismatchedInstructions, checkpoint_dir, frame_source, sft_checkpoint
+from selfimprove.train.sft import checkpoint_dir, sft_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -60,96 +58,6 @@ def reward_model_path(config: RunConfig, sft_path: Path) -> Path:
     return Path(config.improve.reward_model) if config.improve.reward_model else Path(sft_path)
 
 
-HELD_OUT_CACHE = "held_out_d.npz"  # in a run's diagnostics/: d on the held-out demos, shared by diagnose and Stage 2
-
-
-def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | None = None) -> dict[str, np.ndarray]:
-    """d(o, g) on every frame of the held-out demos, with goal-frame and true-success labels.
-
-    Also each frame's ``frame_index`` and true ``steps_to_go`` (T - t) and each episode's first row
-    (``episode_start``), for the diagnostics. With ``cache`` (an ``.npz`` path) the arrays are read
-    from there when it was written for the same reward-model weights and held-out split, and
-    written there otherwise: the diagnostics and every Stage-2 run from one SFT checkpoint need the
-    same pass over the held-out demos.
-    """
-    store = EpisodeStore(config.dataset_path)
-    check_store(store, config.domain)
-    _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
-    key = _held_out_key(reward.model, config, val_idx) if cache is not None else ""
-    if cache is not None and cache.exists():
-        try:
-            with np.load(cache) as saved:
-                if str(saved["key"]) == key:
-                    return {k: saved[k] for k in saved.files if k != "key"}
-        except (OSError, ValueError, KeyError, EOFError) as exc:  # unreadable: compute again
-            log.warning("ignoring the unreadable held-out cache %s (%s)", cache, exc)
-    frames = store.frames(val_idx)
-    source = frame_source(frames, reward.spec)
-    d = reward.steps_to_go_of(source)
-    true = frames.extras.get("info.is_success", frames.is_terminal)
-    out = {"d": d, "goal_frame": frames.goal_reached, "true_success": np.asarray(true, dtype=bool),
-           "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
-    # the same frames under an instruction that asks for something else (one per episode, seeded);
-    # none when every instruction of the store asks for the same thing (e.g. the point mass)
-    keys = goal_key_for(config.domain)
-    if len({keys(t) for t in frames.instructions}) >= 2:
-        mismatched = MismatchedInstructions(frames.instructions, keys)
-        episode_task = frames.task_index[frames.episode_start]
-        drawn = mismatched.draw([frames.instructions[t] for t in episode_task], torch.Generator().manual_seed(0))
-        lookup = {t: i for i, t in enumerate(frames.instructions)}
-        source.task_index = torch.as_tensor(np.repeat([lookup[t] for t in drawn], frames.episode_lengths + 1))
-        out["d_mismatched"] = reward.steps_to_go_of(source)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npz")
-        np.savez_compressed(tmp, key=np.array(key), **out)
-        tmp.replace(cache)
-    return out
-
-
-def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) -> str:
-    """What d on the held-out demos depends on: the model's weights and which frames of which store."""
-    h = hashlib.sha256(b"held-out v2: goal frames with hold, d_mismatched")
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    info = config.dataset_path / "meta" / "info.json"
-    h.update(str(config.dataset_path.resolve()).encode())
-    h.update(info.read_bytes() if info.exists() else b"")
-    h.update(np.asarray(val_idx, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
-def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Path | None = None) -> dict[str, Any]:
-    """Choose the success threshold ``s`` on held-out demos (``reward.calibrate_threshold``), or take the
-    configured one; with the numbers a report shows beside it."""
-    cfg = config.improve
-    probe = StepsToGoReward(reward_model, threshold=0.0)
-    frames = demo_steps_to_go(probe, config, cache)
-    if not reward_model.spec.stg_never and "d_mismatched" in frames:  # a store with several goals
-        log.warning("the reward model was trained without mismatched-instruction negatives (sft.negatives = 0): "
-                    "its steps-to-go head cannot say 'not on the way', and its detector is known to fire on "
-                    "states that are not the goal; retrain Stage 1 with sft.negatives > 0")
-    choice = calibrate_threshold(frames, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
-    recommended = choice["threshold"]
-    fixed = cfg.success_threshold
-    return {
-        "threshold": float(fixed) if fixed is not None else recommended,
-        "recommended": recommended,
-        "hold": cfg.success_hold,
-        "source": "config" if fixed is not None else f"calibrated on held-out demos ({cfg.threshold_rule} rule)",
-        "rule": choice["rule"],
-        "table": choice["table"],
-        "negatives_trained": bool(reward_model.spec.stg_never),
-        "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
-        "mismatched_firing_rate": (float(np.mean(held_firing(
-            frames["d_mismatched"], episode_ids(frames["episode_start"], len(frames["d"])), recommended,
-            cfg.success_hold))) if "d_mismatched" in frames else None),
-        "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
-        "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
-    }
-
-
 def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0.0,
                     d: np.ndarray | None = None) -> np.ndarray:
     """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), 1
@@ -166,14 +74,6 @@ def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0
     d = episode.stg if d is None else d
     rewards = StepsToGoReward.reward(d[:-1], d[1:])
     return np.clip(rewards, -clip, clip) if clip > 0 else rewards
-
-
-def reachable_steps_to_go(episodes: list[Episode], reward: StepsToGoReward) -> list[np.ndarray]:
-    """Per episode, ``d`` without the "never" class (``improve.reward_steps = "reachable"``): the frozen
-    model's expectation over 0..max_steps on every frame, in one batched pass."""
-    source, _ = from_episodes(episodes, reward.spec)
-    d = reward.steps_to_go_of(source, reachable=True)
-    return np.split(d, np.cumsum([e.length + 1 for e in episodes])[:-1])
 
 
 def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float, reward: str = "steps_to_go",
@@ -208,160 +108,228 @@ def improve(config: RunConfig, sft_path: str | Path | None = None, resume: bool 
     instead of a new, smaller one; with ``final_eval`` the last point is the full evaluation of the
     final policy (``eval.episodes``), also written there, so the caller need not repeat it.
     """
-    cfg = config.improve
-    sft_path = Path(sft_path) if sft_path is not None else sft_checkpoint(config)
-    latest = improve_checkpoint(config)
-    if recover_checkpoint(latest) and not resume:
-        raise RunStateError(f"{latest} already exists; pass --resume to continue it or choose another --name")
-    prepare_run(config)
-    seed_everything(config.seed, config.torch_threads)
-    reward_path = reward_model_path(config, sft_path)
-    reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
-    policy, _ = load_checkpoint(sft_path, expect_domain=config.domain)  # a separate, trainable copy
-    reference = None  # the frozen SFT policy of the KL term
-    if cfg.kl_coef > 0:
-        reference = reward_model if reward_path.resolve() == Path(sft_path).resolve() else \
-            load_checkpoint(sft_path, expect_domain=config.domain)[0].eval().requires_grad_(False)
-    def make_optimizer(m: EmbodiedModel) -> torch.optim.Optimizer:
-        return torch.optim.Adam(m.parameters(), lr=cfg.lr, fused=True)  # fused: one kernel, as in SFT
-
-    optimizer = make_optimizer(policy)
-    metrics = MetricsLog.for_run(config)
-    start, history = 0, []
-    counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
-    if resume and latest.exists():
-        policy, _ = load_checkpoint(latest, expect_domain=config.domain)
-        optimizer = make_optimizer(policy)
-        tensors, state = load_train_state(latest)
-        restore_optimizer(optimizer, tensors, state)
-        start, history, counters = int(state["iteration"]), state["history"], state["counters"]
-        detector = state["detector"]
-        log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", start, counters["robot_episodes"])
-    else:
-        detector = calibrate_detector(reward_model, config, config.run_dir / "diagnostics" / HELD_OUT_CACHE)
-        if episodes_dir(config).exists():
-            truncate_store(episodes_dir(config), 0)
-    write_json(config.run_dir / "detector.json", detector)  # strict JSON: NaN -> null
-    metrics.keep(lambda r: r.get("stage") != "improve")
-    for record in history:
-        metrics.append(record)
-    oracle = cfg.reward == "true_success"  # the ceiling control: the simulator ends episodes, not the detector
-    reward = StepsToGoReward(reward_model, -np.inf if oracle else detector["threshold"], int(detector.get("hold", 1)))
-    collected_ahead = _collected_not_trained(config, counters)
-    writer = EpisodeWriter(episodes_dir(config), fps=10)
-    fleet = make_fleet(config, policy.spec, reward, terminate_on_success=oracle)
-    fleet_file = config.run_dir / "fleet.json"
-    write_json(fleet_file, fleet.describe())
-    # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
-    provenance = {"sft": str(sft_path), "threshold": detector["threshold"], "reward_model": str(reward_path)}
-    guard = (Guard(config, reward, policy.spec, resume_from=latest if start > 0 else None, provenance=provenance)
-             if cfg.guard else None)
-    if start == 0 and (cfg.eval_every > 0 or guard is not None):
-        record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
-                  **(_eval_point(sft_eval or evaluate(config, sft_path, episodes=cfg.eval_episodes))
-                     if cfg.eval_every > 0 else {}),
-                  **(guard.check(policy, 0) if guard is not None else {})}
-        history.append(record)
-        metrics.append(record)
-    bar = tqdm(range(start, cfg.iterations), desc="improve", unit="it", disable=not progress,
-               initial=start, total=cfg.iterations)
-
-    def collect_args(it: int) -> dict[str, Any]:
-        return {"seeds": seed_stream(IMPROVE_SEED_BASE + config.seed * 100_000_000 + it * 100_000),
-                "n_steps": cfg.steps_per_iteration, "temperature": cfg.temperature,
-                "generator": torch_generator(config.seed, 2, it)}
-
-    # with max_staleness >= 1 a fleet that can collect in the background (Ray) overlaps the next
-    # batch with this update; those episodes are one policy version old when trained on
-    overlap, prefetched = cfg.max_staleness >= 1 and isinstance(fleet, BackgroundFleet), None
-
-    def budget_spent() -> bool:
-        return 0 < cfg.max_robot_episodes <= counters["robot_episodes"]
-
+    run = Stage2(config, sft_path, resume)
     try:
-        for it in bar:
-            if budget_spent():
-                log.info("robot-episode budget of %d reached after %d iterations", cfg.max_robot_episodes, it)
+        run.first_point(sft_eval)
+        for it in run.iterations(progress):
+            if run.budget_spent():
+                log.info("robot-episode budget of %d reached after %d iterations",
+                         config.improve.max_robot_episodes, it)
                 break
             t0 = time.time()
-            if collected_ahead is not None:  # collected and saved before the learner stopped: train on it
-                episodes, collected_ahead = collected_ahead, None
-                log.info("iteration %d: training on the %d episodes collected before the restart", it + 1,
-                         len(episodes))
-            else:
-                if prefetched is not None:  # collected by the previous policy while it was being updated
-                    episodes, prefetched = fleet.finish(prefetched), None
-                else:
-                    episodes = fleet.collect(policy.state_dict(), version=it, **collect_args(it))
-                writer.extend(episodes)
-                writer.flush()  # on disk (atomically) before the update: a killed learner loses nothing
+            episodes = run.collect(it)  # saved before the update: a killed learner loses nothing
             t_collect = time.time() - t0
-            fresh = [e for e in episodes if it - int(e.meta["policy_version"]) <= cfg.max_staleness]
-            if len(fresh) < len(episodes):
-                log.info("dropped %d episodes older than %d policy versions", len(episodes) - len(fresh),
-                         cfg.max_staleness)
-            stopping = it + 1 >= cfg.iterations or 0 < cfg.max_robot_episodes <= counters["robot_episodes"] + len(episodes)
-            if overlap and not stopping:  # the robots practise on while the learner trains
-                prefetched = fleet.start(policy.state_dict(), version=it, **collect_args(it + 1))
-            reward_d = reachable_steps_to_go(fresh, reward) if (
-                cfg.reward_steps == "reachable" and cfg.reward == "steps_to_go" and reward.spec.stg_never) else None
-            source, acting, tokens, returns = reinforce_batch(fresh, policy, cfg.gamma, cfg.reward, cfg.reward_clip,
-                                                              cfg.baseline, cfg.baseline_decay, reward_d)
-            update = policy_update(policy, optimizer, source, acting, tokens, returns, config,
-                                   torch_generator(config.seed, 3, it), reference)
-            t_update = time.time() - t0 - t_collect
-            counters["robot_episodes"] += len(episodes)
-            counters["env_steps"] += int(sum(e.length for e in episodes))
-            counters["files_written"] += 1
-            lengths = np.array([e.length for e in episodes])
-            record = {
-                "stage": "improve", "iteration": it + 1, **{k: counters[k] for k in ("robot_episodes", "env_steps")},
-                "batch_episodes": len(episodes), "batch_mean_length": float(lengths.mean()),
-                "detected_success_rate": float(np.mean([e.meta["ended_by"] == "detector" for e in episodes])),
-                # diagnostics only: how many detector-ended episodes truly succeeded
-                "detector_precision": _detector_precision(episodes),
-                "mean_return": float(returns.mean()), **update,
-                # diagnostics only: the learner above never reads the simulator's success flag
-                "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
-                "collect_s": round(t_collect, 3), "update_s": round(t_update, 3),
-                "stale_dropped": len(episodes) - len(fresh), **practice_stats(episodes),
-                "robot_failures": len(fleet.failures),
-            }
-            last = it + 1 == cfg.iterations or budget_spent()
-            if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
-                tmp = checkpoint_dir(config) / "improve_eval"
-                save_checkpoint(policy, tmp, meta={"stage": "improve", "iteration": it + 1})
-                if last and final_eval is not None:  # the final policy's full evaluation, once
-                    result = {**evaluate(config, tmp), "checkpoint": str(latest)}
-                    write_json(final_eval, result)
-                else:
-                    result = evaluate(config, tmp, episodes=cfg.eval_episodes)
-                record.update(_eval_point(result))
-            if guard is not None:
-                record.update(guard.after_iteration(policy, it + 1, last, episodes))
-            history.append(record)
-            tensors, opt_meta = optimizer_state_tensors(optimizer)
-            save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": it + 1, "seed": config.seed,
-                                                  **provenance},
-                            train_state=tensors,
-                            train_meta={**opt_meta, "iteration": it + 1, "history": history,
-                                        "counters": counters, "detector": detector,
-                                        **({"guard": guard.state} if guard is not None else {})})
-            metrics.append(record)
-            bar.set_postfix(len=f"{record['batch_mean_length']:.1f}",
-                            det=f"{record['detected_success_rate']:.2f}")
+            fresh = run.fresh(episodes, it)
+            run.collect_ahead(it, len(episodes))  # the robots practise on while the learner trains
+            update = run.update(fresh, it)  # rewards, returns and the policy-gradient steps
+            record = run.record(it, episodes, fresh, update, t_collect, time.time() - t0 - t_collect)
+            run.evaluate(record, it, episodes, final_eval)  # true success (diagnostic) and the guard
+            run.checkpoint(record, it)
     finally:
+        run.close()
+    return run.result()
+
+
+class Stage2:
+    """The state of one Stage-2 run and its named steps; :func:`improve` is the loop over them.
+
+    Loading builds the trainable policy, the frozen reward model (and the KL term's frozen SFT
+    policy), the optimiser, the detector (calibrated, or restored with the rest on ``resume``), the
+    fleet and the guard. Every iteration is checkpointed with what continues it bit for bit.
+    """
+
+    def __init__(self, config: RunConfig, sft_path: str | Path | None, resume: bool) -> None:
+        self.config, cfg = config, config.improve
+        self.sft_path = Path(sft_path) if sft_path is not None else sft_checkpoint(config)
+        self.latest = improve_checkpoint(config)
+        if recover_checkpoint(self.latest) and not resume:
+            raise RunStateError(f"{self.latest} already exists; pass --resume to continue it or choose another --name")
+        prepare_run(config)
+        seed_everything(config.seed, config.torch_threads)
+        reward_path = reward_model_path(config, self.sft_path)
+        reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
+        self.policy, _ = load_checkpoint(self.sft_path, expect_domain=config.domain)  # a separate, trainable copy
+        self.reference = None  # the frozen SFT policy of the KL term
+        if cfg.kl_coef > 0:
+            self.reference = reward_model if reward_path.resolve() == self.sft_path.resolve() else \
+                load_checkpoint(self.sft_path, expect_domain=config.domain)[0].eval().requires_grad_(False)
+        self.optimizer = self._optimizer()
+        self.metrics = MetricsLog.for_run(config)
+        self.start, self.history = 0, []
+        self.counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
+        if resume and self.latest.exists():
+            self.policy, _ = load_checkpoint(self.latest, expect_domain=config.domain)
+            self.optimizer = self._optimizer()
+            tensors, state = load_train_state(self.latest)
+            restore_optimizer(self.optimizer, tensors, state)
+            self.start, self.history, self.counters = int(state["iteration"]), state["history"], state["counters"]
+            self.detector = state["detector"]
+            log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", self.start,
+                     self.counters["robot_episodes"])
+        else:
+            self.detector = calibrate_detector(reward_model, config, config.run_dir / "diagnostics" / HELD_OUT_CACHE)
+            if episodes_dir(config).exists():
+                truncate_store(episodes_dir(config), 0)
+        write_json(config.run_dir / "detector.json", self.detector)  # strict JSON: NaN -> null
+        self.metrics.keep(lambda r: r.get("stage") != "improve")
+        for record in self.history:
+            self.metrics.append(record)
+        oracle = cfg.reward == "true_success"  # the ceiling control: the simulator ends episodes, not the detector
+        self.reward = StepsToGoReward(reward_model, -np.inf if oracle else self.detector["threshold"],
+                                      int(self.detector.get("hold", 1)))
+        self.ahead = _collected_not_trained(config, self.counters)
+        self.writer = EpisodeWriter(episodes_dir(config), fps=10)
+        self.fleet = make_fleet(config, self.policy.spec, self.reward, terminate_on_success=oracle)
+        self.fleet_file = config.run_dir / "fleet.json"
+        write_json(self.fleet_file, self.fleet.describe())
+        # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
+        self.provenance = {"sft": str(self.sft_path), "threshold": self.detector["threshold"],
+                           "reward_model": str(reward_path)}
+        self.guard = (Guard(config, self.reward, self.policy.spec, provenance=self.provenance,
+                            resume_from=self.latest if self.start > 0 else None) if cfg.guard else None)
+        # with max_staleness >= 1 a fleet that can collect in the background (Ray) overlaps the next
+        # batch with this update; those episodes are one policy version old when trained on
+        self.overlap = cfg.max_staleness >= 1 and isinstance(self.fleet, BackgroundFleet)
+        self.prefetched = None
+        self.bar = None
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.policy.parameters(), lr=self.config.improve.lr, fused=True)  # as in SFT
+
+    def _collect_args(self, it: int) -> dict[str, Any]:
+        cfg, seed = self.config.improve, self.config.seed
+        return {"seeds": seed_stream(IMPROVE_SEED_BASE + seed * 100_000_000 + it * 100_000),
+                "n_steps": cfg.steps_per_iteration, "temperature": cfg.temperature,
+                "generator": torch_generator(seed, 2, it)}
+
+    def budget_spent(self, extra: int = 0) -> bool:
+        return 0 < self.config.improve.max_robot_episodes <= self.counters["robot_episodes"] + extra
+
+    def first_point(self, sft_eval: dict[str, Any] | None) -> None:
+        """The learning curve's iteration 0: the SFT policy's evaluation and guard score."""
+        cfg = self.config.improve
+        if self.start > 0 or (cfg.eval_every <= 0 and self.guard is None):
+            return
+        record = {"stage": "improve", "iteration": 0, "robot_episodes": 0, "env_steps": 0,
+                  **(_eval_point(sft_eval or evaluate(self.config, self.sft_path, episodes=cfg.eval_episodes))
+                     if cfg.eval_every > 0 else {}),
+                  **(self.guard.check(self.policy, 0) if self.guard is not None else {})}
+        self.history.append(record)
+        self.metrics.append(record)
+
+    def iterations(self, progress: bool) -> tqdm:
+        n = self.config.improve.iterations
+        self.bar = tqdm(range(self.start, n), desc="improve", unit="it", disable=not progress,
+                        initial=self.start, total=n)
+        return self.bar
+
+    def collect(self, it: int) -> list[Episode]:
+        """This iteration's batch: saved before a restart, collected ahead, or collected now; on disk
+        (atomically) before the update."""
+        if self.ahead is not None:  # collected and saved before the learner stopped: train on it
+            episodes, self.ahead = self.ahead, None
+            log.info("iteration %d: training on the %d episodes collected before the restart", it + 1, len(episodes))
+            return episodes
+        if self.prefetched is not None:  # collected by the previous policy while it was being updated
+            episodes, self.prefetched = self.fleet.finish(self.prefetched), None
+        else:
+            episodes = self.fleet.collect(self.policy.state_dict(), version=it, **self._collect_args(it))
+        self.writer.extend(episodes)
+        self.writer.flush()
+        return episodes
+
+    def fresh(self, episodes: list[Episode], it: int) -> list[Episode]:
+        """The episodes at most ``improve.max_staleness`` policy versions old."""
+        lag = self.config.improve.max_staleness
+        fresh = [e for e in episodes if it - int(e.meta["policy_version"]) <= lag]
+        if len(fresh) < len(episodes):
+            log.info("dropped %d episodes older than %d policy versions", len(episodes) - len(fresh), lag)
+        return fresh
+
+    def collect_ahead(self, it: int, batch: int) -> None:
+        """With overlap, start the next batch with the current policy unless this is the last one."""
+        stopping = it + 1 >= self.config.improve.iterations or self.budget_spent(batch)
+        if self.overlap and not stopping:
+            self.prefetched = self.fleet.start(self.policy.state_dict(), version=it, **self._collect_args(it + 1))
+
+    def update(self, fresh: list[Episode], it: int) -> dict[str, Any]:
+        """Rewards and returns of the batch, then the policy-gradient steps (train/objectives.py)."""
+        cfg = self.config.improve
+        reward_d = reachable_steps_to_go(fresh, self.reward) if (
+            cfg.reward_steps == "reachable" and cfg.reward == "steps_to_go" and self.reward.spec.stg_never) else None
+        source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward, cfg.reward_clip,
+                                                          cfg.baseline, cfg.baseline_decay, reward_d)
+        update = policy_update(self.policy, self.optimizer, source, acting, tokens, returns, self.config,
+                               torch_generator(self.config.seed, 3, it), self.reference)
+        return {"mean_return": float(returns.mean()), **update}
+
+    def record(self, it: int, episodes: list[Episode], fresh: list[Episode], update: dict[str, Any],
+               t_collect: float, t_update: float) -> dict[str, Any]:
+        """Count the batch in and describe it (the simulator's success only as a diagnostic)."""
+        self.counters["robot_episodes"] += len(episodes)
+        self.counters["env_steps"] += int(sum(e.length for e in episodes))
+        self.counters["files_written"] += 1
+        lengths = np.array([e.length for e in episodes])
+        return {
+            "stage": "improve", "iteration": it + 1,
+            **{k: self.counters[k] for k in ("robot_episodes", "env_steps")},
+            "batch_episodes": len(episodes), "batch_mean_length": float(lengths.mean()),
+            "detected_success_rate": float(np.mean([e.meta["ended_by"] == "detector" for e in episodes])),
+            # diagnostics only: how many detector-ended episodes truly succeeded
+            "detector_precision": _detector_precision(episodes),
+            **update,
+            # diagnostics only: the learner above never reads the simulator's success flag
+            "batch_true_success_rate": float(np.mean([bool(e.true_success) for e in episodes])),
+            "collect_s": round(t_collect, 3), "update_s": round(t_update, 3),
+            "stale_dropped": len(episodes) - len(fresh), **practice_stats(episodes),
+            "robot_failures": len(self.fleet.failures),
+        }
+
+    def evaluate(self, record: dict[str, Any], it: int, episodes: list[Episode], final_eval: Path | None) -> None:
+        """The learning curve's eval point (true success on the eval seeds, diagnostic only) every
+        ``eval_every`` iterations and at the last, and the guard's check."""
+        cfg = self.config.improve
+        last = it + 1 == cfg.iterations or self.budget_spent()
+        if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
+            tmp = checkpoint_dir(self.config) / "improve_eval"
+            save_checkpoint(self.policy, tmp, meta={"stage": "improve", "iteration": it + 1})
+            if last and final_eval is not None:  # the final policy's full evaluation, once
+                result = {**evaluate(self.config, tmp), "checkpoint": str(self.latest)}
+                write_json(final_eval, result)
+            else:
+                result = evaluate(self.config, tmp, episodes=cfg.eval_episodes)
+            record.update(_eval_point(result))
+        if self.guard is not None:
+            record.update(self.guard.after_iteration(self.policy, it + 1, last, episodes))
+
+    def checkpoint(self, record: dict[str, Any], it: int) -> None:
+        """Save the policy with everything that continues the run, then log the record."""
+        self.history.append(record)
+        tensors, opt_meta = optimizer_state_tensors(self.optimizer)
+        save_checkpoint(self.policy, self.latest,
+                        meta={"stage": "improve", "iteration": it + 1, "seed": self.config.seed, **self.provenance},
+                        train_state=tensors,
+                        train_meta={**opt_meta, "iteration": it + 1, "history": self.history,
+                                    "counters": self.counters, "detector": self.detector,
+                                    **({"guard": self.guard.state} if self.guard is not None else {})})
+        self.metrics.append(record)
+        self.bar.set_postfix(len=f"{record['batch_mean_length']:.1f}", det=f"{record['detected_success_rate']:.2f}")
+
+    def close(self) -> None:
         try:
-            write_json(fleet_file, fleet.describe())
+            write_json(self.fleet_file, self.fleet.describe())
         except Exception as exc:  # noqa: BLE001 - never mask the error that got us here
-            log.warning("could not record the fleet's state in %s: %s", fleet_file, exc)
-        fleet.close()
-        if guard is not None:
-            guard.close()
-        shutil.rmtree(checkpoint_dir(config) / "improve_eval", ignore_errors=True)
-    if not latest.exists():  # zero iterations: the policy is the SFT policy
-        save_checkpoint(policy, latest, meta={"stage": "improve", "iteration": 0, "sft": str(sft_path)})
-    return latest
+            log.warning("could not record the fleet's state in %s: %s", self.fleet_file, exc)
+        self.fleet.close()
+        if self.guard is not None:
+            self.guard.close()
+        shutil.rmtree(checkpoint_dir(self.config) / "improve_eval", ignore_errors=True)
+
+    def result(self) -> Path:
+        """The ``improve`` checkpoint (after zero iterations: the SFT policy, saved there)."""
+        if not self.latest.exists():
+            save_checkpoint(self.policy, self.latest, meta={"stage": "improve", "iteration": 0, "sft": str(self.sft_path)})
+        return self.latest
 
 
 def _collected_not_trained(config: RunConfig, counters: dict[str, int]) -> list[Episode] | None:

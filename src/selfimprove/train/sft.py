@@ -6,7 +6,6 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Hashable
 
 import numpy as np
 import torch
@@ -15,14 +14,15 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.store import EpisodeStore, Frames, split_episodes
-from selfimprove.domains import check_store, AUGMENTATIONS, check_observation_shapes, goal_key_for, make_env, model_spec
+from selfimprove.domains import check_store, AUGMENTATIONS, goal_key_for, make_env, model_spec
 from selfimprove.folders import locks_run
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
                                           read_checkpoint_config, recover_checkpoint, restore_optimizer,
                                           save_checkpoint)
-from selfimprove.model.inputs import FrameSource
-from selfimprove.model.policy import EmbodiedModel, ModelSpec
+from selfimprove.model.inputs import frame_source
+from selfimprove.model.policy import EmbodiedModel
+from selfimprove.reward import MismatchedInstructions
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 from selfimprove.train.precision import autocast, resolve_precision
 
@@ -35,20 +35,6 @@ def checkpoint_dir(config: RunConfig) -> Path:
 
 def sft_checkpoint(config: RunConfig) -> Path:
     return checkpoint_dir(config) / "sft"
-
-
-def frame_source(frames: Frames, spec: ModelSpec) -> FrameSource:
-    """Stored frames as model inputs, after checking they have the shapes the model expects."""
-    try:
-        check_observation_shapes(spec, {k: list(v.shape[1:]) for k, v in frames.observations.items()},
-                                 "the dataset", "collect it with the same env config as this run, or import it "
-                                 "with `selfimprove dataset import --map LEROBOT_FEATURE=OUR_KEY` so that "
-                                 "its observation keys are the env's")
-    except ConfigError as exc:
-        raise DatasetError(str(exc)) from exc
-    return FrameSource({k: torch.as_tensor(frames.observations[k]) for k in spec.obs_shapes},
-                       torch.as_tensor(frames.frame_index), torch.as_tensor(frames.task_index),
-                       frames.instructions, spec)
 
 
 class FrameBatches:
@@ -64,38 +50,6 @@ class FrameBatches:
 
     def batch(self, idx: torch.Tensor) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.source.obs(idx), self.tokens[idx], self.has_action[idx], self.stg[idx]
-
-
-class MismatchedInstructions:
-    """Label-free negatives for the steps-to-go head (as in ReWiND): a demo frame paired with an
-    instruction of the dataset that asks for something else is "not on the way"; its label is the
-    head's "never" class. ``goal_key`` says when two instructions ask for the same thing (a
-    paraphrase, or a role swap where success is symmetric): those are never drawn as negatives."""
-
-    def __init__(self, instructions: list[str], goal_key: Callable[[str], Hashable]) -> None:
-        self.instructions = list(instructions)
-        self.goal_key = goal_key
-        self._keys: dict[str, Hashable] = {}
-        self.keys = [self.key(t) for t in self.instructions]
-        if len(set(self.keys)) < 2:
-            raise DatasetError("sft.negatives needs a dataset with at least two different goals (it pairs frames "
-                               "with instructions that ask for something else); set sft.negatives = 0")
-
-    def key(self, text: str) -> Hashable:
-        if text not in self._keys:
-            self._keys[text] = self.goal_key(text)
-        return self._keys[text]
-
-    def draw(self, texts: list[str], generator: torch.Generator) -> list[str]:
-        """One instruction per text, asking for something else (uniform draw, then the next that differs)."""
-        n = len(self.instructions)
-        out = []
-        for text, j in zip(texts, torch.randint(0, n, (len(texts),), generator=generator).tolist()):
-            key = self.key(text)
-            while self.keys[j] == key:
-                j = (j + 1) % n
-            out.append(self.instructions[j])
-        return out
 
 
 def with_negatives(obs: dict, tokens: torch.Tensor, has_action: torch.Tensor, stg: torch.Tensor, count: int,
