@@ -6,7 +6,7 @@ import numpy as np
 
 from selfimprove.audit import audit_demos, audit_rollouts, first_firings, gate, reward_signal
 from selfimprove.data.episode import Episode
-from selfimprove.experiment_report import plot_episodes_vs_success
+from selfimprove.experiment.plots import plot_episodes_vs_success
 
 
 def _rollout(d, success, distance, positions=None):

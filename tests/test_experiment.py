@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from selfimprove import experiment
 from selfimprove.cli import main
 from selfimprove.config import ImproveConfig, RunConfig
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.experiment import available_experiments, load_experiment, plan_experiment, run_experiment
+from selfimprove.experiment import run as experiment_run
+from selfimprove.experiment import schedule
 from selfimprove.stats import seed_interval, t_quantile_975
 from selfimprove.model.checkpoint import read_checkpoint_config
 
@@ -124,7 +125,7 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
     def no_training(task):
         raise AssertionError(f"resume ran {task['name']}")
 
-    monkeypatch.setattr(experiment, "_execute", no_training)
+    monkeypatch.setattr(schedule, "_execute", no_training)
     again = run_experiment(str(path), runs_dir=runs, resume=True, parallel=1, progress=False)
     assert {**again, "timing": None} == {**summary, "timing": None} and checkpoint.stat().st_mtime_ns == before
     first, both = summary["timing"], again["timing"]  # wall time is summed over invocations
@@ -332,14 +333,14 @@ def test_only_collects_the_data_of_the_chosen_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(collect, "collect_demos", fake_collect)
     plan = plan_experiment(load_experiment("reinforce-vs-ppo", quick=True), tmp_path)
-    experiment._collect_datasets(plan, 1, False, experiment._select(plan, ["pointmass_*"]))
+    experiment_run._collect_datasets(plan, 1, False, experiment_run._select(plan, ["pointmass_*"]))
     assert collected == ["pointmass"]  # the tabletop cells' demos are not collected for a point-mass-only run
-    experiment._collect_datasets(plan, 1, False)
+    experiment_run._collect_datasets(plan, 1, False)
     assert collected == ["pointmass", "language-table"]
 
 
 def test_a_control_at_a_fractional_temperature_is_aggregated():
-    from selfimprove.experiment_report import aggregate_cells
+    from selfimprove.experiment.summary import aggregate_cells
 
     result = {"success_rate": 0.5, "ci95": [0.2, 0.8], "eval_episodes": 10, "robot_episodes": 0, "demo_episodes": 5}
     cells = [{"cell": f"a_seed{i}", "settings": {"x": "a", "seed": i}, "status": "done", "sft": result,
@@ -352,9 +353,9 @@ def test_a_control_at_a_fractional_temperature_is_aggregated():
 def test_stage1_groups_are_scheduled_before_runs(monkeypatch):
     """Longest tasks first: every ready SFT group starts before any run, so no SFT is left to run alone at the end."""
     order = []
-    monkeypatch.setattr(experiment, "_execute", lambda task: order.append(task["name"]) or {"status": "done"})
+    monkeypatch.setattr(schedule, "_execute", lambda task: order.append(task["name"]) or {"status": "done"})
     tasks = {name: {"name": name, "kind": kind} for name, kind in
              [("stage1:a", "stage1"), ("a", "run"), ("a_const", "run"), ("stage1:b", "stage1"), ("b", "run")]}
     depends = {"a": "stage1:a", "a_const": "stage1:a", "b": "stage1:b"}
-    experiment._schedule(tasks, depends, 1, lambda *args: None, threads=1)
+    schedule._schedule(tasks, depends, 1, lambda *args: None, threads=1)
     assert order == ["stage1:a", "stage1:b", "a", "a_const", "b"]

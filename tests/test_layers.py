@@ -15,8 +15,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("envs", "data", "model"),  # worlds and experts, episodes on disk, the network
     ("reward", "domains", "audit", "data.collect"),  # d(o, g) as reward and detector; the domain table
     ("train", "fleet", "evaluate"),  # the two stages, the robots, true success
-    ("diagnose", "report", "videos", "runstatus", "experiment_report"),  # reading runs
-    ("experiment", "pipeline"),  # running them
+    ("diagnose", "report", "videos", "runstatus"),  # reading runs
+    ("experiment", "pipeline"),  # running them (experiment: the grids, with their summary and report)
     ("cli", "cli_dataset", "config_reference", ""),  # the command line and the package's front
 ]
 

@@ -28,7 +28,7 @@ _LAZY = {
     "import_lerobot": "selfimprove.data.lerobot",
     "diagnose": "selfimprove.diagnose",
     "evaluate": "selfimprove.evaluate",
-    "run_experiment": "selfimprove.experiment",
+    "run_experiment": "selfimprove.experiment.run",
     "run_pipeline": "selfimprove.pipeline",
     "write_report": "selfimprove.report",
     "improve": "selfimprove.train.improve",
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from
     from selfimprove.data.lerobot import check_lerobot, dataset_info, export_lerobot, import_lerobot
     from selfimprove.diagnose import diagnose
     from selfimprove.evaluate import evaluate
-    from selfimprove.experiment import run_experiment
+    from selfimprove.experiment.run import run_experiment
     from selfimprove.pipeline import run_pipeline
     from selfimprove.report import write_report
     from selfimprove.train.improve import improve

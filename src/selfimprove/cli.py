@@ -168,7 +168,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                                   overrides=overrides))
         return 0
     if args.command == "experiment":
-        from selfimprove.experiment_report import format_summary
+        from selfimprove.experiment.report import format_summary
 
         summary = si.run_experiment(args.experiment, quick=args.quick, resume=args.resume, parallel=args.parallel,
                                     only=args.only, runs_dir=args.runs_dir, overrides=args.set,
