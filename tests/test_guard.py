@@ -16,7 +16,7 @@ from selfimprove.pipeline import run_pipeline
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train import guard as guard_module
 from selfimprove.train.guard import (GUARD_SEED_BASE, GUARD_SHIFTS, best_checkpoint, blind, describe_views,
-                                     guard_report_lines, views_for)
+                                     views_for)
 from selfimprove.stats import spearman
 from selfimprove.train.improve import episodes_dir, improve, improve_checkpoint
 from selfimprove.train.sft import sft_checkpoint
@@ -235,6 +235,8 @@ def test_guard_report_names_the_view_changes_of_the_domain(tmp_path, domain, say
     (tmp_path / "config.json").write_text(json.dumps({"domain": domain}))
     check = {"stage": "improve", "iteration": 0, "guard_score": 0.5, "guard_detected_rate": 0.5,
              "guard_episodes": 4, "guard_robot_episodes": 4, "guard_best_iteration": 0, "guard_best_score": 0.5}
+    from selfimprove.report import guard_report_lines
+
     text = "\n".join(guard_report_lines(tmp_path, [check], {}))
     assert says in text and never not in text
     assert "checkpoints/best` (iteration 0, score 0.500)" in text

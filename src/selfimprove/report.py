@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,15 +15,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from selfimprove.diagnose import report_lines as diagnostics_lines  # noqa: E402
 from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
-from selfimprove.train.guard import guard_report_lines, guard_table_rows  # noqa: E402
+from selfimprove.stats import fmt  # noqa: E402
+from selfimprove.train.guard import describe_views, guard_records  # noqa: E402
 from selfimprove.videos import report_lines as video_lines  # noqa: E402
 
-
-
-def _fmt(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
 
 
 def plot_improvement(records: list[dict[str, Any]], sft_eval: dict[str, Any], out: Path) -> Path | None:
@@ -85,8 +81,8 @@ def _detector_rows(rows: list[dict[str, Any]], chosen: float | None) -> list[str
     lines = ["| s | precision | recall | F1 | frames fired |", "|---|---|---|---|---|"]
     for r in rows:
         mark = " (used)" if chosen is not None and abs(r["threshold"] - chosen) < 1e-9 else ""
-        lines.append(f"| {r['threshold']:g}{mark} | {_fmt(r['precision'])} | {_fmt(r['recall'])} | "
-                     f"{_fmt(r['f1'])} | {r['fired']} |")
+        lines.append(f"| {r['threshold']:g}{mark} | {fmt(r['precision'])} | {fmt(r['recall'])} | "
+                     f"{fmt(r['f1'])} | {r['fired']} |")
     return lines
 
 
@@ -125,15 +121,15 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
             robot = summary.get("improve", {}).get(
                 "robot_episodes", max((r.get("robot_episodes", 0) for r in improve_records), default="")
             ) if "Self" in name else 0
-            lines.append(f"| {name} | {_fmt(result['success_rate'])} | [{_fmt(result['ci95'][0])}, "
-                         f"{_fmt(result['ci95'][1])}] | {_fmt(result['mean_episode_length'], 1)} | "
+            lines.append(f"| {name} | {fmt(result['success_rate'])} | [{fmt(result['ci95'][0])}, "
+                         f"{fmt(result['ci95'][1])}] | {fmt(result['mean_episode_length'], 1)} | "
                          f"{result['eval_episodes']} | {robot} |")
     lines += _eval_point_rows(improve_records, sft_eval, improve_eval, config)
     lines += guard_table_rows(summary)
     for name, result in summary.get("controls", {}).items():
-        lines.append(f"| control: {name.replace('_', ' ')} | {_fmt(result['success_rate'])} | "
-                     f"[{_fmt(result['ci95'][0])}, {_fmt(result['ci95'][1])}] | "
-                     f"{_fmt(result['mean_episode_length'], 1)} | {result['eval_episodes']} | 0 |")
+        lines.append(f"| control: {name.replace('_', ' ')} | {fmt(result['success_rate'])} | "
+                     f"[{fmt(result['ci95'][0])}, {fmt(result['ci95'][1])}] | "
+                     f"{fmt(result['mean_episode_length'], 1)} | {result['eval_episodes']} | 0 |")
     if lines[-1] == "|---|---|---|---|---|---|":
         lines.append("| no evaluation yet | | | | | |")
     lines.append("")
@@ -154,8 +150,8 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         lines += ["## Success detector `d(o, g) <= s`", "",
                   f"Threshold used: **s = {detector['threshold']:g}** ({detector.get('source', '')}); "
                   f"recommended on held-out demos: {detector.get('recommended')}. "
-                  f"Mean d on goal frames {_fmt(detector.get('d_goal_frames_mean'), 2)}, "
-                  f"on other frames {_fmt(detector.get('d_other_frames_mean'), 2)}.", "",
+                  f"Mean d on goal frames {fmt(detector.get('d_goal_frames_mean'), 2)}, "
+                  f"on other frames {fmt(detector.get('d_other_frames_mean'), 2)}.", "",
                   "Per frame against the simulator's true success, on held-out demos:", ""]
         lines += _detector_rows(detector.get("held_out_demos_vs_true_success", []), detector["threshold"])
         lines.append("")
@@ -163,9 +159,9 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         ep = rollouts.get("episode_level", {})
         if ep:
             lines += [f"Self-Improvement episodes: {ep['detector_ended']} of {ep['episodes']} ended by the detector; "
-                      f"of those, {_fmt(ep['detector_ended_truly_successful'])} were truly successful at the last "
+                      f"of those, {fmt(ep['detector_ended_truly_successful'])} were truly successful at the last "
                       f"frame (episode-level precision). Of the episodes that truly reached the goal, "
-                      f"{_fmt(ep['truly_successful_detected'])} were ended by the detector (episode-level recall).", ""]
+                      f"{fmt(ep['truly_successful_detected'])} were ended by the detector (episode-level recall).", ""]
         lines += [f"Per frame, on the {rollouts['frames']} frames of Self-Improvement rollouts:", ""]
         lines += _detector_rows(rollouts.get("per_threshold", []), rollouts.get("threshold"))
         lines.append("")
@@ -192,8 +188,8 @@ def detection_lines(records: list[dict[str, Any]], detector: dict | None) -> lis
         det, true = r["detected_success_rate"], r.get("batch_true_success_rate", float("nan"))
         ratio = det / true if true else float("inf")
         flag = " **fooled**" if ratio > 2 else ""
-        lines.append(f"| {r['iteration']} | {r.get('robot_episodes', '')} | {_fmt(det)} | {_fmt(true)} | "
-                     f"{_fmt(r.get('detector_precision'))} | {ratio:.2f}{flag} |")
+        lines.append(f"| {r['iteration']} | {r.get('robot_episodes', '')} | {fmt(det)} | {fmt(true)} | "
+                     f"{fmt(r.get('detector_precision'))} | {ratio:.2f}{flag} |")
     return lines + ["", "**fooled**: the detector ended more than twice as many episodes as truly succeeded.", ""]
 
 
@@ -209,8 +205,8 @@ def _eval_point_rows(records: list[dict[str, Any]], sft_eval: dict, improve_eval
     rows = []
     for label, r in chosen:
         ci = r.get("eval_ci95") or [None, None]
-        rows.append(f"| {label} | {_fmt(r['eval_success_rate'])} | [{_fmt(ci[0])}, {_fmt(ci[1])}] | "
-                    f"{_fmt(r.get('eval_mean_length'), 1)} | {r.get('eval_episodes', n)} | "
+        rows.append(f"| {label} | {fmt(r['eval_success_rate'])} | [{fmt(ci[0])}, {fmt(ci[1])}] | "
+                    f"{fmt(r.get('eval_mean_length'), 1)} | {r.get('eval_episodes', n)} | "
                     f"{r.get('robot_episodes', '')} |")
     return rows
 
@@ -236,10 +232,89 @@ def _practice_lines(practice: dict, fleet: dict) -> list[str]:
         lines += ["| human interventions (resets) | per 100 episodes | per robot-hour | per detected success "
                   "| per true success | episodes per human |",
                   "|---|---|---|---|---|---|",
-                  f"| {practice['interventions']} ({reasons}) | {_fmt(practice['interventions_per_100_episodes'])} "
-                  f"| {_fmt(practice['interventions_per_robot_hour'])} "
-                  f"| {_fmt(practice['interventions_per_detected_success'])} "
-                  f"| {_fmt(practice['interventions_per_true_success'])} "
+                  f"| {practice['interventions']} ({reasons}) | {fmt(practice['interventions_per_100_episodes'])} "
+                  f"| {fmt(practice['interventions_per_robot_hour'])} "
+                  f"| {fmt(practice['interventions_per_detected_success'])} "
+                  f"| {fmt(practice['interventions_per_true_success'])} "
                   f"| {practice['episodes_per_human']} (one person per {practice['robots_per_human']} robots) |", "",
                   f"Each robot's first board ({practice['setups']} set-ups) is not counted as an intervention.", ""]
+    return lines
+
+
+def plot_guard(records: list[dict[str, Any]], out: Path) -> Path | None:
+    """True success at the eval points and the guard score at its checks, against iterations."""
+    checks = guard_records(records)
+    if not checks:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    x = [r["iteration"] for r in checks]
+    score = np.array([r["guard_score"] for r in checks])
+    se = np.nan_to_num(np.array([r.get("guard_score_se", np.nan) for r in checks], dtype=float))
+    ax.fill_between(x, score - se, score + se, color="C1", alpha=0.2)
+    ax.plot(x, score, "s-", color="C1", label="guard score (validation boards, frozen model only)")
+    ax.plot(x, [r["guard_detected_rate"] for r in checks], ":", color="C1", alpha=0.7,
+            label="detected success (validation boards)")
+    evals = [r for r in records if "eval_success_rate" in r]
+    if evals:
+        ax.plot([r["iteration"] for r in evals], [r["eval_success_rate"] for r in evals], "o-", color="C0",
+                label="true success (eval seeds, diagnostic)")
+    best = checks[-1].get("guard_best_iteration")
+    if best is not None:
+        ax.axvline(best, ls="--", color="gray", label=f"kept as best (iteration {best})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("Self-Improvement iteration")
+    ax.set_ylabel("rate")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def guard_table_rows(summary: dict[str, Any]) -> list[str]:
+    """A row for the report's results table: the guarded best checkpoint's true success."""
+    best = (summary or {}).get("guard", {}).get("best", {})
+    if "success_rate" not in best:
+        return []
+    return [f"| Self-Improvement, guarded best (iteration {best['iteration']}, guard score "
+            f"{fmt(best['guard_score'])}) | {fmt(best['success_rate'])} | [{fmt(best['ci95'][0])}, "
+            f"{fmt(best['ci95'][1])}] | {fmt(best['mean_episode_length'], 1)} | {best['eval_episodes']} | |"]
+
+
+def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: dict[str, Any]) -> list[str]:
+    """The report's guard section: what was kept, why, and the plot of score vs true success."""
+    fig = plot_guard(records, Path(run_dir) / "guard.png")
+    if fig is None:
+        return []
+    summary = summary or {}
+    g = summary.get("guard", {})
+    checks = guard_records(records)
+    last = checks[-1]
+    config_path = Path(run_dir) / "config.json"
+    domain = json.loads(config_path.read_text()).get("domain") if config_path.exists() else None
+    views = describe_views(domain)
+    if views:
+        score = ("the share of episodes the detector ended, each counted by the fraction of label-preserving view "
+                 f"changes ({views}) under which the detector also fires")
+    else:
+        score = ("the plain detector rate on the validation boards, the share of episodes the detector ended (no "
+                 f"view changes: {f'domain {domain!r}' if domain else 'the domain'} defines none to confirm a "
+                 "detection with)")
+    lines = ["## Guard: keeping the best policy without true success", "",
+             f"Every check scores the policy on {last['guard_episodes']} fixed validation boards with the frozen "
+             f"reward model only: {score}. The best-scoring policy is `checkpoints/best` (iteration "
+             f"{last.get('guard_best_iteration')}, score {fmt(last.get('guard_best_score'))}). Validation "
+             f"episodes: {last['guard_robot_episodes']} (robot episodes, not counted as practice).", ""]
+    rows = [("SFT", g.get("sft", {}), summary.get("sft", {})), ("final policy", g.get("final", {}), summary.get("improve", {})),
+            ("guarded best", g.get("best", {}), g.get("best", {}))]
+    if g:
+        lines += ["| policy | iteration | guard score | true success (eval seeds, diagnostic) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {at.get('iteration', 'n/a')} | {fmt(at.get('guard_score'))} | "
+                  f"{fmt(result.get('success_rate'))} |" for name, at, result in rows if at]
+        lines.append("")
+    if g.get("spearman_score_vs_eval") is not None:
+        lines += [f"Spearman rank correlation of the guard score with true success across the eval points "
+                  f"(diagnostic): {fmt(g['spearman_score_vs_eval'], 2)}.", ""]
+    lines += [f"![guard]({fig.name})", ""]
     return lines

@@ -1,5 +1,6 @@
 """Statistics the library reports, in one home: Wilson intervals of success rates, means over seeds
-with their Student t intervals, and rank correlations (diagnostics, guard and audit)."""
+with their Student t intervals, rank correlations (diagnostics, guard and audit), and how every
+report writes a number (:func:`fmt`)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,10 @@ def seed_interval(values: list[float]) -> dict[str, Any]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile_975(n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "ci95_t": [max(0.0, mean - half), min(1.0, mean + half)]}
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number as every report writes it: ``digits`` decimals for floats, ``n/a`` for a missing or NaN value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)

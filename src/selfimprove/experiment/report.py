@@ -3,18 +3,12 @@ ablation sections, with the figures of ``plots.py``) and its few lines for the t
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 from selfimprove.experiment.plots import _bar_plot, plot_data_efficiency
 from selfimprove.experiment.summary import _get, _settings_text, _split_x
-
-
-def _f(x: Any, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.{digits}f}" if isinstance(x, float) else str(x)
+from selfimprove.stats import fmt
 
 
 def _agg_text(stage: dict[str, Any] | None) -> str:
@@ -23,16 +17,16 @@ def _agg_text(stage: dict[str, Any] | None) -> str:
         return "n/a"
     if stage.get("ci95_t"):
         lo, hi = stage["ci95_t"]
-        return f"{_f(stage['mean'])} [{_f(lo)}, {_f(hi)}]"
+        return f"{fmt(stage['mean'])} [{fmt(lo)}, {fmt(hi)}]"
     lo, hi = stage["pooled"]["ci95_wilson"]
-    return f"{_f(stage['mean'])} [{_f(lo)}, {_f(hi)}]*"
+    return f"{fmt(stage['mean'])} [{fmt(lo)}, {fmt(hi)}]*"
 
 
 def _cell_text(result: dict[str, Any] | None) -> str:
     if not result or result.get("success_rate") is None:
         return "n/a"
     lo, hi = result["ci95"]
-    return f"{_f(result['success_rate'])} [{_f(lo)}, {_f(hi)}]"
+    return f"{fmt(result['success_rate'])} [{fmt(lo)}, {fmt(hi)}]"
 
 
 def _control_names(aggregates: list[dict[str, Any]]) -> list[str]:
@@ -107,8 +101,8 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
         label = [str(agg["settings"][a]) for a in axes] or ["all"]
         demos = s.get("sft", {}).get("demo_episodes_mean")
         robot = s.get("improve", {}).get("robot_episodes_mean")
-        lines.append("| " + " | ".join(label) + f" | {len(agg['seeds'])} | {_f(demos, 0)} | {_agg_text(s.get('sft'))} | "
-                     f"{_agg_text(s.get('improve'))} | {_f(robot, 0)} | "
+        lines.append("| " + " | ".join(label) + f" | {len(agg['seeds'])} | {fmt(demos, 0)} | {_agg_text(s.get('sft'))} | "
+                     f"{_agg_text(s.get('improve'))} | {fmt(robot, 0)} | "
                      + " | ".join(_agg_text(s.get(c)) for c in controls) + " |")
     lines.append("")
     if figure:
@@ -123,7 +117,7 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
         lines.append(f"| [{cell['cell']}]({cell['cell']}/report.md) | {status} | {_cell_text(cell.get('sft'))} | "
                      f"{_cell_text(cell.get('improve'))} | {cell.get('improve', {}).get('robot_episodes', 'n/a')} | "
                      + " | ".join(_cell_text(_get(cell, c)) for c in controls)
-                     + f" | {_f(cell.get('wall_time_s'), 0)} |")
+                     + f" | {fmt(cell.get('wall_time_s'), 0)} |")
     lines.append("")
     errors = [(c["cell"], c.get("error")) for c in summary["cells"] if c["status"] == "failed"]
     errors += [(c["control_run"], c.get("control_error")) for c in summary["cells"] if c.get("control_error")]
@@ -164,9 +158,9 @@ def _data_efficiency_section(root: Path, summary: dict[str, Any], controls: list
         setting = ", ".join([label] + [str(agg["settings"][o]) for o in others])
         demos = s["sft"].get("demo_episodes_mean")
         robot = s.get("improve", {}).get("robot_episodes_mean")
-        extra = f"+{_f(robot, 0)}" + (f" (+{100 * robot / dataset:.1f}% of {dataset})" if dataset and robot is not None
+        extra = f"+{fmt(robot, 0)}" + (f" (+{100 * robot / dataset:.1f}% of {dataset})" if dataset and robot is not None
                                       else "")
-        row = [setting, _f(demos, 0), _agg_text(s.get("sft")), _agg_text(s.get("improve"))]
+        row = [setting, fmt(demos, 0), _agg_text(s.get("sft")), _agg_text(s.get("improve"))]
         row += ([_agg_text(s.get("guarded"))] if guarded else []) + [extra]
         if "controls.constant_reward" in controls:
             row.append(_agg_text(s.get("controls.constant_reward")))
