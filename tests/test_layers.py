@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selfimprove"
 
 #: bottom to top; a module belongs to the first prefix that matches its dotted name (without "selfimprove.")
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "stats", "config", "folders", "tracking", "runlog"),  # what every stage reads and records
+    ("errors", "stats", "config", "rundir", "folders", "tracking", "runlog"),  # what every stage reads and records
     ("envs", "data", "model"),  # worlds and experts, episodes on disk, the network
     ("reward", "domains", "audit", "data.collect"),  # d(o, g) as reward and detector; the domain table
     ("train", "fleet", "evaluate"),  # the two stages, the robots, true success
@@ -117,3 +117,13 @@ def test_no_import_circles():
         if module not in index:
             visit(module)
     assert circles == []
+
+
+def test_every_package_ships_in_the_wheel():
+    """pyproject.toml names the packages explicitly: a new folder left out would be missing from a built wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"selfimprove" + ("." + ".".join(p.parent.relative_to(PACKAGE).parts) if p.parent != PACKAGE else "")
+               for p in PACKAGE.rglob("__init__.py")}
+    assert folders - listed == set()

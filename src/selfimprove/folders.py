@@ -19,13 +19,16 @@ from types import TracebackType
 from typing import Any, Callable, TypeVar
 
 from selfimprove.errors import RunStateError
+from selfimprove.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
+_LAYOUT = RunDir("")
+LOCK_FILE = _LAYOUT.lock.name
 #: what a run folder holds before its first stage finishes: a fresh run that fails holding only these
 #: is removed, so the same command can simply be run again
-BOOKKEEPING = frozenset({LOCK_FILE, "config.json", "timing.json", "metrics.jsonl", "tensorboard", ".demos.partial"})
+BOOKKEEPING = frozenset({p.name for p in (_LAYOUT.lock, _LAYOUT.config, _LAYOUT.timing, _LAYOUT.metrics,
+                                         _LAYOUT.tensorboard)} | {".demos.partial"})
 T = TypeVar("T")
 
 

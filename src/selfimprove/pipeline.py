@@ -22,6 +22,7 @@ from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
 from selfimprove.diagnose import headline, run_diagnostics
 from selfimprove.domains import expert_for, make_env
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, WallClock, check_resume, prepare_run, write_json
 from selfimprove.train.guard import evaluate_best, guard_summary
 from selfimprove.train.improve import episodes_dir, improve, reward_model_path
@@ -48,7 +49,7 @@ def rollout_detector_diagnostics(config: RunConfig) -> dict[str, Any]:
     d, true = frames.extras.get("stg"), frames.extras.get("info.is_success")
     if d is None or true is None:
         return {}
-    threshold = json.loads((config.run_dir / "detector.json").read_text())["threshold"]
+    threshold = json.loads(RunDir(config.run_dir).detector.read_text())["threshold"]
     true = true.astype(bool)
     fired = detector_table(d, true, np.array([threshold]))[0]
     ends = frames.episode_start + frames.episode_lengths  # row of each episode's last frame
@@ -103,7 +104,8 @@ def practice_summary(config: RunConfig, control_hz: float = 10.0) -> dict[str, A
 @locks_run
 def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Run every stage for ``config`` and return the summary (also written to ``summary.json``)."""
-    run_dir = config.run_dir
+    run = RunDir(config.run_dir)
+    run_dir = run.root
     if run_contents(run_dir) and not resume:
         raise RunStateError(f"{run_dir} already holds a run; pass --resume to continue it, or choose "
                             "another --name (nothing was changed)")
@@ -117,7 +119,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
             ensure_empty(config.dataset_path, "demos", "Point data.path (--dataset) at an episode store (with "
                          "meta/info.json) or at a new folder", DatasetError)
     prepare_run(config)
-    timing_path = run_dir / "timing.json"
+    timing_path = run.timing
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_time_s": 0.0}
     clock = WallClock(timing_path, timing["wall_time_s"])
     try:
@@ -125,12 +127,12 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
             log.info("collecting %d demos into %s", config.data.episodes, config.dataset_path)
             collect_demos(config, progress=progress)
         sft_path = sft(config, resume=True, progress=progress)
-        sft_eval = _json_step(run_dir / "eval_sft.json", resume, lambda: evaluate(config, sft_path))
+        sft_eval = _json_step(run.eval("sft"), resume, lambda: evaluate(config, sft_path))
         # runs/<name>/diagnostics/: of the frozen reward model Stage 2 will use (its own checkpoint when set)
         reward_model = run_diagnostics(config, reward_model_path(config, sft_path), resume)
         record_videos(config, sft_path, "sft", resume=resume)
         # the learning curve's first and last points are the SFT and final evaluations (not repeated)
-        final_path = run_dir / "eval_improve.json"
+        final_path = run.eval("improve")
         improve_path = improve(config, sft_path, resume=True, progress=progress, sft_eval=sft_eval,
                                final_eval=final_path)
         # a fresh run's folder started empty, so an eval_improve.json now is the one improve() just wrote
@@ -139,7 +141,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
         best_eval = evaluate_best(config, resume, {sft_path: sft_eval, improve_path: improve_eval})
         record_videos(config, improve_path, "improve", resume=resume)
         controls = {f"sft_temperature_{t:g}": _json_step(
-            run_dir / f"eval_sft_t{t:g}.json", resume, lambda t=t: evaluate(config, sft_path, temperature=t))
+            run.eval("sft", t), resume, lambda t=t: evaluate(config, sft_path, temperature=t))
             for t in config.eval.control_temperatures}
         rollouts = rollout_detector_diagnostics(config)
         practice = practice_summary(config)
@@ -148,7 +150,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
     from selfimprove.report import write_report
 
     robot_episodes = 0
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run.metrics
     for line in metrics_path.read_text().splitlines():
         record = json.loads(line)
         if record.get("stage") == "improve":
@@ -171,7 +173,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
     if config.improve.guard:
         summary["guard"] = guard_summary(run_dir, MetricsLog(metrics_path).read("improve"), best_eval)
     summary["reward_model"] = headline(reward_model)
-    write_json(run_dir / "summary.json", summary)
-    write_json(run_dir / "detector_rollouts.json", rollouts)
+    write_json(run.summary, summary)
+    write_json(run.detector_rollouts, rollouts)
     write_report(run_dir)
     return summary

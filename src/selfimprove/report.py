@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfimprove.diagnose import report_lines as diagnostics_lines  # noqa: E402
-from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes  # noqa: E402
+from selfimprove.rundir import RunDir  # noqa: E402
+from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes, write_text  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
 from selfimprove.stats import fmt  # noqa: E402
 from selfimprove.train.guard import describe_views, guard_records  # noqa: E402
@@ -88,7 +89,7 @@ def _detector_rows(rows: list[dict[str, Any]], chosen: float | None) -> list[str
 
 def _demo_count(config: dict[str, Any], run_dir: Path) -> Any:
     """Episodes in the run's demo store; ``data.episodes`` only says how many to collect, not what was imported."""
-    count = stored_episodes(config.get("data", {}).get("path") or run_dir / "demos")
+    count = stored_episodes(config.get("data", {}).get("path") or RunDir(run_dir).demos)
     return count if count is not None else config.get("data", {}).get("episodes")
 
 
@@ -98,11 +99,12 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     Safe at any time, also while the run is going: what is missing is said in a Status section.
     """
     run_dir = resolve_run_dir(run, runs_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
-    config = read_json(run_dir / "config.json")
-    summary = read_json(run_dir / "summary.json")
-    sft_eval, improve_eval = read_json(run_dir / "eval_sft.json"), read_json(run_dir / "eval_improve.json")
-    detector, rollouts = read_json(run_dir / "detector.json"), read_json(run_dir / "detector_rollouts.json")
+    files = RunDir(run_dir)
+    metrics = MetricsLog(files.metrics)
+    config = read_json(files.config)
+    summary = read_json(files.summary)
+    sft_eval, improve_eval = read_json(files.eval("sft")), read_json(files.eval("improve"))
+    detector, rollouts = read_json(files.detector), read_json(files.detector_rollouts)
     improve_records = metrics.read("improve")
     fig_improve = plot_improvement(improve_records, sft_eval, run_dir / "improvement.png")
     fig_sft = plot_sft(metrics.read("sft"), run_dir / "sft.png")
@@ -143,7 +145,7 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     lines += detection_lines(improve_records, detector)
     lines += guard_report_lines(run_dir, improve_records, summary)
     lines += video_lines(run_dir)
-    lines += _practice_lines(summary.get("practice", {}) if summary else {}, read_json(run_dir / "fleet.json"))
+    lines += _practice_lines(summary.get("practice", {}) if summary else {}, read_json(files.fleet))
     if fig_sft:
         lines += ["## Stage 1 (SFT)", "", f"![sft]({fig_sft.name})", ""]
     if detector:
@@ -166,9 +168,8 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         lines += _detector_rows(rollouts.get("per_threshold", []), rollouts.get("threshold"))
         lines.append("")
     lines += diagnostics_lines(run_dir)
-    path = run_dir / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    write_text(files.report, "\n".join(lines) + "\n")
+    return files.report
 
 
 def detection_lines(records: list[dict[str, Any]], detector: dict | None) -> list[str]:
@@ -291,7 +292,7 @@ def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: di
     g = summary.get("guard", {})
     checks = guard_records(records)
     last = checks[-1]
-    config_path = Path(run_dir) / "config.json"
+    config_path = RunDir(run_dir).config
     domain = json.loads(config_path.read_text()).get("domain") if config_path.exists() else None
     views = describe_views(domain)
     if views:

@@ -16,6 +16,7 @@ import torch
 
 from selfimprove.config import RunConfig, save_config
 from selfimprove.errors import RunStateError
+from selfimprove.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +47,18 @@ def dumps_json(data: Any, **kwargs: Any) -> str:
     return json.dumps(json_safe(data), allow_nan=False, default=_default, **kwargs)
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write ``data`` as strict JSON (:func:`dumps_json`) atomically (a reader never sees half a file)."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` atomically: to a temporary file beside ``path``, then one rename (a reader never
+    sees half a file, and a killed writer leaves the previous version)."""
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(dumps_json(data, indent=2) + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write ``data`` as strict JSON (:func:`dumps_json`) atomically (:func:`write_text`)."""
+    write_text(path, dumps_json(data, indent=2) + "\n")
 
 
 class WallClock:
@@ -112,16 +119,16 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tensorboard = None
         if tensorboard:
-            from selfimprove.tracking import TENSORBOARD_DIR, TensorBoardWriter
+            from selfimprove.tracking import TensorBoardWriter
 
-            self.tensorboard = TensorBoardWriter(self.path.parent / TENSORBOARD_DIR)
+            self.tensorboard = TensorBoardWriter(RunDir(self.path.parent).tensorboard)
 
     @classmethod
     def for_run(cls, config: RunConfig) -> "MetricsLog":
         """The run's ``metrics.jsonl``, mirrored to TensorBoard as ``config.tensorboard`` says."""
         from selfimprove.tracking import resolve_tensorboard
 
-        return cls(config.run_dir / "metrics.jsonl", tensorboard=resolve_tensorboard(config.tensorboard))
+        return cls(RunDir(config.run_dir).metrics, tensorboard=resolve_tensorboard(config.tensorboard))
 
     def append(self, record: dict[str, Any]) -> None:
         record = json_safe(record)
@@ -165,11 +172,11 @@ class MetricsLog:
 
 def write_tensorboard(run_dir: str | Path) -> Path:
     """(Re)build ``<run_dir>/tensorboard/`` from ``metrics.jsonl`` (e.g. for a run made with it off)."""
-    from selfimprove.tracking import TENSORBOARD_DIR, TensorBoardWriter
+    from selfimprove.tracking import TensorBoardWriter
 
-    run_dir = Path(run_dir)
-    logdir = run_dir / TENSORBOARD_DIR
-    TensorBoardWriter(logdir).rebuild(MetricsLog(run_dir / "metrics.jsonl").read())
+    run = RunDir(run_dir)
+    TensorBoardWriter(run.tensorboard).rebuild(MetricsLog(run.metrics).read())
+    logdir = run.tensorboard
     return logdir
 
 
@@ -187,13 +194,13 @@ def resolve_run_dir(run: str | Path, runs_dir: str | Path = "runs") -> Path:
     """A run folder given as a path or as a run name under ``runs_dir``."""
     candidates = (Path(run), Path(runs_dir) / str(run))
     for candidate in candidates:
-        if (candidate / "config.json").exists() or (candidate / "metrics.jsonl").exists():
+        if RunDir(candidate).config.exists() or RunDir(candidate).metrics.exists():
             return candidate
     for candidate in candidates:
         if candidate.is_dir():
             raise RunStateError(f"{candidate} is not a run folder (it has no config.json or metrics.jsonl)")
     root = Path(runs_dir)
-    known = sorted(p.name for p in root.iterdir() if (p / "config.json").exists()) if root.is_dir() else []
+    known = sorted(p.name for p in root.iterdir() if RunDir(p).config.exists()) if root.is_dir() else []
     raise RunStateError(f"no run {str(run)!r}: neither {Path(run)} nor {root / str(run)} is a folder. "
                         f"Runs in {root}/: {', '.join(known) or 'none'} (or pass --runs-dir)")
 
@@ -223,7 +230,7 @@ def config_changes(saved: dict[str, Any], config: RunConfig) -> list[str]:
 
 def check_resume(config: RunConfig, must_exist: bool = True) -> None:
     """Refuse to resume a run that is not there (``must_exist``) or with a config that differs from its own."""
-    path = config.run_dir / "config.json"
+    path = RunDir(config.run_dir).config
     if not path.exists():
         if must_exist:
             raise RunStateError(f"nothing to resume: {config.run_dir} holds no run (no config.json). Drop --resume "
@@ -244,7 +251,7 @@ def prepare_run(config: RunConfig) -> Path:
     """Create ``runs/<name>/`` and write ``config.json``; returns the run folder."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.json")
+    save_config(config, RunDir(run_dir).config)
     return run_dir
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog
 from selfimprove.videos import read_index
 
@@ -25,31 +26,32 @@ def _json(path: Path) -> dict[str, Any]:
 
 def run_status(run_dir: str | Path) -> dict[str, Any]:
     """The state of each step of the run in ``run_dir`` (see ``status_lines`` for the wording)."""
-    run_dir = Path(run_dir)
-    config = _json(run_dir / "config.json")
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    run = RunDir(run_dir)
+    run_dir = run.root
+    config = _json(run.config)
+    metrics = MetricsLog(run.metrics)
     sft, improve = metrics.read("sft"), metrics.read("improve")
     data = config.get("data", {})
-    demos = Path(data["path"]) if data.get("path") else run_dir / "demos"
+    demos = Path(data["path"]) if data.get("path") else run.demos
     demo_info = _json(demos / "meta" / "info.json")
     last_improve = max((r for r in improve if "iteration" in r), key=lambda r: r["iteration"], default={})
     cfg_improve = config.get("improve", {})
     budget = int(cfg_improve.get("max_robot_episodes", 0) or 0)
     videos = read_index(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run.metrics
     return {
-        "finished": (run_dir / "summary.json").exists(),
+        "finished": run.summary.exists(),
         "demos": {"path": str(demos), "episodes": demo_info.get("total_episodes")},
-        "sft": {"done": (run_dir / "checkpoints" / "sft" / "model.safetensors").exists(),
+        "sft": {"done": (run.sft_checkpoint / "model.safetensors").exists(),
                 "step": max((int(r.get("step", 0)) for r in sft), default=0), "steps": config.get("sft", {}).get("steps")},
-        "sft_eval": (run_dir / "eval_sft.json").exists(),
+        "sft_eval": run.eval("sft").exists(),
         "improve": {"iteration": int(last_improve.get("iteration", 0)), "iterations": cfg_improve.get("iterations"),
                     "robot_episodes": int(last_improve.get("robot_episodes", 0)), "budget": budget,
                     "started": bool(improve),
                     "done": bool(last_improve) and (
                         last_improve.get("iteration") == cfg_improve.get("iterations")
                         or 0 < budget <= int(last_improve.get("robot_episodes", 0)))},
-        "improve_eval": (run_dir / "eval_improve.json").exists(),
+        "improve_eval": run.eval("improve").exists(),
         "videos": {stage: len(entries) for stage, entries in videos.items()},
         "videos_wanted": int(config.get("eval", {}).get("videos", 0) or 0),
         "metrics_updated": metrics_path.stat().st_mtime if metrics_path.exists() else None,

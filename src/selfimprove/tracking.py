@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 STEP_KEYS = ("step", "iteration")  # the x-axis of a record, in this order of preference
 NOT_SCALARS = {"stage", *STEP_KEYS}
-TENSORBOARD_DIR = "tensorboard"
-
 _files: dict[Path, Path] = {}  # tensorboard dir -> the event file this process appends to
 _counter = 0
 

@@ -20,11 +20,11 @@ from PIL import Image, ImageDraw, ImageFont
 
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
-from selfimprove.runlog import dumps_json
+from selfimprove.rundir import RunDir
+from selfimprove.runlog import write_json
 
 log = logging.getLogger(__name__)
 
-VIDEO_DIR = "videos"
 INDEX = "videos.json"
 STAGE_LABELS = {"sft": "SFT (stage 1)", "improve": "after Self-Improvement (stage 2)"}
 MIN_WIDTH = 256  # frames are upscaled (nearest neighbour) to at least this width
@@ -35,7 +35,7 @@ _BG, _TEXT, _GREEN, _RED = (24, 24, 28), (230, 230, 230), (80, 200, 90), (230, 8
 
 
 def video_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / VIDEO_DIR
+    return RunDir(run_dir).videos
 
 
 def read_index(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
@@ -184,9 +184,7 @@ def record_videos(config: RunConfig, checkpoint: str | Path, stage: str, resume:
             (out / old["file"]).unlink(missing_ok=True)
     index = read_index(config.run_dir)
     index[stage] = entries
-    tmp = out / (INDEX + ".tmp")
-    tmp.write_text(dumps_json(index, indent=2) + "\n")
-    tmp.replace(out / INDEX)
+    write_json(out / INDEX, index)
     log.info("wrote %d %s rollout videos to %s", len(entries), stage, out)
     return entries
 
@@ -204,7 +202,7 @@ def report_lines(run_dir: str | Path) -> list[str]:
             continue
         heads = [f"seed {e['seed']}: {'success' if e['success'] else 'failure'} ({e['length']} steps)"
                  for e in entries]
-        cells = [f"![{stage} seed {e['seed']}]({VIDEO_DIR}/{e['file']})" for e in entries]
+        cells = [f"![{stage} seed {e['seed']}]({RunDir('').videos.name}/{e['file']})" for e in entries]
         lines += [f"**{STAGE_LABELS.get(stage, stage)}**", "", "| " + " | ".join(heads) + " |",
                   "|" + "---|" * len(entries), "| " + " | ".join(cells) + " |", ""]
     return lines

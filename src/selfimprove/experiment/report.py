@@ -8,6 +8,7 @@ from typing import Any
 
 from selfimprove.experiment.plots import _bar_plot, plot_data_efficiency
 from selfimprove.experiment.summary import _get, _settings_text, _split_x
+from selfimprove.runlog import write_text
 from selfimprove.stats import fmt
 
 
@@ -125,7 +126,7 @@ def write_experiment_report(root: str | Path, summary: dict[str, Any]) -> Path:
         lines += ["## Failed", ""] + [f"- `{name}`: {error} (log: `{name}/experiment.log`)" for name, error in errors]
         lines += ["", "Fix the cause and rerun with `--resume`: finished cells are kept.", ""]
     path = root / "report.md"
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -19,6 +19,7 @@ from selfimprove.experiment.plan import _STAGE1_SECTIONS, ExperimentPlan, _stage
 from selfimprove.experiment.schedule import _execute_plan
 from selfimprove.experiment.spec import load_experiment
 from selfimprove.experiment.summary import summarize_experiment
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def _check_existing(plan: ExperimentPlan, selected: list[str] | None = None) -> 
     needed = {plan.runs[n].stage1 for n in names}
     checks += [(g.config, _stage1_dir(g)) for name, g in plan.groups.items() if name in needed]
     for config, run_dir in checks:
-        saved = run_dir / "config.json"
+        saved = RunDir(run_dir).config
         if not saved.exists():
             continue
         try:
@@ -115,11 +116,10 @@ def _resolve_init(plan: ExperimentPlan) -> None:
     if not (Path(reward_model) / "config.json").exists():
         raise ConfigError(f"experiment {spec.name!r}: reward model {reward_model!r} (of init_from {str(source)!r}) "
                           "does not exist; set reward_model = \"<SFT checkpoint>\" in the experiment")
-    source_run_dir = source.parent.parent  # <run>/checkpoints/<name>
-    source_config = source_run_dir / "config.json"
+    source_run = RunDir(source.parent.parent)  # <run>/checkpoints/<name>
+    source_config = source_run.config
     source_data = json.loads(source_config.read_text()).get("data", {}) if source_config.exists() else {}
-    source_demos = source_data.get("path") or (str(source_run_dir / "demos")
-                                               if (source_run_dir / "demos" / "meta").exists() else "")
+    source_demos = source_data.get("path") or (str(source_run.demos) if (source_run.demos / "meta").exists() else "")
     for run in [*plan.runs.values(), *plan.groups.values()]:
         config = run.config
         config.improve.reward_model = reward_model

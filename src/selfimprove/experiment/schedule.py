@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from selfimprove.experiment.plan import ExperimentPlan, _stage1_dir
 from selfimprove.experiment.tasks import _execute
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import write_json
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ def _schedule(tasks: dict[str, dict[str, Any]], depends: dict[str, str | None], 
 
 
 def _finished(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").exists()
+    return RunDir(run_dir).summary.exists()
 
 
 def _execute_plan(plan: ExperimentPlan, selected: list[str], parallel: int, progress: bool) -> None:

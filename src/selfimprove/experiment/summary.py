@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import read_json, stored_episodes
 from selfimprove.stats import seed_interval, wilson_interval
 
@@ -30,7 +31,7 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
     cells = []
     for run in plan.cells:
         run_dir = run.config.run_dir
-        summary = read_json(run_dir / "summary.json")
+        summary = read_json(RunDir(run_dir).summary)
         entry: dict[str, Any] = {
             "cell": run.name, "settings": run.settings, "overrides": run.axis_overrides, "run_dir": str(run_dir),
             "stage1": run.stage1, "control_run": run.control,
@@ -56,7 +57,7 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
         if best.get("success_rate") is not None:  # the guard's pick, chosen without true success
             entry["guarded"] = {**_stage(best, robot, demos), "iteration": best.get("iteration")}
         if run.control:
-            control = read_json(plan.runs[run.control].config.run_dir / "summary.json")
+            control = read_json(RunDir(plan.runs[run.control].config.run_dir).summary)
             if control:
                 entry["controls"]["constant_reward"] = {
                     **_stage(control["improve"], control["improve"].get("robot_episodes", 0), demos),

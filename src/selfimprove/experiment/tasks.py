@@ -17,6 +17,7 @@ from selfimprove.config import RunConfig, config_from_dict
 from selfimprove.errors import ConfigError
 from selfimprove.experiment.plan import _digest, _stage1_key
 from selfimprove.pipeline import run_pipeline
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,12 @@ def _run_stage1(task: dict[str, Any]) -> dict[str, Any]:
             tmp.rename(target)
         path = target
     else:
-        if not sft_checkpoint(config).exists() and not (run_dir / "checkpoints" / "sft_state").exists():
+        if not sft_checkpoint(config).exists() and not RunDir(run_dir).sft_state.exists():
             _reuse_stage1(config)
         path = sft(config, resume=True, progress=False)
-    for name, temp in [("eval_sft.json", None)] + [(f"eval_sft_t{t:g}.json", t)
-                                                     for t in config.eval.control_temperatures]:
-        if not (run_dir / name).exists():
-            write_json(run_dir / name, evaluate(config, path, temperature=temp))
+    for temp in [None, *config.eval.control_temperatures]:
+        if not (result := RunDir(run_dir).eval("sft", temp)).exists():
+            write_json(result, evaluate(config, path, temperature=temp))
     _shared_diagnostics(config, path)
     return {"status": "done"}
 
@@ -116,7 +116,7 @@ def _shared_diagnostics(config: RunConfig, sft_path: Path) -> None:
     run_dir = config.run_dir
     run_diagnostics(config, reward_model_path(config, sft_path), resume=True)
     record_videos(config, sft_path, "sft", resume=True)
-    write_json(run_dir / "diagnostics" / "shared.json", {"key": _diagnostics_key(config)})
+    write_json(RunDir(run_dir).diagnostics / "shared.json", {"key": _diagnostics_key(config)})
 
 
 def _prepare_cell(config: RunConfig, stage1_dir: Path) -> None:
@@ -125,23 +125,23 @@ def _prepare_cell(config: RunConfig, stage1_dir: Path) -> None:
     run_pipeline then skips what was copied. Diagnostics are copied only when this run would have
     computed the same ones (same diagnose settings, practice temperature and reward model).
     """
-    run_dir = config.run_dir
+    run, stage1 = RunDir(config.run_dir), RunDir(stage1_dir)
+    run_dir = run.root
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "checkpoints" / "sft"
+    target = run.sft_checkpoint
     if not target.exists():
         tmp = target.with_name(".sft.copy")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(stage1_dir / "checkpoints" / "sft", tmp, copy_function=_link_or_copy)
+        shutil.copytree(stage1.sft_checkpoint, tmp, copy_function=_link_or_copy)
         tmp.rename(target)
-    for src in stage1_dir.glob("eval_sft*.json"):
+    for src in stage1_dir.glob(stage1.eval("sft").stem + "*.json"):
         if not (run_dir / src.name).exists():
             shutil.copy2(src, run_dir / src.name)
-    metrics = stage1_dir / "metrics.jsonl"
-    if metrics.exists() and not (run_dir / "metrics.jsonl").exists():
-        shutil.copy2(metrics, run_dir / "metrics.jsonl")
-    shared = stage1_dir / "diagnostics" / "shared.json"
+    if stage1.metrics.exists() and not run.metrics.exists():
+        shutil.copy2(stage1.metrics, run.metrics)
+    shared = stage1.diagnostics / "shared.json"
     if shared.exists() and read_json(shared).get("key") == _diagnostics_key(config):
-        for folder in ("diagnostics", "videos"):
+        for folder in (run.diagnostics.name, run.videos.name):
             if (stage1_dir / folder).is_dir() and not (run_dir / folder).exists():
                 tmp = run_dir / f".{folder}.copy"
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -47,6 +47,7 @@ from selfimprove.model.checkpoint import load_train_state, read_checkpoint_confi
 from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import StepsToGoReward
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import dumps_json, torch_generator
 from selfimprove.stats import spearman
 
@@ -60,7 +61,7 @@ GUARD_SHIFTS = 4  # tabletop: random scene shifts scored beside the mirror
 
 def best_checkpoint(config: RunConfig) -> Path:
     """``checkpoints/best``: the policy with the highest guard score so far."""
-    return config.run_dir / "checkpoints" / "best"
+    return RunDir(config.run_dir).best_checkpoint
 
 
 def guard_cadence(cfg: ImproveConfig) -> int:
@@ -305,7 +306,7 @@ def evaluate_best(config: RunConfig, resume: bool = False,
     if not config.improve.guard or not recover_checkpoint(path):
         return None
     iteration = read_checkpoint_config(path).get("meta", {}).get("iteration")
-    cache = config.run_dir / "eval_best.json"
+    cache = RunDir(config.run_dir).eval("best")
     if resume and cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("best_iteration") == iteration:
@@ -336,7 +337,7 @@ def guard_summary(run_dir: Path, records: list[dict[str, Any]], best_eval: dict[
                   ) -> dict[str, Any]:
     """The guarded best for ``summary.json``: iteration, score, true success (diagnostic), costs."""
     checks = guard_records(records)
-    path = Path(run_dir) / "checkpoints" / "best"
+    path = RunDir(run_dir).best_checkpoint
     if not checks or not path.exists():
         return {}
     meta = read_checkpoint_config(path).get("meta", {})

@@ -36,20 +36,21 @@ from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import (HELD_OUT_CACHE, StepsToGoReward, calibrate_detector, discounted_returns,
                                 reachable_steps_to_go, reward_model_baseline)
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
 from selfimprove.train.objectives import policy_update
 from selfimprove.train.guard import Guard
-from selfimprove.train.sft import checkpoint_dir, sft_checkpoint
+from selfimprove.train.sft import sft_checkpoint
 
 log = logging.getLogger(__name__)
 
 
 def improve_checkpoint(config: RunConfig) -> Path:
-    return checkpoint_dir(config) / "improve"
+    return RunDir(config.run_dir).improve_checkpoint
 
 
 def episodes_dir(config: RunConfig) -> Path:
-    return config.run_dir / "improve_episodes"
+    return RunDir(config.run_dir).improve_episodes
 
 
 def reward_model_path(config: RunConfig, sft_path: Path) -> Path:
@@ -167,10 +168,10 @@ class Stage2:
             log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", self.start,
                      self.counters["robot_episodes"])
         else:
-            self.detector = calibrate_detector(reward_model, config, config.run_dir / "diagnostics" / HELD_OUT_CACHE)
+            self.detector = calibrate_detector(reward_model, config, RunDir(config.run_dir).diagnostics / HELD_OUT_CACHE)
             if episodes_dir(config).exists():
                 truncate_store(episodes_dir(config), 0)
-        write_json(config.run_dir / "detector.json", self.detector)  # strict JSON: NaN -> null
+        write_json(RunDir(config.run_dir).detector, self.detector)  # strict JSON: NaN -> null
         self.metrics.keep(lambda r: r.get("stage") != "improve")
         for record in self.history:
             self.metrics.append(record)
@@ -180,7 +181,7 @@ class Stage2:
         self.ahead = _collected_not_trained(config, self.counters)
         self.writer = EpisodeWriter(episodes_dir(config), fps=10)
         self.fleet = make_fleet(config, self.policy.spec, self.reward, terminate_on_success=oracle)
-        self.fleet_file = config.run_dir / "fleet.json"
+        self.fleet_file = RunDir(config.run_dir).fleet
         write_json(self.fleet_file, self.fleet.describe())
         # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
         self.provenance = {"sft": str(self.sft_path), "threshold": self.detector["threshold"],
@@ -291,7 +292,7 @@ class Stage2:
         cfg = self.config.improve
         last = it + 1 == cfg.iterations or self.budget_spent()
         if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
-            tmp = checkpoint_dir(self.config) / "improve_eval"
+            tmp = RunDir(self.config.run_dir).improve_eval_checkpoint
             save_checkpoint(self.policy, tmp, meta={"stage": "improve", "iteration": it + 1})
             if last and final_eval is not None:  # the final policy's full evaluation, once
                 result = {**evaluate(self.config, tmp), "checkpoint": str(self.latest)}
@@ -323,7 +324,7 @@ class Stage2:
         self.fleet.close()
         if self.guard is not None:
             self.guard.close()
-        shutil.rmtree(checkpoint_dir(self.config) / "improve_eval", ignore_errors=True)
+        shutil.rmtree(RunDir(self.config.run_dir).improve_eval_checkpoint, ignore_errors=True)
 
     def result(self) -> Path:
         """The ``improve`` checkpoint (after zero iterations: the SFT policy, saved there)."""

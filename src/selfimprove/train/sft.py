@@ -23,18 +23,15 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
 from selfimprove.model.inputs import frame_source
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import MismatchedInstructions
+from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
 from selfimprove.train.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
 
-def checkpoint_dir(config: RunConfig) -> Path:
-    return config.run_dir / "checkpoints"
-
-
 def sft_checkpoint(config: RunConfig) -> Path:
-    return checkpoint_dir(config) / "sft"
+    return RunDir(config.run_dir).sft_checkpoint
 
 
 class FrameBatches:
@@ -120,7 +117,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     saved step; without it an existing ``sft`` checkpoint is an error (nothing is overwritten).
     """
     final = sft_checkpoint(config)
-    state_path = checkpoint_dir(config) / "sft_state"
+    state_path = RunDir(config.run_dir).sft_state
     recover_checkpoint(state_path)
     if recover_checkpoint(final):
         if resume:
@@ -150,7 +147,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     optimizer = make_optimizer(model)
     metrics = MetricsLog.for_run(config)
     start, best = 0, float("inf")
-    best_path = checkpoint_dir(config) / "sft_best"
+    best_path = RunDir(config.run_dir).sft_best
     if resume and state_path.exists():
         model, meta = load_checkpoint(state_path, expect_domain=config.domain)
         optimizer = make_optimizer(model)
