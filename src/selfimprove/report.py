@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from selfimprove.diagnose import report_lines as diagnostics_lines  # noqa: E402
+from selfimprove.diagnose.report import report_lines as diagnostics_lines  # noqa: E402
 from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
 from selfimprove.train.guard import guard_report_lines, guard_table_rows  # noqa: E402
