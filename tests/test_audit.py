@@ -1,10 +1,10 @@
-"""The detector audit (audit.py): replaying the detector on demos and rollouts, causes, the gate."""
+"""The detector audit (diagnose/audit.py): replaying the detector on demos and rollouts, causes, the gate."""
 
 import json
 
 import numpy as np
 
-from selfimprove.audit import audit_demos, audit_rollouts, first_firings, gate, reward_signal
+from selfimprove.diagnose.audit import audit_demos, audit_rollouts, first_firings, gate, reward_signal
 from selfimprove.data.episode import Episode
 from selfimprove.experiment.plots import plot_episodes_vs_success
 

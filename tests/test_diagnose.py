@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from selfimprove.cli import main
-from selfimprove.diagnose import diagnose, episode_table, FrameSet, frame_curve
+from selfimprove.diagnose import diagnose
+from selfimprove.diagnose.checks import FrameSet, episode_table, frame_curve
 from selfimprove.stats import spearman
 from selfimprove.errors import CheckpointError
 from selfimprove.reward import THRESHOLD_GRID, recommend_threshold

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selfimprove"
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "stats", "config", "rundir", "folders", "tracking", "runlog"),  # what every stage reads and records
     ("envs", "data", "model"),  # worlds and experts, episodes on disk, the network
-    ("reward", "domains", "audit", "data.collect"),  # d(o, g) as reward and detector; the domain table
+    ("reward", "domains", "data.collect"),  # d(o, g) as reward and detector; the domain table
     ("train", "fleet", "evaluate"),  # the two stages, the robots, true success
     ("diagnose", "report", "videos", "runstatus"),  # reading runs
     ("experiment", "pipeline"),  # running them (experiment: the grids, with their summary and report)

@@ -159,7 +159,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(si.write_report(args.run, runs_dir=args.runs_dir))
         return 0
     if args.command == "diagnose":
-        from selfimprove.diagnose import print_summary
+        from selfimprove.diagnose.report import print_summary
 
         overrides = list(args.set) + [f"{field}={getattr(args, flag)}" for flag, field in
                                       (("rollouts", "diagnose.rollouts"), ("threads", "torch_threads"))

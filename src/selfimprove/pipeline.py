@@ -20,7 +20,8 @@ from selfimprove.errors import DatasetError, RunStateError
 from selfimprove.folders import ensure_empty, locks_run, run_contents
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
-from selfimprove.diagnose import headline, run_diagnostics
+from selfimprove.diagnose.report import headline
+from selfimprove.diagnose.run import run_diagnostics
 from selfimprove.domains import expert_for, make_env
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, WallClock, check_resume, prepare_run, write_json

@@ -101,7 +101,7 @@ def _find_identical(marks, folder_of, key_of, key: str, own_root: Path) -> Path 
 
 
 def _diagnostics_key(config: RunConfig) -> str:
-    """What a run's reward-model diagnostics depend on beyond its Stage-1 group (see diagnose.py)."""
+    """What a run's reward-model diagnostics depend on beyond its Stage-1 group (see diagnose/run.py)."""
     d = config.to_dict()
     return _digest({"diagnose": d["diagnose"], "temperature": config.improve.temperature,
                     "reward_model": config.improve.reward_model})
@@ -109,7 +109,7 @@ def _diagnostics_key(config: RunConfig) -> str:
 
 def _shared_diagnostics(config: RunConfig, sft_path: Path) -> None:
     """Diagnose the group's reward model and record the SFT videos once, for every run to copy."""
-    from selfimprove.diagnose import run_diagnostics
+    from selfimprove.diagnose.run import run_diagnostics
     from selfimprove.train.improve import reward_model_path
     from selfimprove.videos import record_videos
 

@@ -1,0 +1,279 @@
+"""A diagnosis from start to file: the checkpoint's config, its frames, the tables, the audit, the outputs.
+
+:func:`diagnose` (``selfimprove diagnose``) resolves the config a checkpoint was made with, scores
+its ``d`` on the held-out demos and on ``diagnose.rollouts`` policy rollouts run to the time limit,
+takes ``s`` from :func:`selfimprove.reward.calibrate_threshold`, asks :mod:`.checks` for the tables
+and :mod:`.audit` for the detector audit, and writes ``diagnostics.json``, the plots and
+``report.md``. :func:`run_diagnostics` is the ``selfimprove run`` step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import typing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from selfimprove.config import RunConfig, _merge, config_from_dict, load_config, parse_override
+from selfimprove.data.store import EpisodeStore
+from selfimprove.diagnose.audit import audit_demos, audit_rollouts, gate, reward_signal
+from selfimprove.diagnose.checks import FrameSet, _at, _section, alternatives
+from selfimprove.diagnose.plots import write_plots
+from selfimprove.diagnose.report import write_markdown
+from selfimprove.domains import goal_key_for, make_env
+from selfimprove.errors import CheckpointError, ConfigError, DatasetError
+from selfimprove.fleet.local import LocalFleet, seed_stream
+from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
+from selfimprove.model.policy import EmbodiedModel
+from selfimprove.reward import (HELD_OUT_CACHE, MismatchedInstructions, StepsToGoReward, calibrate_threshold,
+                                demo_steps_to_go, reachable_steps_to_go, recommend_threshold)
+from selfimprove.rundir import RunDir
+from selfimprove.runlog import dumps_json, torch_generator
+
+log = logging.getLogger(__name__)
+
+# preset used for a checkpoint outside a run folder, by the domain its spec names
+DOMAIN_PRESETS = {"pointmass": "pointmass", "language-table": "language-table"}
+NO_NEGATIVES_WARNING = ("this checkpoint was trained without mismatched-instruction negatives (sft.negatives = 0): "
+                        "its steps-to-go head cannot say 'not on the way', so as a reward model its detector fires "
+                        "on states that are not the goal; retrain Stage 1 with sft.negatives > 0")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+def default_out_dir(checkpoint: str | Path) -> Path:
+    """``runs/<name>/diagnostics`` for ``runs/<name>/checkpoints/sft``; else a folder beside the checkpoint."""
+    checkpoint = Path(checkpoint)
+    run = RunDir(checkpoint.parent.parent)
+    if checkpoint.parent == run.checkpoints:
+        suffix = "" if checkpoint == run.sft_checkpoint else f"_{checkpoint.name}"
+        return run.root / f"{run.diagnostics.name}{suffix}"
+    return checkpoint.parent / f"{checkpoint.name}_diagnostics"
+
+
+def _known_fields(cls: type, data: dict[str, Any], where: str, dropped: list[str]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in data.items():
+        if key not in hints:
+            dropped.append(where + key)
+            continue
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = _known_fields(hints[key], value, f"{where}{key}.", dropped)
+        out[key] = value
+    return out
+
+
+def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides: list[str] | None = None,
+                   dataset: str | Path | None = None) -> RunConfig:
+    """The config a checkpoint was made with: its run folder's ``config.json``, else a preset.
+
+    A checkpoint at ``runs/<name>/checkpoints/<ckpt>`` takes ``runs/<name>/config.json`` (fields this
+    version no longer knows are dropped with a warning); elsewhere, ``preset`` or the preset of the
+    checkpoint's domain, with the dataset its metadata names. ``dataset`` beats both.
+    """
+    checkpoint = Path(checkpoint)
+    meta = read_checkpoint_config(checkpoint)  # clear CheckpointError when missing or corrupt
+    domain = meta.get("spec", {}).get("domain")
+    run = RunDir(checkpoint.parent.parent)
+    run_config = run.config
+    if preset is None and checkpoint.parent == run.checkpoints and run_config.exists():
+        try:
+            data = json.loads(run_config.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{run_config} is not valid JSON ({exc}); pass a preset with --config") from exc
+        dropped: list[str] = []
+        data = _known_fields(RunConfig, data, "", dropped)
+        if dropped:
+            log.warning("%s: ignoring fields this version does not know: %s", run_config, ", ".join(dropped))
+        for item in overrides or []:
+            data = _merge(data, parse_override(item))
+        if not data.get("data", {}).get("path"):  # the run's own demos, wherever the run folder is now
+            data.setdefault("data", {})["path"] = str(checkpoint.parent.parent / "demos")
+        config = config_from_dict(data)
+    else:
+        if preset is None:
+            if domain not in DOMAIN_PRESETS:
+                raise CheckpointError(f"{checkpoint} names domain {domain!r}; pass a preset with --config")
+            preset = DOMAIN_PRESETS[domain]
+        config = load_config(preset, overrides)
+        if not config.data.path and meta.get("meta", {}).get("dataset"):
+            config.data.path = str(meta["meta"]["dataset"])
+    if dataset is not None:
+        config.data.path = str(dataset)
+    if not (config.dataset_path / "meta" / "info.json").exists():
+        raise DatasetError(f"no episode store at {config.dataset_path} for the held-out demos; pass the store "
+                           "the checkpoint was trained on with --dataset")
+    return config
+
+
+def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None = None
+                   ) -> tuple[FrameSet, np.ndarray, dict[str, np.ndarray]]:
+    """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), goal-frame
+    labels, and the arrays as Stage 2 reads them (with ``d_mismatched``).
+
+    ``cache``: see :func:`selfimprove.reward.demo_steps_to_go` (a run's Stage 2 reads it).
+    """
+
+    frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, cache)
+    starts = np.asarray(frames["episode_start"], dtype=np.int64)
+    sizes = np.diff(np.append(starts, len(frames["d"])))
+    return FrameSet(d=frames["d"].astype(np.float64), success=frames["true_success"],
+                    true_stg=frames["steps_to_go"].astype(np.float64), time=frames["frame_index"].astype(np.int64),
+                    starts=starts, sizes=sizes), frames["goal_frame"], frames
+
+
+def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[FrameSet, list]:
+    """``n`` episodes of the checkpoint's policy on the fixed eval seeds, run to the time limit.
+
+    Sampling at ``improve.temperature`` (Stage 2's practice distribution). The reward model is the
+    checkpoint itself with a detector that never fires, so ``d`` is recorded on every frame and no
+    episode is cut: the detector at any ``s`` can be replayed offline. Also returns the episodes,
+    with the simulator's goal distance and block positions per frame where the env reports them.
+    """
+    never = StepsToGoReward(model, threshold=-math.inf)
+    fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec,
+                       min(config.eval.robots, n), never, record_info=("goal_distance", "block_positions"))
+    try:
+        episodes = fleet.collect(model.state_dict(), version=0, seeds=seed_stream(config.eval.seed), n_episodes=n,
+                                 temperature=config.improve.temperature,
+                                 generator=torch_generator(config.eval.seed, 13))
+    finally:
+        fleet.close()
+    episodes.sort(key=lambda e: e.meta["seed"])
+    d, success, true_stg, time = [], [], [], []
+    for e in episodes:
+        flags = np.asarray(e.info.get("is_success", np.zeros(e.length + 1)), dtype=bool)
+        steps = np.full(e.length + 1, np.nan)
+        if flags.any():
+            first = int(np.argmax(flags))
+            steps[:first + 1] = first - np.arange(first + 1)
+        d.append(np.asarray(e.stg, dtype=np.float64))
+        success.append(flags)
+        true_stg.append(steps)
+        time.append(np.arange(e.length + 1))
+    sizes = np.array([len(x) for x in d], dtype=np.int64)
+    return FrameSet(d=np.concatenate(d), success=np.concatenate(success), true_stg=np.concatenate(true_stg),
+                    time=np.concatenate(time), starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
+                    sizes=sizes), episodes
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None and numpy scalars -> Python, so the JSON is standard."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: str | Path | None = None,
+             rollouts: int | None = None, out: str | Path | None = None, preset: str | None = None,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """Diagnose the steps-to-go head of ``checkpoint``; writes ``out``/diagnostics.json, report.md, PNGs.
+
+    ``config`` defaults to the checkpoint's run config, else ``preset`` with ``overrides`` (see
+    :func:`resolve_config`); ``rollouts`` to ``config.diagnose.rollouts``; ``out`` to
+    :func:`default_out_dir`. Returns what ``diagnostics.json`` holds.
+    """
+    checkpoint = Path(checkpoint)
+    if config is None:
+        config = resolve_config(checkpoint, preset, overrides, dataset)
+    elif dataset is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, path=str(dataset)))
+    n_rollouts = config.diagnose.rollouts if rollouts is None else int(rollouts)
+    if n_rollouts < 0:
+        raise ConfigError(f"rollouts must be >= 0, got {n_rollouts}")
+    out = Path(out) if out is not None else default_out_dir(checkpoint)
+    torch.set_num_threads(config.torch_threads)
+    model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
+    log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
+
+    demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE)
+    cfg = config.improve
+    choice = calibrate_threshold(held_out, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
+    f1_table = recommend_threshold(demos.d, goal)["table"]
+    s = choice["threshold"]
+    several_goals = "d_mismatched" in held_out
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "checkpoint_meta": meta, "domain": config.domain,
+        "dataset": str(config.dataset_path), "recommended_s": s, "rule": choice["rule"],
+        "rule_table": f1_table, "alternatives": alternatives(f1_table),
+        "at_recommended_s": {},
+        "demos": _section(demos, s, goal_frame=goal),
+        "audit": {"hold": cfg.success_hold, "negatives_trained": bool(model.spec.stg_never),
+                  "demos": audit_demos(held_out, s, cfg.success_hold)},
+    }
+    if several_goals and not model.spec.stg_never:
+        result["warning"] = NO_NEGATIVES_WARNING
+        log.warning(NO_NEGATIVES_WARNING)
+    rollout_audit = None
+    if n_rollouts:
+        log.info("diagnosing %s: %d policy rollouts on eval seeds from %d", checkpoint, n_rollouts, config.eval.seed)
+        rolls, episodes = policy_rollouts(model, config, n_rollouts)
+        draw = None
+        if several_goals:
+
+            mismatched = MismatchedInstructions(EpisodeStore(config.dataset_path).instructions,
+                                                goal_key_for(config.domain))
+            generator = torch.Generator().manual_seed(0)
+            draw = lambda texts: mismatched.draw(texts, generator)  # noqa: E731
+        rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw)
+        rollout_audit["reward_signal"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip, cfg.baseline_decay)
+        if model.spec.stg_never and rollout_audit["reward_signal"] is not None:
+
+            reachable = reachable_steps_to_go(episodes, StepsToGoReward(model, threshold=0.0))
+            rollout_audit["reward_signal_reachable"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip,
+                                                                     cfg.baseline_decay, reachable)
+        result["audit"]["rollouts"] = rollout_audit
+        result["rollouts"] = _section(rolls, s, goal_frame=None)
+        reached = [rolls.success[sl].any() for sl in rolls.episodes()]
+        result["rollouts"].update(temperature=config.improve.temperature, first_seed=config.eval.seed,
+                                  true_success_rate=float(np.mean(reached)))
+    result["audit"]["gate"] = gate(result["audit"]["demos"], rollout_audit)
+    for name in ("demos", "rollouts"):
+        if name in result:
+            sec = result[name]
+            result["at_recommended_s"][name] = {
+                "frame": {k: _at(sec["detector_frames"], s)[k] for k in ("precision", "recall", "f1", "fired")},
+                "episode": {k: _at(sec["detector_episodes"], s)[k] for k in (
+                    "precision", "recall", "fpr", "fired", "correct", "early", "steps_early_median",
+                    "precision_near", "recall_near")},
+            }
+    result = _clean(result)
+    out.mkdir(parents=True, exist_ok=True)
+    result["out"] = str(out)
+    result["plots"] = write_plots(result, out)
+    tmp = out / "diagnostics.json.tmp"
+    tmp.write_text(dumps_json(result, indent=2) + "\n")
+    tmp.replace(out / "diagnostics.json")
+    write_markdown(result, out)
+    log.info("diagnostics written to %s (recommended s = %g)", out, s)
+    return result
+
+
+def run_diagnostics(config: RunConfig, sft_path: str | Path, resume: bool) -> dict[str, Any]:
+    """The ``selfimprove run`` step: diagnostics of the SFT checkpoint in ``runs/<name>/diagnostics``.
+
+    Cheap next to the run (the held-out demos Stage 2 calibrates on anyway, plus
+    ``diagnose.rollouts`` episodes); kept on ``--resume``.
+    """
+    out = RunDir(config.run_dir).diagnostics
+    if resume and (out / "diagnostics.json").exists():
+        try:
+            return json.loads((out / "diagnostics.json").read_text())
+        except json.JSONDecodeError:
+            log.warning("%s is unreadable; diagnosing again", out / "diagnostics.json")
+    return diagnose(sft_path, config=config, out=out)
