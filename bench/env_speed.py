@@ -15,8 +15,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from selfimprove.envs.tabletop import TabletopEnv  # noqa: E402
-from selfimprove.envs.tabletop_expert import TabletopExpert  # noqa: E402
+from selfimprove.envs.tabletop.expert import TabletopExpert  # noqa: E402
+from selfimprove.envs.tabletop.world import TabletopEnv  # noqa: E402
 
 
 def _pin_one_core() -> None:

@@ -9,9 +9,10 @@ import torch
 
 from selfimprove.config import load_config
 from selfimprove.domains import continue_on_board, make_env, model_spec
-from selfimprove.envs import tasks
-from selfimprove.envs.tabletop import GEOMETRY, NOVEL_COLOURS_RGB, VIEW_X, VIEW_Y, X_BOUNDS, Y_BOUNDS, TabletopEnv
-from selfimprove.envs.tabletop_expert import TabletopExpert
+from selfimprove.envs.tabletop import tasks
+from selfimprove.envs.tabletop.board import GEOMETRY, NOVEL_COLOURS_RGB, VIEW_X, VIEW_Y, X_BOUNDS, Y_BOUNDS
+from selfimprove.envs.tabletop.expert import TabletopExpert
+from selfimprove.envs.tabletop.world import TabletopEnv
 from selfimprove.errors import ConfigError
 
 BANANA_ID = "selfimprove/Tabletop-Banana-v0"

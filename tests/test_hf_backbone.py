@@ -185,7 +185,7 @@ def test_bfloat16_backbone_trains_and_round_trips(tiny_vlm, tmp_path):
 @pytest.mark.parametrize("size", [32, 24, 48])
 def test_cached_text_and_torch_pixels_match_the_processor(tiny_vlm, size):
     """The fast input path (cached token ids, pixels resized in torch) against the processor itself."""
-    from selfimprove.envs.tabletop import TabletopEnv
+    from selfimprove.envs.tabletop.world import TabletopEnv
     from selfimprove.model.hf_backbone import VLMInputs
 
     processor = transformers.AutoProcessor.from_pretrained(tiny_vlm)

@@ -102,7 +102,8 @@ def test_flip_augmentation_moves_image_x_and_dx_together_and_spares_locations():
     import torch
 
     from selfimprove.domains import flip_tabletop
-    from selfimprove.envs.tabletop import VIEW_X, TabletopEnv
+    from selfimprove.envs.tabletop.board import VIEW_X
+    from selfimprove.envs.tabletop.world import TabletopEnv
 
     env = TabletopEnv(image_size=32)
     obs0, _ = env.reset(seed=4)
@@ -129,7 +130,8 @@ def test_recolour_augmentation_permutes_block_colours_in_pixels_and_words_togeth
     import torch
 
     from selfimprove.domains import recolour_tabletop
-    from selfimprove.envs.tabletop import COLOURS_RGB, NOVEL_COLOURS_RGB, TabletopEnv
+    from selfimprove.envs.tabletop.board import COLOURS_RGB, NOVEL_COLOURS_RGB
+    from selfimprove.envs.tabletop.world import TabletopEnv
 
     env = TabletopEnv(image_size=48)
     obs0, _ = env.reset(seed=5)
@@ -163,7 +165,7 @@ def test_shift_augmentation_moves_image_and_coordinates_together():
     import torch
 
     from selfimprove.domains import shift_tabletop
-    from selfimprove.envs.tabletop import TabletopEnv
+    from selfimprove.envs.tabletop.world import TabletopEnv
 
     env = TabletopEnv(image_size=32)
     obs0, _ = env.reset(seed=4)

@@ -7,7 +7,7 @@ import torch
 
 from selfimprove.config import load_config
 from selfimprove.domains import continue_on_board, make_env
-from selfimprove.envs.tabletop import TabletopEnv
+from selfimprove.envs.tabletop.world import TabletopEnv
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint
 from selfimprove.pipeline import run_pipeline

@@ -8,7 +8,7 @@ from selfimprove.config import load_config
 from selfimprove.data.collect import demo_episode
 from selfimprove.data.store import EpisodeStore, EpisodeWriter
 from selfimprove.domains import goal_key_for
-from selfimprove.envs import tasks
+from selfimprove.envs.tabletop import tasks
 from selfimprove.model.backbones import make_text_encoder
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import MismatchedInstructions

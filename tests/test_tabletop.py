@@ -6,12 +6,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from selfimprove.envs import tasks
-from selfimprove.envs.tabletop import (
-    ACTION_LIMIT, ENV_IDS, FOOTPRINTS, GEOMETRY, SPAWN_X, SPAWN_Y, X_BOUNDS, Y_BOUNDS, TabletopEnv,
-    register_tabletop_envs,
-)
-from selfimprove.envs.tabletop_expert import MAX_STEP, TabletopExpert, speed_limit
+from selfimprove.envs.tabletop import tasks
+from selfimprove.envs.tabletop.board import ACTION_LIMIT, FOOTPRINTS, GEOMETRY, SPAWN_X, SPAWN_Y, X_BOUNDS, Y_BOUNDS
+from selfimprove.envs.tabletop.expert import MAX_STEP, TabletopExpert, speed_limit
+from selfimprove.envs.tabletop.world import ENV_IDS, TabletopEnv, register_tabletop_envs
 from selfimprove.errors import ConfigError
 
 

@@ -1,8 +1,9 @@
-"""Run configuration: dataclasses, named presets from ``configs/``, strict validation.
+"""Run configuration: dataclasses, named presets from ``configs/``, strict loading.
 
 A config is plain data. Presets are TOML files; command-line overrides are ``section.field=value``
 strings. Unknown keys and wrong types fail loudly with a suggestion, because a typo in a robot
-learning config otherwise silently runs the wrong experiment for hours.
+learning config otherwise silently runs the wrong experiment for hours. Value ranges are checked
+by ``config_checks.py`` whenever a config is built.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import tomllib
 import types
 import typing
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from selfimprove.config_checks import check_config
 from selfimprove.errors import ConfigError
 
 def _preset_dir() -> Path:
@@ -30,13 +31,6 @@ def _preset_dir() -> Path:
 
 
 PRESET_DIR = _preset_dir()
-
-
-DOMAINS = ("pointmass", "language-table")  # built-in domains; any other name is a task of your own (docs/tutorial.md)
-PRECISIONS = ("auto", "float32", "bfloat16")  # of gradient steps; see train/precision.py
-FLEET_BACKENDS = ("local", "ray")
-# Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
-REWARDS = ("steps_to_go", "constant", "true_success")
 
 
 @dataclass
@@ -205,138 +199,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> "RunConfig":
-        """Check value ranges that types alone cannot; returns self for chaining.
+        """Check value ranges that types alone cannot (``config_checks.check_config``); returns self for chaining.
 
         Runs whenever a config is built (presets, overrides, a run's ``config.json``), so a bad value
         fails before any demo is collected or any step is trained.
         """
-        for where, value in _numbers(self):
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"invalid config: {where} = {value} is not a finite number")
-        known_env = _domain_of_env(self.env.id)
-        checks = [
-            (self.seed >= 0, f"seed must be >= 0 (it seeds the simulator), got {self.seed}"),
-            (self.sft.lr > 0 and self.improve.lr > 0, "sft.lr and improve.lr must be > 0 (e.g. 3e-4, 1e-4)"),
-            (self.sft.weight_decay >= 0 and self.sft.stg_weight >= 0 and self.improve.loss_scale > 0,
-             "sft.weight_decay and sft.stg_weight must be >= 0 and improve.loss_scale > 0"),
-            (self.improve.max_grad_norm > 0, "improve.max_grad_norm must be > 0"),
-            (self.model.hidden >= 1 and self.model.layers >= 1, "model.hidden and model.layers must be >= 1"),
-            (all(c >= 1 for c in self.model.channels), "model.channels must all be >= 1"),
-            (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
-            (self.env.max_episode_steps >= 1, "env.max_episode_steps must be >= 1"),
-            (self.improve.success_threshold is None or self.improve.success_threshold > 0,
-             f"improve.success_threshold (--threshold) must be > 0 steps (d >= 0, so s <= 0 never fires); "
-             f"got {self.improve.success_threshold}; leave it unset to calibrate s on held-out demos"),
-            (self.improve.max_robot_episodes >= 0 and self.improve.eval_every >= 0 and self.improve.eval_episodes >= 1,
-             "improve.max_robot_episodes and improve.eval_every must be >= 0 and improve.eval_episodes >= 1"),
-            (self.sft.eval_every >= 1 and self.sft.checkpoint_every >= 1,
-             "sft.eval_every and sft.checkpoint_every must be >= 1"),
-            (self.data.collect_workers >= 1, "data.collect_workers (--workers) must be >= 1"),
-            (self.eval.robots >= 1 and self.eval.seed >= 0, "eval.robots must be >= 1 and eval.seed >= 0"),
-            (all(t >= 0 for t in self.eval.control_temperatures), "eval.control_temperatures must be >= 0 (0: greedy)"),
-            (self.domain in DOMAINS or known_env is None,
-             f"domain {self.domain!r} is not a built-in domain ({', '.join(DOMAINS)}) but env.id {self.env.id!r} "
-             f"is the {known_env!r} domain's environment: set domain={known_env!r}, or point env.id at your own "
-             "task's environment (docs/tutorial.md)"),
-            (self.domain not in DOMAINS or known_env in (None, self.domain),
-             f"domain {self.domain!r} does not match env.id {self.env.id!r} (an environment of the {known_env!r} "
-             f"domain); use the {known_env!r} preset or set domain={known_env!r}"),
-            (0 < self.data.fraction <= 1, "data.fraction must be in (0, 1]"),
-            (0 < self.data.val_fraction < 1, "data.val_fraction must be in (0, 1)"),
-            (self.data.episodes >= 2, "data.episodes must be >= 2"),
-            (self.model.action_bins >= 2, "model.action_bins must be >= 2"),
-            (self.model.max_steps >= 1, "model.max_steps must be >= 1"),
-            (self.env.max_episode_steps <= self.model.max_steps,
-             "model.max_steps must cover env.max_episode_steps (the longest demo)"),
-            (self.sft.steps >= 1 and self.sft.batch_size >= 1, "sft.steps and sft.batch_size must be >= 1"),
-            (0 < self.improve.gamma <= 1, "improve.gamma must be in (0, 1]"),
-            (self.fleet.robots >= 1, "fleet.robots must be >= 1"),
-            (self.fleet.robots_per_actor >= 0 and self.fleet.reset_every >= 0 and self.fleet.max_restarts >= 0,
-             "fleet.robots_per_actor, fleet.reset_every and fleet.max_restarts must be >= 0"),
-            (self.fleet.timeout_s > 0 and self.fleet.robots_per_human >= 1,
-             "fleet.timeout_s must be > 0 and fleet.robots_per_human >= 1"),
-            (self.improve.max_staleness >= 0, "improve.max_staleness must be >= 0"),
-            (self.improve.guard_every is None or self.improve.guard_every >= 0,
-             "improve.guard_every must be >= 0 (0: guard only the SFT and the final policy; none: eval_every)"),
-            (self.improve.guard_episodes >= 1, "improve.guard_episodes must be >= 1 (validation episodes per check)"),
-            (self.improve.iterations >= 0, "improve.iterations must be >= 0"),
-            (self.improve.steps_per_iteration >= 1, "improve.steps_per_iteration must be >= 1"),
-            (self.improve.minibatch_size >= 0, "improve.minibatch_size must be >= 0 (0: the whole batch)"),
-            (self.improve.threshold_rule in ("f1", "precision"), "improve.threshold_rule must be 'f1' or 'precision'"),
-            (0 < self.improve.threshold_precision <= 1, "improve.threshold_precision must be in (0, 1]"),
-            (self.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
-            (self.improve.advantage in ("return", "normalized"), "improve.advantage must be 'return' or 'normalized'"),
-            (self.improve.baseline in ("none", "reward_model"), "improve.baseline must be 'none' or 'reward_model'"),
-            (self.improve.reward_steps in ("expected", "reachable"), "improve.reward_steps must be 'expected' or 'reachable'"),
-            (0 <= self.improve.baseline_decay < 1, "improve.baseline_decay must be in [0, 1)"),
-            (self.improve.reward_clip >= 0 and self.improve.kl_coef >= 0,
-             "improve.reward_clip and improve.kl_coef must be >= 0 (0: off)"),
-            (0 <= self.sft.negatives <= 4, "sft.negatives must be in [0, 4] (negative rows per batch row)"),
-            (self.data.hold_steps >= 0, "data.hold_steps must be >= 0"),
-            (self.sft.negatives == 0 or self.model.encoder != "mlp",
-             "sft.negatives needs an instruction-conditioned model (model.encoder 'film', 'late_fusion' or 'hf')"),
-            (self.fleet.backend in FLEET_BACKENDS, f"fleet.backend must be one of {FLEET_BACKENDS}"),
-            (self.improve.temperature > 0 and self.eval.temperature >= 0,
-             "improve.temperature must be > 0 and eval.temperature (--temperature) >= 0 (0: greedy)"),
-            (self.eval.episodes >= 1, "eval.episodes must be >= 1"),
-            (self.diagnose.rollouts >= 0, "diagnose.rollouts must be >= 0 (0: held-out demos only)"),
-            (self.eval.videos >= 0, "eval.videos must be >= 0 (0: no rollout videos)"),
-            (self.torch_threads >= 1, "torch_threads must be >= 1"),
-            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (self.model.encoder in ("mlp", "film", "late_fusion", "hf"),
-             "model.encoder must be 'mlp', 'film', 'late_fusion' or 'hf'"),
-            (self.model.encoder != "hf" or bool(self.model.hf_model),
-             "model.encoder = 'hf' needs model.hf_model (a local folder or a hub id); see docs/hf_backbones.md"),
-            (self.model.hf_dtype in ("auto", "bfloat16", "float32"),
-             "model.hf_dtype must be 'auto', 'bfloat16' or 'float32'"),
-            (self.model.hf_device in ("auto", "cpu", "cuda") or self.model.hf_device.startswith("cuda:"),
-             "model.hf_device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-            (self.model.hf_train in ("all", "language", "heads"), "model.hf_train must be 'all', 'language' or 'heads'"),
-            (self.model.hf_batch_size >= 1, "model.hf_batch_size must be >= 1"),
-            (self.model.image_init in ("scratch", "pretrained"), "model.image_init must be 'scratch' or 'pretrained'"),
-            (self.model.text_encoder in ("hashed_roles", "hashed_bow", "minilm"),
-             "model.text_encoder must be 'hashed_roles', 'hashed_bow' or 'minilm'"),
-            (self.model.frames >= 1 and len(self.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
-            (bool(self.domain) and not any(c.isspace() for c in self.domain),
-             f"domain must be a name without spaces: one of {DOMAINS} or your task's own (e.g. 'reach')"),
-            (set(self.sft.augment) <= {"mirror", "shift", "flip", "recolour"},
-             f"sft.augment may hold 'mirror', 'shift', 'flip' and 'recolour', got {self.sft.augment}"),
-            (self.improve.reward in REWARDS, f"improve.reward must be one of {', '.join(REWARDS)}"),
-            (self.improve.objective in ("reinforce", "ppo"),
-             f"improve.objective must be 'reinforce' or 'ppo', got {self.improve.objective!r}"),
-            (0 < self.improve.ppo_clip < 1, f"improve.ppo_clip must be in (0, 1) (e.g. 0.2), got {self.improve.ppo_clip}"),
-            (self.improve.epochs is None or self.improve.epochs >= 1,
-             f"improve.epochs must be >= 1 (or none for the objective's default), got {self.improve.epochs}"),
-            (not self.sft.augment or self.domain == "language-table",
-             "sft.augment is defined for the language-table domain only"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(f"invalid config: {message}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"invalid run name {self.name!r}: use a plain folder name such as 'pointmass'")
+        check_config(self)
         return self
-
-
-def _numbers(node: Any, where: str = "") -> typing.Iterator[tuple[str, Any]]:
-    """Every (dotted name, value) of a config's numeric fields, nested sections included."""
-    for f in dataclasses.fields(node):
-        value, name = getattr(node, f.name), f"{where}{f.name}"
-        if dataclasses.is_dataclass(value):
-            yield from _numbers(value, name + ".")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            yield name, value
-        elif isinstance(value, list):
-            yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
-
-
-def _domain_of_env(env_id: str) -> str | None:
-    """The built-in domain whose environment ``env_id`` is, or None for an environment of your own."""
-    if env_id.startswith("selfimprove/PointMass"):
-        return "pointmass"
-    if env_id.startswith("selfimprove/Tabletop"):
-        return "language-table"
-    return None
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import selfimprove.envs  # noqa: F401  (registers the environment ids)
 from selfimprove.config import RunConfig
 from selfimprove.envs.experts import Expert, make_expert
 from selfimprove.envs.instructions import instruction_problem
-from selfimprove.envs.tasks import goal_key
+from selfimprove.envs.tabletop.tasks import goal_key
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.policy import ModelSpec
 
@@ -183,7 +183,7 @@ def _reflect_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Te
                       axis: int) -> tuple[dict, torch.Tensor]:
     """Reflect the board about its centre line in ``axis`` (0: x, image rows; 1: y, image columns) for
     the chosen ``rows``: the image, that coordinate of the effector and its target, and that action bin."""
-    from selfimprove.envs.tabletop import VIEW_X, VIEW_Y
+    from selfimprove.envs.tabletop.board import VIEW_X, VIEW_Y
 
     obs = dict(obs)
     if not bool(rows.any()):
@@ -210,7 +210,7 @@ def shift_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tenso
     move by the same distance in metres, so the sample stays a consistent scene (actions are deltas
     and steps-to-go are unchanged).
     """
-    from selfimprove.envs.tabletop import VIEW_X, VIEW_Y
+    from selfimprove.envs.tabletop.board import VIEW_X, VIEW_Y
 
     obs = dict(obs)
     image = obs["image"]
@@ -298,7 +298,7 @@ def _palette_codes() -> tuple[list[str], torch.Tensor, torch.Tensor, torch.Tenso
     code per pixel names its colour and one gather per pixel recolours it; a pixel whose packed RGB
     is not exactly its code's block colour (board, pusher, a novel object) keeps its colour.
     """
-    from selfimprove.envs.tabletop import COLOURS_RGB
+    from selfimprove.envs.tabletop.board import COLOURS_RGB
 
     names = list(COLOURS_RGB)
     by_code = torch.zeros(8, 3, dtype=torch.uint8)
@@ -322,7 +322,7 @@ def _same_words(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-#: instruction -> what it asks for, per domain (see envs.tasks.goal_key); other domains: the words
+#: instruction -> what it asks for, per domain (see envs.tabletop.tasks.goal_key); other domains: the words
 GOAL_KEYS = {"language-table": goal_key}
 
 

@@ -10,7 +10,7 @@ def register_envs() -> None:
     if POINTMASS_ID not in gym.registry:
         gym.register(id=POINTMASS_ID, entry_point="selfimprove.envs.pointmass:PointMassEnv",
                      max_episode_steps=100)
-    from selfimprove.envs.tabletop import register_tabletop_envs
+    from selfimprove.envs.tabletop.world import register_tabletop_envs
 
     register_tabletop_envs()
 

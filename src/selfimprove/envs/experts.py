@@ -52,7 +52,7 @@ def make_expert(env_id: str, **kwargs) -> Expert:
     if "PointMass" in env_id:
         return PointMassExpert(**kwargs)
     if "Tabletop" in env_id:
-        from selfimprove.envs.tabletop_expert import TabletopExpert
+        from selfimprove.envs.tabletop.expert import TabletopExpert
 
         return TabletopExpert(**kwargs)
     raise ValueError(f"no scripted expert for environment {env_id!r}")

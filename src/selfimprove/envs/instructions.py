@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from selfimprove.envs.tasks import parse_instruction
+from selfimprove.envs.tabletop.tasks import parse_instruction
 from selfimprove.errors import ConfigError
 
 #: instruction -> task per domain; raises ConfigError naming what is wrong. Other domains (the point
@@ -18,7 +18,7 @@ INSTRUCTION_PARSERS: dict[str, Callable[[str], Any]] = {"language-table": parse_
 def instruction_problem(domain: str, text: str) -> str | None:
     """Why ``text`` is not an instruction of ``domain``, or None when it is (each text is parsed once).
 
-    An empty instruction never is; the language-table domain's must parse (``envs.tasks.parse_instruction``).
+    An empty instruction never is; the language-table domain's must parse (``envs.tabletop.tasks.parse_instruction``).
     """
     if not isinstance(text, str):
         return f"it is {type(text).__name__}, not text; every episode and every observation needs an instruction"

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import torch
 
-from selfimprove.config import PRECISIONS
+from selfimprove.config_checks import PRECISIONS
 
 __all__ = ["PRECISIONS", "autocast", "native_bf16_cpu", "resolve_precision"]
 

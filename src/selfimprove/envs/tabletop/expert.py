@@ -11,8 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from selfimprove.envs.tabletop import PUSHER_RADIUS, X_BOUNDS, Y_BOUNDS, TabletopEnv
-from selfimprove.envs.tasks import LOCATION_FAMILIES
+from selfimprove.envs.tabletop.board import PUSHER_RADIUS, X_BOUNDS, Y_BOUNDS
+from selfimprove.envs.tabletop.tasks import LOCATION_FAMILIES
+from selfimprove.envs.tabletop.world import TabletopEnv
 
 MAX_STEP = 0.035
 #: (distance to goal, speed factor) pairs of the original oracle, nearest first.

@@ -1,206 +1,36 @@
-"""LanguageTable-style planar pushing world: pymunk physics, a fast top-down renderer, gymnasium API.
+"""The tabletop world's gymnasium env: pymunk physics of the pusher and the objects, observations,
+the task's success test, the reset-free support, and the gymnasium ids (``register_tabletop_envs``).
 
-The original (PyBullet + xArm6 + a 180x320 camera) runs ~27 steps/s on one core; a 2-D world with
-the same workspace, blocks, action space and instructions runs two orders of magnitude faster,
-which is what makes on-policy self-improvement affordable on a CPU. See docs/tabletop.md for
-every difference from the original.
+The board's numbers and shapes are in ``board.py``, the frames are drawn by ``render.py`` and the
+instructions come from ``tasks.py``. See docs/tabletop.md for every difference from the original.
 """
 
 from __future__ import annotations
 
 import logging
 import string
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pymunk
 from gymnasium import spaces
-from PIL import Image, ImageDraw
 
-import selfimprove.envs.tasks as tasks_mod
-from selfimprove.envs.tasks import BLOCK_MODES, Task
+import selfimprove.envs.tabletop.tasks as tasks_mod
+from selfimprove.envs.tabletop.board import (
+    ACTION_LIMIT, BLOCK_FRICTION, BLOCK_MASS, CONTROL_HZ, GRAVITY, MIN_BLOCK_PUSHER_DISTANCE, NOVEL_USABLE_MARGIN,
+    PUSHER_FRICTION, PUSHER_RADIUS, SPAWN_X, SPAWN_Y, USABLE_MARGIN, VIEW_X, VIEW_Y, X_BOUNDS, Y_BOUNDS, BlockGeometry,
+    object_look, signed_area,
+)
+from selfimprove.envs.tabletop.render import Renderer
+from selfimprove.envs.tabletop.tasks import BLOCK_MODES, Task
 from selfimprove.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# ---------------------------------------------------------------------------------------------
-# Constants of the original (metres, kilograms, seconds)
-# ---------------------------------------------------------------------------------------------
-X_BOUNDS = (0.15, 0.60)
-Y_BOUNDS = (-0.3048, 0.3048)
-SPAWN_SHRINK = 0.08
-SPAWN_X = (X_BOUNDS[0] + SPAWN_SHRINK, X_BOUNDS[1] - SPAWN_SHRINK)
-SPAWN_Y = (Y_BOUNDS[0] + SPAWN_SHRINK, Y_BOUNDS[1] - SPAWN_SHRINK)
-PUSHER_RADIUS = 0.0127
-BLOCK_MASS = 0.01
-BLOCK_FRICTION = 0.5
-PUSHER_FRICTION = 1.0
-MIN_BLOCK_PUSHER_DISTANCE = 0.06
-ACTION_LIMIT = 0.1
-CONTROL_HZ = 10.0
-GRAVITY = 9.81
-
-#: walls sit this far outside the workspace bounds, so the pusher (whose centre is clipped to the
-#: bounds) never touches them but blocks cannot leave the table.
-WALL_MARGIN = 0.025
-#: the rendered area is the table inside the walls.
-VIEW_X = (X_BOUNDS[0] - WALL_MARGIN, X_BOUNDS[1] + WALL_MARGIN)
-VIEW_Y = (Y_BOUNDS[0] - WALL_MARGIN, Y_BOUNDS[1] + WALL_MARGIN)
-#: a block whose centre is farther than this outside the bounds counts as stuck (board unusable).
-USABLE_MARGIN = 0.012
-#: the banana lies flat against a wall with its centre ~0.01 m outside the bounds, where the pusher
-#: (its centre clipped to the bounds) can never get behind it: any centre outside the bounds is stuck.
-NOVEL_USABLE_MARGIN = {"banana": -0.02}
-
-FOOTPRINTS = {  # (extent along body x, extent along body y), metres
-    "cube": (0.0397, 0.0397),
-    "moon": (0.0525, 0.0257),
-    "star": (0.0444, 0.0408),
-    "pentagon": (0.0444, 0.0413),
-}
-COLOURS_RGB = {
-    "red": (255, 102, 102),
-    "blue": (102, 102, 255),
-    "green": (102, 255, 102),
-    "yellow": (255, 255, 102),
-}
-#: novel objects (BananaTable): never in a demo, named by themselves; (length, depth) of the
-#: bounding box in the body frame, metres, and a colour of their own.
-NOVEL_FOOTPRINTS = {"banana": (0.088, 0.030)}
-NOVEL_COLOURS_RGB = {"banana": (250, 215, 40)}
-BOARD_RGB = (48, 48, 48)
-PUSHER_RGB = (205, 205, 205)
-
 _S = 1000.0  # pymunk works in millimetres: its default slop and tolerances suit that scale.
 _INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " ,.'-"
 MAX_INSTRUCTION_LENGTH = 128
-
-
-# ---------------------------------------------------------------------------------------------
-# Block geometry (body frame, metres, centroid at the origin)
-# ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BlockGeometry:
-    """Convex collision pieces and a (possibly concave) outline for drawing, both in the body frame."""
-
-    pieces: tuple[np.ndarray, ...]
-    outline: np.ndarray
-    radius: float  # bounding circle radius around the centroid
-
-
-def _fit_box(points: np.ndarray, size: tuple[float, float]) -> np.ndarray:
-    """Scales points so their bounding box is exactly `size`."""
-    lo, hi = points.min(0), points.max(0)
-    return (points - (lo + hi) / 2) * (np.asarray(size) / (hi - lo))
-
-
-def _area_centroid(pieces: list[np.ndarray]) -> np.ndarray:
-    total, acc = 0.0, np.zeros(2)
-    for p in pieces:
-        x, y = p[:, 0], p[:, 1]
-        xn, yn = np.roll(x, -1), np.roll(y, -1)
-        cross = x * yn - xn * y
-        a = cross.sum() / 2
-        c = np.array([((x + xn) * cross).sum(), ((y + yn) * cross).sum()]) / (6 * a)
-        total += a
-        acc += a * c
-    return acc / total
-
-
-def _regular(n: int, radius: float, phase: float) -> np.ndarray:
-    ang = phase + 2 * np.pi * np.arange(n) / n
-    return np.stack([radius * np.cos(ang), radius * np.sin(ang)], 1)
-
-
-def _make_geometry(shape: str) -> BlockGeometry:
-    size = FOOTPRINTS.get(shape, (1.0, 1.0))
-    if shape == "cube":
-        outline = _fit_box(np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], float), size)
-        pieces = [outline]
-    elif shape == "pentagon":
-        outline = _fit_box(_regular(5, 1.0, np.pi / 2), size)
-        pieces = [outline]
-    elif shape == "star":
-        outer = _regular(5, 1.0, np.pi / 2)
-        inner = _regular(5, 0.55, np.pi / 2 + np.pi / 5)
-        outline = np.empty((10, 2))
-        outline[0::2], outline[1::2] = outer, inner
-        outline = _fit_box(outline, size)
-        outer, inner = outline[0::2], outline[1::2]
-        pieces = [inner] + [np.stack([inner[i - 1], outer[i], inner[i]]) for i in range(5)]
-    elif shape == "moon":
-        outline, pieces = _moon(size)
-    elif shape == "banana":
-        outline, pieces = _banana(NOVEL_FOOTPRINTS[shape])
-    else:
-        raise ConfigError(f"unknown shape {shape!r}; valid shapes: {', '.join([*FOOTPRINTS, *NOVEL_FOOTPRINTS])}")
-    centre = _area_centroid(pieces)
-    pieces = [p - centre for p in pieces]
-    outline = outline - centre
-    radius = float(np.linalg.norm(outline, axis=1).max())
-    return BlockGeometry(tuple(np.ascontiguousarray(p) for p in pieces), np.ascontiguousarray(outline), radius)
-
-
-def _moon(size: tuple[float, float], n: int = 5) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A crescent: outer arc through the horn tips and the apex, inner arc cut out; n convex quads."""
-    w, d = size
-    horn = 0.18 * w  # the horn tips are this wide
-    thickness = 0.5 * d  # crescent thickness at the middle
-    t = np.linspace(-1, 1, n + 1)
-    outer = np.stack([t * w / 2, d * (1 - t**2) ** 0.6], 1)
-    inner_half = w / 2 - horn
-    inner = np.stack([t * inner_half, (d - thickness) * (1 - t**2) ** 0.6], 1)
-    # join the horn tips: outer and inner start/end at y=0
-    pieces = [np.stack([outer[i], outer[i + 1], inner[i + 1], inner[i]]) for i in range(n)]
-    pieces = [p[::-1] if _signed_area(p) < 0 else p for p in pieces]
-    outline = np.concatenate([outer, inner[::-1]])
-    lo, hi = outline.min(0), outline.max(0)
-    scale, mid = np.asarray(size) / (hi - lo), (lo + hi) / 2
-    return (outline - mid) * scale, [(p - mid) * scale for p in pieces]
-
-
-def _banana(size: tuple[float, float], n: int = 8) -> tuple[np.ndarray, list[np.ndarray]]:
-    """A banana: a curved body, thick in the middle and tapering to blunt tips, with a short stem.
-
-    The centreline is a parabolic arc; each of the n body pieces spans a vertical strip between
-    the outer and inner edges (a trapezoid, hence convex) and the stem is one more trapezoid along
-    the tangent at the +x tip. The whole outline is then scaled to the footprint ``size``.
-    """
-    length, sagitta, h_mid, h_tip = 1.0, 0.17, 0.115, 0.03  # relative to the body length
-    stem_len, h_stem = 0.09, 0.022
-    t = np.linspace(-1, 1, n + 1)
-    x = t * length / 2
-    centre = sagitta * (1 - t**2)
-    half = h_tip + (h_mid - h_tip) * (1 - t**2) ** 0.7
-    outer, inner = np.stack([x, centre + half], 1), np.stack([x, centre - half], 1)
-    pieces = [np.stack([inner[i], inner[i + 1], outer[i + 1], outer[i]]) for i in range(n)]
-    slope = -4 * sagitta / length  # d(centre)/dx at the +x tip
-    x0, x1 = length / 2, length / 2 + stem_len
-    stem = np.array([[x0, -h_stem], [x1, -h_stem + slope * stem_len], [x1, h_stem + slope * stem_len], [x0, h_stem]])
-    pieces.append(stem)
-    pieces = [p[::-1] if _signed_area(p) < 0 else p for p in pieces]
-    outline = np.concatenate([inner, stem, outer[::-1]])
-    lo, hi = outline.min(0), outline.max(0)
-    scale, mid = np.asarray(size) / (hi - lo), (lo + hi) / 2
-    return (outline - mid) * scale, [(p - mid) * scale for p in pieces]
-
-
-def _signed_area(p: np.ndarray) -> float:
-    x, y = p[:, 0], p[:, 1]
-    return float((x * np.roll(y, -1) - np.roll(x, -1) * y).sum() / 2)
-
-
-GEOMETRY = {shape: _make_geometry(shape) for shape in (*FOOTPRINTS, *NOVEL_FOOTPRINTS)}
-
-
-def object_look(name: str) -> tuple[BlockGeometry, tuple[int, int, int]]:
-    """Geometry and colour of a '<colour> <shape>' block or of a novel object named by itself."""
-    if name in NOVEL_FOOTPRINTS:
-        return GEOMETRY[name], NOVEL_COLOURS_RGB[name]
-    colour, shape = name.split()
-    return GEOMETRY[shape], COLOURS_RGB[colour]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +88,7 @@ class TabletopEnv(gym.Env):
         self._geoms = [geom for geom, _ in looks]
         self.block_radii = np.array([g.radius for g in self._geoms])
         self._usable_margins = np.array([NOVEL_USABLE_MARGIN.get(n, USABLE_MARGIN) for n in self.block_names])
-        self._renderer = _Renderer(self._geoms, [colour for _, colour in looks], self.image_hw or (96, 96))
+        self._renderer = Renderer(self._geoms, [colour for _, colour in looks], self.image_hw or (96, 96))
         self.action_space = spaces.Box(-ACTION_LIMIT, ACTION_LIMIT, shape=(2,), dtype=np.float32)
         self.observation_space = self._make_observation_space()
 
@@ -479,7 +309,7 @@ class TabletopEnv(gym.Env):
         body = pymunk.Body()
         body.position = (float(xy[0] * _S), float(xy[1] * _S))
         body.angle = float(angle)
-        area = sum(abs(_signed_area(p)) for p in geom.pieces) * _S * _S
+        area = sum(abs(signed_area(p)) for p in geom.pieces) * _S * _S
         shapes = []
         for piece in geom.pieces:
             poly = pymunk.Poly(body, [tuple(v) for v in piece * _S])
@@ -546,41 +376,6 @@ def _parse_size(image_size: int | tuple[int, int] | None) -> tuple[int, int] | N
     return h, w
 
 
-class _Renderer:
-    """Top-down rasteriser: image rows follow +x (row 0 = 'top', near the robot), columns follow +y."""
-
-    def __init__(self, geoms: list[BlockGeometry], colours: list[tuple[int, int, int]], hw: tuple[int, int]):
-        self.h, self.w = hw
-        self.colours = colours
-        self.sx = self.h / (VIEW_X[1] - VIEW_X[0])
-        self.sy = self.w / (VIEW_Y[1] - VIEW_Y[0])
-        self.counts = [len(g.outline) for g in geoms]
-        ends = np.cumsum(self.counts) * 2
-        self.slices = list(zip([0, *ends[:-1].tolist()], ends.tolist()))
-        self.verts = np.concatenate([g.outline for g in geoms])
-        self.owner = np.repeat(np.arange(len(geoms)), self.counts)
-        self.background = Image.new("RGB", (self.w, self.h), BOARD_RGB)
-        self.pr_row = PUSHER_RADIUS * self.sx
-        self.pr_col = PUSHER_RADIUS * self.sy
-
-    def draw(self, xy: np.ndarray, angles: np.ndarray, pusher: np.ndarray) -> np.ndarray:
-        c, s = np.cos(angles)[self.owner], np.sin(angles)[self.owner]
-        vx, vy = self.verts[:, 0], self.verts[:, 1]
-        wx = c * vx - s * vy + xy[self.owner, 0]
-        wy = s * vx + c * vy + xy[self.owner, 1]
-        pix = np.empty((len(wx), 2))
-        pix[:, 0] = (wy - VIEW_Y[0]) * self.sy - 0.5  # PIL x = column
-        pix[:, 1] = (wx - VIEW_X[0]) * self.sx - 0.5  # PIL y = row
-        img = self.background.copy()
-        draw = ImageDraw.Draw(img)
-        flat = pix.ravel().tolist()
-        for (a, b), colour in zip(self.slices, self.colours):
-            draw.polygon(flat[a:b], fill=colour)
-        pr, pc = (pusher[0] - VIEW_X[0]) * self.sx - 0.5, (pusher[1] - VIEW_Y[0]) * self.sy - 0.5
-        draw.ellipse((pc - self.pr_col, pr - self.pr_row, pc + self.pr_col, pr + self.pr_row), fill=PUSHER_RGB)
-        return np.asarray(img)
-
-
 # ---------------------------------------------------------------------------------------------
 # Registration
 # ---------------------------------------------------------------------------------------------
@@ -597,4 +392,4 @@ def register_tabletop_envs() -> None:
     for env_id, family in ENV_IDS.items():
         if env_id in gym.registry:
             continue
-        gym.register(id=env_id, entry_point="selfimprove.envs.tabletop:TabletopEnv", kwargs={"task": family})
+        gym.register(id=env_id, entry_point="selfimprove.envs.tabletop.world:TabletopEnv", kwargs={"task": family})
