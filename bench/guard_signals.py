@@ -33,7 +33,9 @@ from selfimprove.data.store import EpisodeStore  # noqa: E402
 from selfimprove.model.checkpoint import load_checkpoint  # noqa: E402
 from selfimprove.reward import StepsToGoReward  # noqa: E402
 from selfimprove.runlog import torch_generator  # noqa: E402
-from selfimprove.train.guard import blind, fire_frame_signals, spearman, views_for  # noqa: E402
+from selfimprove.domains import views_for  # noqa: E402
+from selfimprove.stats import spearman  # noqa: E402
+from selfimprove.train.guard import blind, fire_frame_signals  # noqa: E402
 
 
 def episode_table(run: Path, replay: bool, every: int) -> dict[str, np.ndarray]:

@@ -21,7 +21,7 @@ import torch
 from selfimprove.config import load_config
 from selfimprove.data.collect import collect_demos
 from selfimprove.data.store import EpisodeStore
-from selfimprove.domains import AUGMENTATIONS, make_env, model_spec
+from selfimprove.domains import augmentation, make_env, model_spec
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward
@@ -55,7 +55,7 @@ def bench_augment(config, frames, seconds: float) -> float:
     torch.set_num_threads(1)
     spec = model_spec(config, make_env(config))
     data = FrameBatches(frames, EmbodiedModel(spec))
-    augments = [AUGMENTATIONS[name][config.domain] for name in config.sft.augment]
+    augments = [augmentation(config.domain, name) for name in config.sft.augment]
     g = torch.Generator().manual_seed(0)
     batches, spent = 0, 0.0
     while spent < seconds:

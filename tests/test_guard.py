@@ -15,8 +15,8 @@ from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.pipeline import run_pipeline
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train import guard as guard_module
-from selfimprove.train.guard import (GUARD_SEED_BASE, GUARD_SHIFTS, best_checkpoint, blind, describe_views,
-                                     views_for)
+from selfimprove.domains import describe_views, views_for
+from selfimprove.train.guard import GUARD_SEED_BASE, GUARD_SHIFTS, best_checkpoint, blind
 from selfimprove.stats import spearman
 from selfimprove.train.improve import episodes_dir, improve, improve_checkpoint
 from selfimprove.train.sft import sft_checkpoint
@@ -203,11 +203,11 @@ def test_guard_config_is_validated():
 
 def test_views_and_spearman():
     assert len(views_for("language-table", shifts=4)) == 5 and len(views_for("pointmass")) == 1
-    assert views_for("reach", shifts=4) == [] and describe_views("reach") == ""  # a task of one's own
+    assert views_for("reach", shifts=4) == [] and describe_views("reach", GUARD_SHIFTS) == ""  # a task of one's own
     for domain in ("language-table", "pointmass", "reach"):  # the words name what the guard scores with
-        assert bool(describe_views(domain)) == bool(views_for(domain, GUARD_SHIFTS))
+        assert bool(describe_views(domain, GUARD_SHIFTS)) == bool(views_for(domain, GUARD_SHIFTS))
     tabletop = f"the left-right mirror of the board and {GUARD_SHIFTS} small scene shifts"
-    assert describe_views("language-table") == tabletop
+    assert describe_views("language-table", GUARD_SHIFTS) == tabletop
     obs = {"state": torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]]), "instruction": ["x"]}
     assert torch.allclose(views_for("pointmass")[0](obs)["state"], torch.tensor([[0.1, -0.2, 0.3, -0.4, 0.5, -0.6]]))
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)

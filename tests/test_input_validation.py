@@ -262,7 +262,7 @@ def test_frame_source_checks_its_frames_and_instructions_once():
 
 
 def test_every_instruction_the_tabletop_generates_and_augments_is_accepted():
-    from selfimprove.domains import mirror_instruction
+    from selfimprove.domains.tabletop import mirror_instruction
     from selfimprove.envs.tabletop.tasks import all_banana2location_instructions, all_block2block_instructions, \
         all_block2location_instructions
 

@@ -59,7 +59,7 @@ def test_mirror_of_instruction_roles_gives_different_text_features():
 def test_mirror_augmentation_flips_image_y_and_dy_consistently():
     import torch
 
-    from selfimprove.domains import mirror_instruction, mirror_tabletop
+    from selfimprove.domains.tabletop import mirror_instruction, mirror_tabletop
 
     image = torch.zeros(2, 2, 4, 6, 3, dtype=torch.uint8)
     image[:, :, 1, 0] = 255  # a bright pixel at the left edge
@@ -101,7 +101,7 @@ def test_pretrained_initialisation_builds_and_runs_offline(monkeypatch):
 def test_flip_augmentation_moves_image_x_and_dx_together_and_spares_locations():
     import torch
 
-    from selfimprove.domains import flip_tabletop
+    from selfimprove.domains.tabletop import flip_tabletop
     from selfimprove.envs.tabletop.board import VIEW_X
     from selfimprove.envs.tabletop.world import TabletopEnv
 
@@ -129,7 +129,7 @@ def test_flip_augmentation_moves_image_x_and_dx_together_and_spares_locations():
 def test_recolour_augmentation_permutes_block_colours_in_pixels_and_words_together():
     import torch
 
-    from selfimprove.domains import recolour_tabletop
+    from selfimprove.domains.tabletop import recolour_tabletop
     from selfimprove.envs.tabletop.board import COLOURS_RGB, NOVEL_COLOURS_RGB
     from selfimprove.envs.tabletop.world import TabletopEnv
 
@@ -164,7 +164,7 @@ def test_recolour_augmentation_permutes_block_colours_in_pixels_and_words_togeth
 def test_shift_augmentation_moves_image_and_coordinates_together():
     import torch
 
-    from selfimprove.domains import shift_tabletop
+    from selfimprove.domains.tabletop import shift_tabletop
     from selfimprove.envs.tabletop.world import TabletopEnv
 
     env = TabletopEnv(image_size=32)

@@ -3,7 +3,7 @@ import numpy as np
 
 import selfimprove.envs  # noqa: F401
 from selfimprove.data.collect import demo_episode
-from selfimprove.envs.experts import PointMassExpert
+from selfimprove.envs.pointmass import PointMassExpert
 
 from conftest import quick_config
 

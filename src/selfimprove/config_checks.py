@@ -12,12 +12,12 @@ import math
 import typing
 from typing import TYPE_CHECKING, Any
 
+from selfimprove.domain_table import AUGMENTATION_NAMES, DOMAINS, domain_of_env
 from selfimprove.errors import ConfigError
 
 if TYPE_CHECKING:
     from selfimprove.config import RunConfig
 
-DOMAINS = ("pointmass", "language-table")  # built-in domains; any other name is a task of your own (docs/tutorial.md)
 PRECISIONS = ("auto", "float32", "bfloat16")  # of gradient steps; see train/precision.py
 FLEET_BACKENDS = ("local", "ray")
 # Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
@@ -29,7 +29,8 @@ def check_config(config: RunConfig) -> None:
     for where, value in _numbers(config):
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"invalid config: {where} = {value} is not a finite number")
-    known_env = _domain_of_env(config.env.id)
+    known_env = domain_of_env(config.env.id)
+    entry = DOMAINS.get(config.domain)
     checks = [
         (config.seed >= 0, f"seed must be >= 0 (it seeds the simulator), got {config.seed}"),
         (config.sft.lr > 0 and config.improve.lr > 0, "sft.lr and improve.lr must be > 0 (e.g. 3e-4, 1e-4)"),
@@ -114,17 +115,19 @@ def check_config(config: RunConfig) -> None:
          "model.text_encoder must be 'hashed_roles', 'hashed_bow' or 'minilm'"),
         (config.model.frames >= 1 and len(config.model.channels) >= 1, "model.frames and model.channels must be >= 1"),
         (bool(config.domain) and not any(c.isspace() for c in config.domain),
-         f"domain must be a name without spaces: one of {DOMAINS} or your task's own (e.g. 'reach')"),
-        (set(config.sft.augment) <= {"mirror", "shift", "flip", "recolour"},
-         f"sft.augment may hold 'mirror', 'shift', 'flip' and 'recolour', got {config.sft.augment}"),
+         f"domain must be a name without spaces: one of {tuple(DOMAINS)} or your task's own (e.g. 'reach')"),
+        (set(config.sft.augment) <= set(AUGMENTATION_NAMES),
+         f"sft.augment may hold {', '.join(map(repr, AUGMENTATION_NAMES))}, got {config.sft.augment}"),
         (config.improve.reward in REWARDS, f"improve.reward must be one of {', '.join(REWARDS)}"),
         (config.improve.objective in ("reinforce", "ppo"),
          f"improve.objective must be 'reinforce' or 'ppo', got {config.improve.objective!r}"),
         (0 < config.improve.ppo_clip < 1, f"improve.ppo_clip must be in (0, 1) (e.g. 0.2), got {config.improve.ppo_clip}"),
         (config.improve.epochs is None or config.improve.epochs >= 1,
          f"improve.epochs must be >= 1 (or none for the objective's default), got {config.improve.epochs}"),
-        (not config.sft.augment or config.domain == "language-table",
-         "sft.augment is defined for the language-table domain only"),
+        (set(config.sft.augment) <= set(entry.augmentations if entry else ()),
+         f"sft.augment {config.sft.augment} is not defined for the {config.domain!r} domain"
+         + (f" (it has {', '.join(map(repr, entry.augmentations))})" if entry and entry.augmentations else
+            " (it has none: set sft.augment = [])")),
     ]
     for ok, message in checks:
         if not ok:
@@ -145,10 +148,4 @@ def _numbers(node: Any, where: str = "") -> typing.Iterator[tuple[str, Any]]:
             yield from ((f"{name}[{i}]", v) for i, v in enumerate(value) if isinstance(v, (int, float)))
 
 
-def _domain_of_env(env_id: str) -> str | None:
-    """The built-in domain whose environment ``env_id`` is, or None for an environment of your own."""
-    if env_id.startswith("selfimprove/PointMass"):
-        return "pointmass"
-    if env_id.startswith("selfimprove/Tabletop"):
-        return "language-table"
-    return None
+

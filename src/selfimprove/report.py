@@ -17,7 +17,8 @@ from selfimprove.rundir import RunDir  # noqa: E402
 from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes, write_text  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
 from selfimprove.stats import fmt  # noqa: E402
-from selfimprove.train.guard import describe_views, guard_records  # noqa: E402
+from selfimprove.domains import describe_views  # noqa: E402
+from selfimprove.train.guard import GUARD_SHIFTS, guard_records  # noqa: E402
 from selfimprove.videos import report_lines as video_lines  # noqa: E402
 
 
@@ -294,7 +295,7 @@ def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: di
     last = checks[-1]
     config_path = RunDir(run_dir).config
     domain = json.loads(config_path.read_text()).get("domain") if config_path.exists() else None
-    views = describe_views(domain)
+    views = describe_views(domain, GUARD_SHIFTS)
     if views:
         score = ("the share of episodes the detector ended, each counted by the fraction of label-preserving view "
                  f"changes ({views}) under which the detector also fires")

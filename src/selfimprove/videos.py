@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
+from selfimprove.domains import states_drawing
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import write_json
 
@@ -45,26 +46,6 @@ def read_index(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
         return json.loads(path.read_text()) if path.exists() else {}
     except json.JSONDecodeError:  # being written by a live run
         return {}
-
-
-def pointmass_frame(state: np.ndarray, trail: np.ndarray, success_radius: float, size: int = MIN_WIDTH
-                    ) -> np.ndarray:
-    """Top-down view of the point-mass arena [-1, 1]^2 (y up): goal disc, path so far, the point."""
-    img = Image.new("RGB", (size, size), (40, 40, 46))
-    draw = ImageDraw.Draw(img)
-
-    def pix(x: float, y: float) -> tuple[float, float]:
-        return ((x + 1) / 2 * (size - 1), (1 - y) / 2 * (size - 1))
-
-    gx, gy = pix(float(state[4]), float(state[5]))
-    r = success_radius / 2 * (size - 1)
-    draw.ellipse([gx - r, gy - r, gx + r, gy + r], fill=(50, 120, 60), outline=(90, 200, 100))
-    if len(trail) > 1:
-        draw.line([pix(float(x), float(y)) for x, y in trail], fill=(120, 120, 150), width=2)
-    px, py = pix(float(state[0]), float(state[1]))
-    draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=(245, 245, 245))
-    draw.rectangle([0, 0, size - 1, size - 1], outline=(150, 150, 150))
-    return np.asarray(img)
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -114,10 +95,10 @@ def episode_frames(episode: Episode, config: RunConfig, label: str = "") -> list
         images = np.asarray(obs["image"], dtype=np.uint8)
         scale = max(1, math.ceil(MIN_WIDTH / images.shape[2]))
         raw = [np.repeat(np.repeat(im, scale, axis=0), scale, axis=1) for im in images]
-    elif config.domain == "pointmass" and "state" in obs and obs["state"].shape[-1] >= 6:
-        radius = float(config.env.kwargs.get("success_radius", 0.15))
-        state = np.asarray(obs["state"], dtype=np.float64)
-        raw = [pointmass_frame(state[t], state[: t + 1, :2], radius) for t in range(steps)]
+    elif (draw_states := states_drawing(config.domain)) is not None:
+        raw = draw_states(obs, config, MIN_WIDTH)
+        if not raw:
+            return []
     else:
         return []
     success = np.asarray(episode.info.get("is_success", np.zeros(steps, bool)), dtype=bool)

@@ -26,6 +26,7 @@ from selfimprove.diagnose.audit import audit_demos, audit_rollouts, gate, reward
 from selfimprove.diagnose.checks import FrameSet, _at, _section, alternatives
 from selfimprove.diagnose.plots import write_plots
 from selfimprove.diagnose.report import write_markdown
+from selfimprove.domain_table import DOMAINS
 from selfimprove.domains import goal_key_for, make_env
 from selfimprove.errors import CheckpointError, ConfigError, DatasetError
 from selfimprove.fleet.local import LocalFleet, seed_stream
@@ -39,7 +40,6 @@ from selfimprove.runlog import dumps_json, torch_generator
 log = logging.getLogger(__name__)
 
 # preset used for a checkpoint outside a run folder, by the domain its spec names
-DOMAIN_PRESETS = {"pointmass": "pointmass", "language-table": "language-table"}
 NO_NEGATIVES_WARNING = ("this checkpoint was trained without mismatched-instruction negatives (sft.negatives = 0): "
                         "its steps-to-go head cannot say 'not on the way', so as a reward model its detector fires "
                         "on states that are not the goal; retrain Stage 1 with sft.negatives > 0")
@@ -95,13 +95,13 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
         for item in overrides or []:
             data = _merge(data, parse_override(item))
         if not data.get("data", {}).get("path"):  # the run's own demos, wherever the run folder is now
-            data.setdefault("data", {})["path"] = str(checkpoint.parent.parent / "demos")
+            data.setdefault("data", {})["path"] = str(RunDir(checkpoint.parent.parent).demos)
         config = config_from_dict(data)
     else:
         if preset is None:
-            if domain not in DOMAIN_PRESETS:
+            if domain not in DOMAINS:
                 raise CheckpointError(f"{checkpoint} names domain {domain!r}; pass a preset with --config")
-            preset = DOMAIN_PRESETS[domain]
+            preset = DOMAINS[domain].preset
         config = load_config(preset, overrides)
         if not config.data.path and meta.get("meta", {}).get("dataset"):
             config.data.path = str(meta["meta"]["dataset"])

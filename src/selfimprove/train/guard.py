@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +40,7 @@ import torch
 
 from selfimprove.config import ImproveConfig, RunConfig
 from selfimprove.data.episode import Episode
-from selfimprove.domains import make_env, mirror_instruction, shift_tabletop
+from selfimprove.domains import make_env, views_for
 from selfimprove.evaluate import evaluate
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_train_state, read_checkpoint_config, recover_checkpoint, save_checkpoint
@@ -74,72 +74,6 @@ def blind(episode: Episode) -> Episode:
     return replace(episode, true_success=None, info={})
 
 
-def _mirror_tabletop_view(obs: dict) -> dict:
-    """The board mirrored left-right (image columns, y coordinates, 'left'/'right'), as SFT augments."""
-    out = dict(obs)
-    out["image"] = obs["image"].flip(-2)
-    for key in ("effector", "effector_target"):
-        if key in obs:
-            v = obs[key].clone()
-            v[:, 1] = -v[:, 1]
-            out[key] = v
-    out["instruction"] = [mirror_instruction(t) for t in obs["instruction"]]
-    return out
-
-
-def _mirror_pointmass_view(obs: dict) -> dict:
-    """The point mass mirrored about y = 0 (walls and goal region are symmetric): y, vy, gy flip."""
-    out = dict(obs)
-    state = obs["state"].clone()
-    state[:, [1, 3, 5]] = -state[:, [1, 3, 5]]
-    out["state"] = state
-    return out
-
-
-def _shift_tabletop_view(seed: int, max_pixels: int = 3) -> Callable[[dict], dict]:
-    """The scene translated by a few pixels (image and coordinates together), as SFT augments."""
-    def view(obs: dict) -> dict:
-        rows = torch.ones(len(obs["instruction"]), dtype=torch.bool)
-        dummy = torch.zeros(len(rows), 2, dtype=torch.long)
-        return shift_tabletop(obs, dummy, 3, rows, max_pixels, torch.Generator().manual_seed(seed))[0]
-    return view
-
-
-@dataclass(frozen=True)
-class DomainViews:
-    """A domain's label-preserving view changes: its mirror, in words too, and whether scenes shift."""
-
-    mirror: Callable[[dict], dict]
-    mirror_words: str
-    shifts: bool = False  # small scene shifts as well (image domains)
-
-
-VIEWS: dict[str, DomainViews] = {
-    "language-table": DomainViews(_mirror_tabletop_view, "the left-right mirror of the board", shifts=True),
-    "pointmass": DomainViews(_mirror_pointmass_view, "the mirror about y = 0"),
-}
-
-
-def views_for(domain: str, shifts: int = 0) -> list[Callable[[dict], dict]]:
-    """Label-preserving view changes of ``domain``: the mirror first, then ``shifts`` random shifts.
-
-    Empty for a domain without known symmetries (a task of your own): the guard then scores plain detections.
-    """
-    known = VIEWS.get(domain)
-    if known is None:
-        return []
-    return [known.mirror] + ([_shift_tabletop_view(j) for j in range(shifts)] if known.shifts else [])
-
-
-def describe_views(domain: str | None, shifts: int = GUARD_SHIFTS) -> str:
-    """The guard's view changes of ``domain`` in words, as :func:`views_for` makes them ('' if none)."""
-    known = VIEWS.get(domain or "")
-    if known is None:
-        return ""
-    return known.mirror_words + (f" and {shifts} small scene shifts" if known.shifts and shifts else "")
-
-
-@torch.no_grad()
 def fire_frame_signals(reward: StepsToGoReward, episodes: list[Episode], policy: EmbodiedModel | None = None,
                        views: list[Callable[[dict], dict]] | None = None, batch_size: int = 256
                        ) -> dict[str, np.ndarray]:

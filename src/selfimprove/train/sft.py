@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.store import EpisodeStore, Frames, split_episodes
-from selfimprove.domains import check_store, AUGMENTATIONS, goal_key_for, make_env, model_spec
+from selfimprove.domains import augmentation, check_store, goal_key_for, make_env, model_spec
 from selfimprove.folders import locks_run
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, optimizer_state_tensors,
@@ -159,7 +159,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         log.info("resuming stage 1 at step %d", start)
     else:
         metrics.keep(lambda r: r.get("stage") != "sft")
-    augments = [AUGMENTATIONS[name][config.domain] for name in cfg.augment]
+    augments = [augmentation(config.domain, name) for name in cfg.augment]
     n_negatives = int(round(cfg.negatives * cfg.batch_size))
     mismatched = MismatchedInstructions(train.instructions, goal_key_for(config.domain)) if n_negatives else None
     log.info("stage 1: %d train frames (%d episodes), %d held-out frames, %s gradient steps", data.size,
