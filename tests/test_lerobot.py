@@ -13,8 +13,9 @@ from PIL import Image
 from selfimprove.cli import main
 from selfimprove.config import load_config
 from selfimprove.data.collect import collect_demos
-from selfimprove.data.lerobot import (LEROBOT_PRESETS, LeRobotMapping, check_lerobot, dataset_info, export_lerobot,
-                                      import_lerobot, load_mapping)
+from selfimprove.data.lerobot import LEROBOT_PRESETS, LeRobotMapping, dataset_info, load_mapping
+from selfimprove.data.lerobot_export import export_lerobot
+from selfimprove.data.lerobot_import import check_lerobot, import_lerobot
 from selfimprove.data.store import EpisodeStore
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.checkpoint import load_checkpoint

@@ -22,10 +22,10 @@ _LAZY = {
     "RunConfig": "selfimprove.config",
     "load_config": "selfimprove.config",
     "collect_demos": "selfimprove.data.collect",
-    "check_lerobot": "selfimprove.data.lerobot",
+    "check_lerobot": "selfimprove.data.lerobot_import",
     "dataset_info": "selfimprove.data.lerobot",
-    "export_lerobot": "selfimprove.data.lerobot",
-    "import_lerobot": "selfimprove.data.lerobot",
+    "export_lerobot": "selfimprove.data.lerobot_export",
+    "import_lerobot": "selfimprove.data.lerobot_import",
     "diagnose": "selfimprove.diagnose",
     "evaluate": "selfimprove.evaluate",
     "run_experiment": "selfimprove.experiment.run",
@@ -42,7 +42,9 @@ __all__ = ["RunConfig", "check_lerobot", "collect_demos", "dataset_info", "expor
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names come from __getattr__
     from selfimprove.config import RunConfig, load_config
     from selfimprove.data.collect import collect_demos
-    from selfimprove.data.lerobot import check_lerobot, dataset_info, export_lerobot, import_lerobot
+    from selfimprove.data.lerobot import dataset_info
+    from selfimprove.data.lerobot_export import export_lerobot
+    from selfimprove.data.lerobot_import import check_lerobot, import_lerobot
     from selfimprove.diagnose import diagnose
     from selfimprove.evaluate import evaluate
     from selfimprove.experiment.run import run_experiment

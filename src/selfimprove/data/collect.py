@@ -12,6 +12,7 @@ from tqdm import tqdm
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeWriter, read_info
+from selfimprove.data.v3 import INFO_PATH
 from selfimprove.domains import DEMO_SEED_BASE, expert_for, instruction_of, make_env, observation_dict
 from selfimprove.folders import ensure_empty, publish, staging_folder
 from selfimprove.errors import DatasetError
@@ -81,7 +82,7 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
     out = Path(out) if out is not None else config.dataset_path
     n = int(episodes if episodes is not None else config.data.episodes)
     workers = int(workers or config.data.collect_workers)
-    if (out / "meta" / "info.json").exists():
+    if (out / INFO_PATH).exists():
         info = read_info(out)
         raise DatasetError(f"{out} already holds a dataset of {info['total_episodes']} episodes; "
                            "choose another --out or delete it first (nothing was changed)")

@@ -14,56 +14,25 @@ crash mid-write never leaves a half-written file where a reader looks.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
 
 from selfimprove.data.episode import Episode
+from selfimprove.data.v3 import (CHUNK_SIZE, CODEBASE_VERSION, DATA_PATH, EPISODES_PATH, INFO_PATH, TASKS_PATH,
+                                 decode_images, frame_column, load_info, numeric_column, read_episodes, read_parquet,
+                                 read_tasks, tasks_table, write_meta_json, write_parquet)
 from selfimprove.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-CODEBASE_VERSION = "v3.0"
-SCHEMA_VERSION = 1
-CHUNK_SIZE = 1000  # files per chunk folder, as LeRobot
-DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
-
-
-def _list_column(values: np.ndarray) -> pa.Array:
-    """[N, ...] numeric array -> a fixed-size list column of the flattened per-frame values."""
-    flat = np.ascontiguousarray(values).reshape(values.shape[0], -1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+SCHEMA_VERSION = 1  # ``selfimprove_schema_version`` in meta/info.json: the columns of our own the store holds
+PNG_COMPRESS_LEVEL = 1  # fast PNG for collection and practice (exports use Pillow's default, smaller files)
 
 
 def _feature(values: np.ndarray, names: list[str] | None = None) -> dict[str, Any]:
@@ -75,30 +44,6 @@ def _feature(values: np.ndarray, names: list[str] | None = None) -> dict[str, An
 def is_image(values: np.ndarray) -> bool:
     """[N, H, W, 3] uint8 arrays are stored as PNG images (LeRobot's ``image`` feature type)."""
     return values.dtype == np.uint8 and values.ndim == 4 and values.shape[-1] in (1, 3)
-
-
-def _png(frame: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(frame.squeeze(-1) if frame.shape[-1] == 1 else frame).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
-
-
-def _image_column(values: np.ndarray) -> pa.Array:
-    """LeRobot stores images in Parquet as a struct of PNG ``bytes`` and an optional ``path``."""
-    return pa.StructArray.from_arrays(
-        [pa.array([_png(f) for f in values], type=pa.binary()), pa.array([None] * len(values), type=pa.string())],
-        names=["bytes", "path"])
-
-
-def _decode_images(column: pa.Array, shape: list[int], where: Path) -> np.ndarray:
-    out = np.empty((len(column), *shape), dtype=np.uint8)
-    for i, blob in enumerate(column.field("bytes").to_pylist()):
-        try:
-            frame = np.asarray(Image.open(io.BytesIO(blob)))
-        except (OSError, TypeError) as exc:
-            raise DatasetError(f"{where}: image at row {i} cannot be decoded ({exc}); re-collect the dataset") from exc
-        out[i] = frame.reshape(shape)
-    return out
 
 
 @dataclass
@@ -145,8 +90,7 @@ class EpisodeWriter:
         self._tasks = self._load_tasks()
 
     def _load_or_new_info(self) -> dict[str, Any]:
-        path = self.root / "meta" / "info.json"
-        if path.exists():
+        if (self.root / INFO_PATH).exists():
             return read_info(self.root)
         return {
             "codebase_version": CODEBASE_VERSION,
@@ -167,11 +111,9 @@ class EpisodeWriter:
         }
 
     def _load_tasks(self) -> dict[str, int]:
-        path = self.root / "meta" / "tasks.parquet"
-        if not path.exists():
+        if not (self.root / TASKS_PATH).exists():
             return {}
-        table = pq.read_table(path)
-        return dict(zip(table.column("task").to_pylist(), table.column("task_index").to_pylist()))
+        return {task: index for index, task in read_tasks(self.root, ours=True).items()}
 
     @property
     def total_episodes(self) -> int:
@@ -244,12 +186,7 @@ class EpisodeWriter:
         features = dict(info["features"])
         for key, values in columns.items():
             stacked = np.concatenate(values)
-            if is_image(stacked):
-                arrays[key] = _image_column(stacked)
-            elif stacked.ndim == 1:
-                arrays[key] = pa.array(stacked)
-            else:
-                arrays[key] = _list_column(stacked)
+            arrays[key] = frame_column(stacked, image=is_image(stacked), compress_level=PNG_COMPRESS_LEVEL)
             feature = _feature(stacked)
             if key in features and features[key]["shape"] != feature["shape"]:
                 raise DatasetError(f"feature {key!r} has shape {feature['shape']} but the store at {self.root} "
@@ -257,12 +194,11 @@ class EpisodeWriter:
             features[key] = feature
 
         data_path = self.root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index)
-        _atomic_write_table(pa.table(arrays), data_path)
+        write_parquet(pa.table(arrays), data_path)
         episodes_path = self.root / EPISODES_PATH.format(chunk_index=chunk_index, file_index=file_index)
-        _atomic_write_table(pa.table(episode_rows), episodes_path)
-        tasks = sorted(self._tasks.items(), key=lambda kv: kv[1])
-        _atomic_write_table(pa.table({"task_index": [t[1] for t in tasks], "task": [t[0] for t in tasks]}),
-                            self.root / "meta" / "tasks.parquet")
+        write_parquet(pa.table(episode_rows), episodes_path)
+        tasks = [task for task, _ in sorted(self._tasks.items(), key=lambda kv: kv[1])]
+        write_parquet(tasks_table(tasks, pandas_index=False), self.root / TASKS_PATH)
         info.update(
             total_episodes=first_episode + len(self._pending),
             total_frames=frame,
@@ -271,7 +207,7 @@ class EpisodeWriter:
             files_written=file_number + 1,
         )
         info["splits"] = {"train": f"0:{info['total_episodes']}"}
-        _atomic_write_json(self.root / "meta" / "info.json", info)  # last: readers trust info.json
+        write_meta_json(self.root / INFO_PATH, info)  # last: readers trust info.json
         self._pending = []
 
     def close(self) -> None:
@@ -294,18 +230,8 @@ def _json_default(value: Any) -> Any:
 
 def read_info(root: str | Path) -> dict[str, Any]:
     """Read and check ``meta/info.json``; a missing or corrupt store raises DatasetError."""
-    root = Path(root)
-    path = root / "meta" / "info.json"
-    if not root.exists():
-        raise DatasetError(f"no dataset at {root}: make one with `selfimprove collect --out {root}` "
-                           "or point data.path at an existing store")
-    if not path.exists():
-        raise DatasetError(f"{root} is not an episode store: {path} is missing. Re-collect it with "
-                           f"`selfimprove collect --out {root}`")
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path} is corrupt ({exc}); re-collect the dataset with `selfimprove collect`") from exc
+    path = Path(root) / INFO_PATH
+    info = load_info(root, ours=True)
     version = info.get("selfimprove_schema_version")
     if version != SCHEMA_VERSION:
         raise DatasetError(f"{path} has schema version {version!r}; this selfimprove reads version "
@@ -313,23 +239,13 @@ def read_info(root: str | Path) -> dict[str, Any]:
     return info
 
 
-def _read_parquet(path: Path) -> pa.Table:
-    if not path.exists():
-        raise DatasetError(f"{path} is missing from the store; re-collect the dataset with `selfimprove collect`")
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise DatasetError(f"{path} is corrupt ({exc}); re-collect the dataset with `selfimprove collect`") from exc
-
-
 def _column_to_numpy(table: pa.Table, key: str, feature: dict[str, Any], where: Path) -> np.ndarray:
-    column = table.column(key).combine_chunks()
+    """A stored column: images decoded, vectors ``[N, *shape]`` in the feature's dtype, scalars ``[N]``."""
+    column = table.column(key)
     if feature["dtype"] == "image":
-        return _decode_images(column, feature["shape"], where)
-    if pa.types.is_fixed_size_list(column.type):
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        return values.reshape(len(column), *feature["shape"]).astype(feature["dtype"], copy=False)
-    return column.to_numpy(zero_copy_only=False)
+        return decode_images(column, where, shape=feature["shape"], ours=True)
+    values = numeric_column(column, feature["shape"], where, flat_scalars=True)
+    return values if values.ndim == 1 else values.astype(feature["dtype"], copy=False)
 
 
 class EpisodeStore:
@@ -349,14 +265,10 @@ class EpisodeStore:
         return int(self.info["fps"])
 
     def _read_episode_tables(self) -> dict[str, np.ndarray | list]:
-        paths = sorted((self.root / "meta" / "episodes").glob("chunk-*/file-*.parquet"))
-        if not paths and self.info.get("total_episodes", 0):
+        episodes = read_episodes(self.root, ours=True)
+        if not episodes and self.info.get("total_episodes", 0):
             raise DatasetError(f"{self.root}/meta/episodes holds no files; re-collect the dataset")
-        tables = [_read_parquet(p) for p in paths]
-        if not tables:
-            return {"episode_index": np.zeros(0, dtype=np.int64)}
-        table = pa.concat_tables(tables)
-        return {name: table.column(name).to_pylist() for name in table.column_names}
+        return episodes or {"episode_index": np.zeros(0, dtype=np.int64)}
 
     def episode_meta(self, i: int) -> dict[str, Any]:
         return json.loads(self._episodes["meta"][i])
@@ -375,8 +287,8 @@ class EpisodeStore:
     @property
     def instructions(self) -> list[str]:
         """Every instruction of the store, by task index (meta/tasks.parquet)."""
-        tasks = _read_parquet(self.root / "meta" / "tasks.parquet")
-        return [t for _, t in sorted(zip(tasks.column("task_index").to_pylist(), tasks.column("task").to_pylist()))]
+        tasks = read_tasks(self.root, ours=True)
+        return [tasks[i] for i in sorted(tasks)]
 
     @property
     def true_success(self) -> list[bool | None]:
@@ -396,7 +308,7 @@ class EpisodeStore:
         lengths, ids = [], []
         for (chunk, file), eps in sorted(files.items()):
             path = self.root / DATA_PATH.format(chunk_index=chunk, file_index=file)
-            table = _read_parquet(path)
+            table = read_parquet(path, ours=True)
             first = int(table.column("index")[0].as_py()) if table.num_rows else 0
             rows = np.concatenate([np.arange(self._episodes["dataset_from_index"][i] - first,
                                              self._episodes["dataset_to_index"][i] - first) for i in eps])
@@ -478,7 +390,7 @@ def split_episodes(num_episodes: int, val_fraction: float, fraction: float = 1.0
 def truncate_store(root: str | Path, files: int) -> None:
     """Keep only the first ``files`` data/episodes files of a store (drops work a crash left unfinished)."""
     root = Path(root)
-    info_path = root / "meta" / "info.json"
+    info_path = root / INFO_PATH
     if not info_path.exists():
         return
     info = read_info(root)
@@ -490,7 +402,7 @@ def truncate_store(root: str | Path, files: int) -> None:
         data = root / DATA_PATH.format(chunk_index=chunk_index, file_index=file_index)
         episodes = root / EPISODES_PATH.format(chunk_index=chunk_index, file_index=file_index)
         if number < files:
-            table = _read_parquet(episodes)
+            table = read_parquet(episodes, ours=True)
             total_episodes += table.num_rows
             total_frames += sum(table.column("length").to_pylist())
         else:
@@ -498,5 +410,5 @@ def truncate_store(root: str | Path, files: int) -> None:
             episodes.unlink(missing_ok=True)
     info.update(files_written=files, total_episodes=total_episodes, total_frames=total_frames)
     info["splits"] = {"train": f"0:{total_episodes}"}
-    _atomic_write_json(info_path, info)
+    write_meta_json(info_path, info)
     log.info("store %s truncated to %d files (%d episodes)", root, files, total_episodes)
