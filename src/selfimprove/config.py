@@ -325,16 +325,20 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path, what: str, load_base: typing.Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """A TOML file (a preset, an experiment) as a dict, merged over the one its ``extends`` names
+    (``load_base(name)``); invalid TOML is a ConfigError naming ``what`` and the file."""
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
     base = data.pop("extends", None)
-    if base is not None:
-        data = _merge(_preset_dict(base), data)
-    return data
+    return _merge(load_base(str(base)), data) if base is not None else data
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    return read_toml(path, "config file", _preset_dict)
 
 
 def _preset_dict(name_or_path: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from selfimprove.config import RunConfig
 from selfimprove.data.collect import collect_demos
-from selfimprove.data.store import EpisodeStore, split_episodes
+from selfimprove.data.store import EpisodeStore, has_store, split_episodes
 from selfimprove.errors import DatasetError, RunStateError
 from selfimprove.folders import ensure_empty, locks_run, run_contents
 from selfimprove.evaluate import evaluate
@@ -44,7 +44,7 @@ def _json_step(path: Path, resume: bool, compute) -> dict[str, Any]:
 def rollout_detector_diagnostics(config: RunConfig) -> dict[str, Any]:
     """Detector precision/recall per frame on Stage-2 rollouts against the simulator's success flag."""
     root = episodes_dir(config)
-    if not (root / "meta" / "info.json").exists():
+    if not has_store(root):
         return {}
     frames = EpisodeStore(root).frames()
     d, true = frames.extras.get("stg"), frames.extras.get("info.is_success")
@@ -73,7 +73,7 @@ def practice_summary(config: RunConfig, control_hz: float = 10.0) -> dict[str, A
     (``fleet.reset_free = false``) every episode starts on a fresh board and none is counted.
     """
     root = episodes_dir(config)
-    if not (root / "meta" / "info.json").exists():
+    if not has_store(root):
         return {}
     store = EpisodeStore(root)
     metas = [store.episode_meta(i) for i in range(store.num_episodes)]
@@ -112,7 +112,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
                             "another --name (nothing was changed)")
     if resume:
         check_resume(config, must_exist=False)
-    collect = not (config.dataset_path / "meta" / "info.json").exists()
+    collect = not has_store(config.dataset_path)
     make_env(config).close()  # a wrong env.id or env.module fails here, before any work
     if collect:
         expert_for(config)  # and so does a task with neither a demo store at data.path nor a scripted expert

@@ -14,7 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from selfimprove.diagnose.report import report_lines as diagnostics_lines  # noqa: E402
 from selfimprove.rundir import RunDir  # noqa: E402
-from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, stored_episodes, write_text  # noqa: E402
+from selfimprove.data.store import stored_episodes  # noqa: E402
+from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, write_text  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
 from selfimprove.stats import fmt  # noqa: E402
 from selfimprove.domains import describe_views  # noqa: E402

@@ -19,6 +19,7 @@ import torch
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore, split_episodes
+from selfimprove.data.v3 import INFO_PATH
 from selfimprove.domains import check_store, goal_key_for
 from selfimprove.errors import DatasetError
 from selfimprove.model.checkpoint import load_checkpoint
@@ -335,7 +336,7 @@ def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) 
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    info = config.dataset_path / "meta" / "info.json"
+    info = config.dataset_path / INFO_PATH
     h.update(str(config.dataset_path.resolve()).encode())
     h.update(info.read_bytes() if info.exists() else b"")
     h.update(np.asarray(val_idx, dtype=np.int64).tobytes())

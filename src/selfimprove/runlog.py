@@ -103,11 +103,6 @@ def read_json(path: str | Path) -> dict[str, Any]:
         return {}
 
 
-def stored_episodes(store: str | Path) -> int | None:
-    """Episodes in a demo store, from its ``meta/info.json`` (None when there is no store)."""
-    return read_json(Path(store) / "meta" / "info.json").get("total_episodes")
-
-
 class MetricsLog:
     """Append-only JSONL metrics; each line is flushed so a live run can be read at any time.
 

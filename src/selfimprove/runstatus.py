@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfimprove.data.store import stored_episodes
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog
 from selfimprove.videos import read_index
@@ -33,7 +34,7 @@ def run_status(run_dir: str | Path) -> dict[str, Any]:
     sft, improve = metrics.read("sft"), metrics.read("improve")
     data = config.get("data", {})
     demos = Path(data["path"]) if data.get("path") else run.demos
-    demo_info = _json(demos / "meta" / "info.json")
+    demo_info = {"total_episodes": stored_episodes(demos)}
     last_improve = max((r for r in improve if "iteration" in r), key=lambda r: r["iteration"], default={})
     cfg_improve = config.get("improve", {})
     budget = int(cfg_improve.get("max_robot_episodes", 0) or 0)

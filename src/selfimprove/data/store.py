@@ -228,6 +228,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in episode meta")
 
 
+def has_store(root: str | Path) -> bool:
+    """Whether ``root`` holds an episode store (its ``meta/info.json``), finished or being written."""
+    return (Path(root) / INFO_PATH).exists()
+
+
+def stored_episodes(root: str | Path) -> int | None:
+    """Episodes in the store at ``root`` by its ``meta/info.json`` (None when there is no readable store)."""
+    try:
+        return json.loads((Path(root) / INFO_PATH).read_text()).get("total_episodes")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def read_info(root: str | Path) -> dict[str, Any]:
     """Read and check ``meta/info.json``; a missing or corrupt store raises DatasetError."""
     path = Path(root) / INFO_PATH

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from selfimprove.config import RunConfig, _merge, config_from_dict, load_config, parse_override
-from selfimprove.data.store import EpisodeStore
+from selfimprove.data.store import EpisodeStore, has_store
 from selfimprove.diagnose.audit import audit_demos, audit_rollouts, gate, reward_signal
 from selfimprove.diagnose.checks import FrameSet, _at, _section, alternatives
 from selfimprove.diagnose.plots import write_plots
@@ -107,7 +107,7 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
             config.data.path = str(meta["meta"]["dataset"])
     if dataset is not None:
         config.data.path = str(dataset)
-    if not (config.dataset_path / "meta" / "info.json").exists():
+    if not has_store(config.dataset_path):
         raise DatasetError(f"no episode store at {config.dataset_path} for the held-out demos; pass the store "
                            "the checkpoint was trained on with --dataset")
     return config

@@ -19,6 +19,7 @@ from selfimprove.experiment.plan import _STAGE1_SECTIONS, ExperimentPlan, _stage
 from selfimprove.experiment.schedule import _execute_plan
 from selfimprove.experiment.spec import load_experiment
 from selfimprove.experiment.summary import summarize_experiment
+from selfimprove.data.store import has_store
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import read_json, write_json
 
@@ -83,7 +84,7 @@ def _collect_datasets(plan: ExperimentPlan, parallel: int, progress: bool, selec
         if selected is not None and name not in selected:
             continue
         path = run.config.dataset_path
-        if not (path / "meta" / "info.json").exists():
+        if not has_store(path):
             needed.setdefault(path, run.config)
     for path, config in needed.items():
         if path.parent != plan.data_dir:

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import difflib
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfimprove.config import PRESET_DIR, _merge, parse_override
+from selfimprove.config import PRESET_DIR, parse_override, read_toml
 from selfimprove.errors import ConfigError
 
 EXPERIMENT_DIR = PRESET_DIR / "experiments"
@@ -81,15 +80,8 @@ def _experiment_path(name: str) -> Path:
 def _read_experiment_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ConfigError(f"experiment {path} extends itself (cycle: {' -> '.join(str(p) for p in seen)})")
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"experiment file {path} is not valid TOML: {exc}") from exc
-    base = data.pop("extends", None)
-    if base is not None:
-        data = _merge(_read_experiment_toml(_experiment_path(str(base)), seen + (path.resolve(),)), data)
-    return data
+    return read_toml(path, "experiment file",
+                     lambda base: _read_experiment_toml(_experiment_path(base), seen + (path.resolve(),)))
 
 
 def load_experiment(name: str, quick: bool = False) -> ExperimentSpec:

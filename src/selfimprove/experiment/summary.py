@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from selfimprove.rundir import RunDir
-from selfimprove.runlog import read_json, stored_episodes
+from selfimprove.data.store import stored_episodes
+from selfimprove.runlog import read_json
 from selfimprove.stats import seed_interval, wilson_interval
 
 if TYPE_CHECKING:

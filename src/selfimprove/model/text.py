@@ -13,7 +13,6 @@ caches embeddings, the trainable one caches token ids (its embeddings change whi
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import zlib
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfimprove.errors import CheckpointError, ConfigError
+from selfimprove.model.packaged import packaged_file
 
 __all__ = [
     "MINILM_PACKAGE",
@@ -103,23 +103,9 @@ class InstructionEncoder(nn.Module):
 
 
 def minilm_model_dir() -> Path:
-    """Directory of the MiniLM files inside the installed package (found from its metadata, not imported)."""
-    try:
-        dist = importlib.metadata.distribution(MINILM_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise CheckpointError(
-            f"the pretrained instruction encoder needs the package {MINILM_PACKAGE!r}, which is not installed; "
-            f"install it with: {_MINILM_INSTALL_HINT}"
-        ) from None
-    for f in dist.files or ():
-        if f.name == "model.safetensors":
-            path = Path(str(dist.locate_file(f))).parent
-            if (path / "config.json").is_file() and (path / "tokenizer.json").is_file():
-                return path
-    raise CheckpointError(
-        f"package {MINILM_PACKAGE!r} is installed but its model files are missing; reinstall it with: "
-        f"{_MINILM_INSTALL_HINT} --force-reinstall"
-    )
+    """Directory of the MiniLM files inside the installed package."""
+    return packaged_file(MINILM_PACKAGE, "model.safetensors", "the pretrained instruction encoder",
+                         _MINILM_INSTALL_HINT, beside=("config.json", "tokenizer.json")).parent
 
 
 class _BertLayer(nn.Module):

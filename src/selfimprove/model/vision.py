@@ -15,7 +15,6 @@ containers and never runs code from the file.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfimprove.errors import CheckpointError, ConfigError
+from selfimprove.model.packaged import packaged_file
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -154,23 +154,9 @@ class MobileNetV2(nn.Module):
 
 
 def mobilenet_v2_weights_path() -> Path:
-    """Locate the ImageNet MobileNetV2 weights inside the installed package (no import of its code)."""
-    try:
-        dist = importlib.metadata.distribution(MOBILENET_WEIGHTS_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        raise CheckpointError(
-            f"the pretrained image encoder needs the package {MOBILENET_WEIGHTS_PACKAGE!r}, which is not "
-            f"installed; install it with: {_INSTALL_HINT}"
-        ) from None
-    for f in dist.files or ():
-        if f.name == _MOBILENET_WEIGHTS_FILE:
-            path = Path(str(dist.locate_file(f)))
-            if path.is_file():
-                return path
-    raise CheckpointError(
-        f"package {MOBILENET_WEIGHTS_PACKAGE!r} is installed but {_MOBILENET_WEIGHTS_FILE} is missing from "
-        f"it; reinstall it with: {_INSTALL_HINT} --force-reinstall"
-    )
+    """The ImageNet MobileNetV2 weights inside the installed package."""
+    return packaged_file(MOBILENET_WEIGHTS_PACKAGE, _MOBILENET_WEIGHTS_FILE, "the pretrained image encoder",
+                         _INSTALL_HINT)
 
 
 def load_mobilenet_v2_imagenet_state_dict(path: Path | None = None) -> OrderedDict[str, torch.Tensor]:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
-from selfimprove.data.store import EpisodeStore, EpisodeWriter, truncate_store
+from selfimprove.data.store import EpisodeStore, EpisodeWriter, has_store, truncate_store
 from selfimprove.domains import IMPROVE_SEED_BASE, make_env
 from selfimprove.folders import locks_run
 from selfimprove.errors import RunStateError
@@ -336,7 +336,7 @@ class Stage2:
 def _collected_not_trained(config: RunConfig, counters: dict[str, int]) -> list[Episode] | None:
     """Episodes a stopped learner had saved but not trained on yet (the batch after the checkpoint)."""
     root = episodes_dir(config)
-    if not (root / "meta" / "info.json").exists():
+    if not has_store(root):
         return None
     store = EpisodeStore(root)
     if store.num_episodes <= counters["robot_episodes"]:
