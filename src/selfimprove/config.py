@@ -380,10 +380,3 @@ def load_config(preset: str = "pointmass", overrides: list[str] | dict[str, Any]
             data = _merge(data, parse_override(item))
     return config_from_dict(data)
 
-
-def save_config(config: RunConfig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    tmp.replace(path)
-

@@ -44,6 +44,20 @@ def holds_something(path: str | Path) -> bool:
     return path.exists() and (not path.is_dir() or any(path.iterdir()))
 
 
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary name beside ``path``, fsync, rename: a reader never sees half a file
+    and a killed writer leaves the previous version (every file the library writes goes through here or,
+    for Parquet and checkpoint folders, the same rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+
+
 def ensure_empty(path: str | Path, what: str, fix: str, error: type[Exception] = RunStateError) -> None:
     """Refuse to write ``what`` into ``path`` when it already holds anything (``fix``: the way out)."""
     path = Path(path)

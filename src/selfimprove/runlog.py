@@ -14,8 +14,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from selfimprove.config import RunConfig, save_config
+from selfimprove.config import RunConfig
 from selfimprove.errors import RunStateError
+from selfimprove.folders import atomic_write
 from selfimprove.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -48,12 +49,8 @@ def dumps_json(data: Any, **kwargs: Any) -> str:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` atomically: to a temporary file beside ``path``, then one rename (a reader never
-    sees half a file, and a killed writer leaves the previous version)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Write ``text`` atomically (:func:`~selfimprove.folders.atomic_write`)."""
+    atomic_write(path, text.encode())
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -246,7 +243,7 @@ def prepare_run(config: RunConfig) -> Path:
     """Create ``runs/<name>/`` and write ``config.json``; returns the run folder."""
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, RunDir(run_dir).config)
+    write_json(RunDir(run_dir).config, config.to_dict())
     return run_dir
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from selfimprove.errors import DatasetError
+from selfimprove.folders import atomic_write
 
 CODEBASE_VERSION = "v3.0"
 CHUNK_SIZE = 1000  # files per chunk folder, as LeRobot
@@ -117,20 +117,9 @@ def read_lerobot_info(root: str | Path) -> dict[str, Any]:
 
 # -- files: atomic writes, Parquet reads with errors that name the file and the fix ---------------------
 
-def write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name, fsync, rename: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
-
-
 def write_meta_json(path: Path, data: Any, indent: int = 2) -> None:
     """A ``meta/*.json`` file (our stores indent by 2, LeRobot by 4), written atomically."""
-    write_bytes(path, (json.dumps(data, indent=indent) + "\n").encode())
+    atomic_write(path, (json.dumps(data, indent=indent) + "\n").encode())
 
 
 def write_parquet(table: pa.Table, path: Path, compression: str = "zstd") -> None:
