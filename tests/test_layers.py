@@ -127,3 +127,10 @@ def test_every_package_ships_in_the_wheel():
     folders = {"selfimprove" + ("." + ".".join(p.parent.relative_to(PACKAGE).parts) if p.parent != PACKAGE else "")
                for p in PACKAGE.rglob("__init__.py")}
     assert folders - listed == set()
+
+
+def test_the_config_names_every_trunk_the_model_has():
+    from selfimprove.config_checks import ENCODER_NAMES
+    from selfimprove.model.policy import ENCODERS
+
+    assert set(ENCODER_NAMES) == set(ENCODERS)

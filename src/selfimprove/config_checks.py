@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("auto", "float32", "bfloat16")  # of gradient steps; see train/precision.py
 FLEET_BACKENDS = ("local", "ray")
+#: the trunks of model/policy.ENCODERS (the model sits above the config, so its table cannot be read
+#: here; tests/test_layers.py checks that the two name the same trunks)
+ENCODER_NAMES = ("mlp", "film", "late_fusion", "hf")
 # Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
 REWARDS = ("steps_to_go", "constant", "true_success")
 
@@ -100,8 +103,8 @@ def check_config(config: RunConfig) -> None:
         (config.eval.videos >= 0, "eval.videos must be >= 0 (0: no rollout videos)"),
         (config.torch_threads >= 1, "torch_threads must be >= 1"),
         (config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {config.precision!r}"),
-        (config.model.encoder in ("mlp", "film", "late_fusion", "hf"),
-         "model.encoder must be 'mlp', 'film', 'late_fusion' or 'hf'"),
+        (config.model.encoder in ENCODER_NAMES,
+         f"model.encoder must be one of {', '.join(map(repr, ENCODER_NAMES))}"),
         (config.model.encoder != "hf" or bool(config.model.hf_model),
          "model.encoder = 'hf' needs model.hf_model (a local folder or a hub id); see docs/hf_backbones.md"),
         (config.model.hf_dtype in ("auto", "bfloat16", "float32"),
