@@ -115,14 +115,14 @@ def test_a_killed_collection_leaves_no_half_store_and_the_rerun_matches(tmp_path
 
     def collect(out: Path) -> list[str]:
         return [sys.executable, "-m", "selfimprove.cli", "collect", "pointmass-quick", "--out", str(out),
-                "--episodes", "1200", "--no-progress", "--runs-dir", str(tmp_path / "runs")]
+                "--episodes", "1500", "--no-progress", "--runs-dir", str(tmp_path / "runs")]
 
     subprocess.run(collect(tmp_path / "reference"), check=True, capture_output=True)
     target, staging = tmp_path / "demos", tmp_path / ".demos.partial"
     proc = subprocess.Popen(collect(target), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while not (staging / "meta" / "info.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)  # the first 1,000 demos are flushed: surely mid-collection
+        time.sleep(0.02)  # the first 1,000 demos are flushed while 500 more are still being played
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not target.exists() and staging.exists()

@@ -67,6 +67,9 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
     )
 
 
+CHUNK = 64  # seeds per task: small enough that demos are written as they come
+
+
 def _demo_worker(args: tuple[RunConfig, list[int]]) -> list[Episode]:
     config, seeds = args
     env, expert = demo_env(config), expert_for(config)
@@ -100,26 +103,28 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
             block = max(need + need // 20 + 1, 8)
             seeds = list(range(next_seed, next_seed + block))
             next_seed += block
-            if pool is None:
-                results = [_demo_worker((config, seeds))]
-            else:
-                per = -(-len(seeds) // (workers * 4))
-                results = pool.map(_demo_worker, [(config, seeds[i:i + per]) for i in range(0, len(seeds), per)])
-            for episode in (ep for part in results for ep in part):
+            # in chunks, in seed order: demos reach the store (and the bar) as they are made, memory holds
+            # one chunk per worker, and seeds past the last demo needed are never played
+            per = CHUNK if pool is None else max(1, min(CHUNK, -(-len(seeds) // (workers * 4))))
+            tasks = [(config, seeds[i:i + per]) for i in range(0, len(seeds), per)]
+            for part in (map(_demo_worker, tasks) if pool is None else pool.imap(_demo_worker, tasks)):
+                for episode in part:
+                    if kept >= n:
+                        break
+                    if not episode.true_success:
+                        failed += 1
+                        continue
+                    writer.add(episode)
+                    kept += 1
+                    bar.update(1)
                 if kept >= n:
                     break
-                if not episode.true_success:
-                    failed += 1
-                    continue
-                writer.add(episode)
-                kept += 1
-                bar.update(1)
         writer.close()
         publish(staging, out)
     finally:
         bar.close()
         if pool is not None:
-            pool.close()
+            pool.terminate()  # chunks still running are past the last demo needed
     if failed:
         log.info("expert failed %d of %d attempts; those boards were re-drawn", failed, kept + failed)
     return out
