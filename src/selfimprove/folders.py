@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, TypeVar
@@ -50,12 +51,17 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     for Parquet and checkpoint folders, the same rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    # a temporary name of this writer's own: two writers of one file (a run's wall clock and its main
+    # thread) must not rename each other's temporary file away
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def ensure_empty(path: str | Path, what: str, fix: str, error: type[Exception] = RunStateError) -> None:
