@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -294,8 +293,7 @@ def guard_report_lines(run_dir: Path, records: list[dict[str, Any]], summary: di
     g = summary.get("guard", {})
     checks = guard_records(records)
     last = checks[-1]
-    config_path = RunDir(run_dir).config
-    domain = json.loads(config_path.read_text()).get("domain") if config_path.exists() else None
+    domain = read_json(RunDir(run_dir).config).get("domain")
     views = describe_views(domain, GUARD_SHIFTS)
     if views:
         score = ("the share of episodes the detector ended, each counted by the fraction of label-preserving view "

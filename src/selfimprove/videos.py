@@ -95,11 +95,10 @@ def episode_frames(episode: Episode, config: RunConfig, label: str = "") -> list
         images = np.asarray(obs["image"], dtype=np.uint8)
         scale = max(1, math.ceil(MIN_WIDTH / images.shape[2]))
         raw = [np.repeat(np.repeat(im, scale, axis=0), scale, axis=1) for im in images]
-    elif (draw_states := states_drawing(config.domain)) is not None:
-        raw = draw_states(obs, config, MIN_WIDTH)
-        if not raw:
-            return []
     else:
+        draw_states = states_drawing(config.domain)
+        raw = draw_states(obs, config, MIN_WIDTH) if draw_states is not None else []
+    if not raw:
         return []
     success = np.asarray(episode.info.get("is_success", np.zeros(steps, bool)), dtype=bool)
     outcome = "success" if episode.true_success else "failure"

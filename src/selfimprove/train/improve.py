@@ -142,7 +142,8 @@ class Stage2:
     def __init__(self, config: RunConfig, sft_path: str | Path | None, resume: bool) -> None:
         self.config, cfg = config, config.improve
         self.sft_path = Path(sft_path) if sft_path is not None else sft_checkpoint(config)
-        self.latest = improve_checkpoint(config)
+        self.files = RunDir(config.run_dir)
+        self.latest = self.files.improve_checkpoint
         if recover_checkpoint(self.latest) and not resume:
             raise RunStateError(f"{self.latest} already exists; pass --resume to continue it or choose another --name")
         prepare_run(config)
@@ -168,10 +169,10 @@ class Stage2:
             log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", self.start,
                      self.counters["robot_episodes"])
         else:
-            self.detector = calibrate_detector(reward_model, config, RunDir(config.run_dir).diagnostics / HELD_OUT_CACHE)
-            if episodes_dir(config).exists():
-                truncate_store(episodes_dir(config), 0)
-        write_json(RunDir(config.run_dir).detector, self.detector)  # strict JSON: NaN -> null
+            self.detector = calibrate_detector(reward_model, config, self.files.diagnostics / HELD_OUT_CACHE)
+            if self.files.improve_episodes.exists():
+                truncate_store(self.files.improve_episodes, 0)
+        write_json(self.files.detector, self.detector)  # strict JSON: NaN -> null
         self.metrics.keep(lambda r: r.get("stage") != "improve")
         for record in self.history:
             self.metrics.append(record)
@@ -179,9 +180,9 @@ class Stage2:
         self.reward = StepsToGoReward(reward_model, -np.inf if oracle else self.detector["threshold"],
                                       int(self.detector.get("hold", 1)))
         self.ahead = _collected_not_trained(config, self.counters)
-        self.writer = EpisodeWriter(episodes_dir(config), fps=10)
+        self.writer = EpisodeWriter(self.files.improve_episodes, fps=10)
         self.fleet = make_fleet(config, self.policy.spec, self.reward, terminate_on_success=oracle)
-        self.fleet_file = RunDir(config.run_dir).fleet
+        self.fleet_file = self.files.fleet
         write_json(self.fleet_file, self.fleet.describe())
         # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
         self.provenance = {"sft": str(self.sft_path), "threshold": self.detector["threshold"],
@@ -292,7 +293,7 @@ class Stage2:
         cfg = self.config.improve
         last = it + 1 == cfg.iterations or self.budget_spent()
         if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
-            tmp = RunDir(self.config.run_dir).improve_eval_checkpoint
+            tmp = self.files.improve_eval_checkpoint
             save_checkpoint(self.policy, tmp, meta={"stage": "improve", "iteration": it + 1})
             if last and final_eval is not None:  # the final policy's full evaluation, once
                 result = {**evaluate(self.config, tmp), "checkpoint": str(self.latest)}
@@ -324,7 +325,7 @@ class Stage2:
         self.fleet.close()
         if self.guard is not None:
             self.guard.close()
-        shutil.rmtree(RunDir(self.config.run_dir).improve_eval_checkpoint, ignore_errors=True)
+        shutil.rmtree(self.files.improve_eval_checkpoint, ignore_errors=True)
 
     def result(self) -> Path:
         """The ``improve`` checkpoint (after zero iterations: the SFT policy, saved there)."""
