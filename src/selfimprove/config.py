@@ -52,7 +52,7 @@ class DataConfig:
     fraction: float = 1.0  # deterministic nested subset of the training split (0.1, 0.2, 0.8, ...)
     val_fraction: float = 0.05  # held-out episodes, never trained on
     expert_waypoints: int = 5  # point mass: random waypoints the expert visits first
-    expert_noise: float = 0.003  # tabletop: expert action noise (m)
+    expert_noise: float = 0.003  # tabletop: expert action noise (m); aloha: joint-target noise (rad)
     expert_detour_prob: float = 0.02  # tabletop: chance per step of a short detour
     collect_workers: int = 1  # processes that collect demos in parallel
     hold_steps: int = 0  # demos go on this many still steps past the goal (labelled 0 steps to go), so the goal is seen for longer

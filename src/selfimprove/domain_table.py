@@ -53,6 +53,10 @@ DOMAINS: dict[str, Domain] = {
         augmentations={name: f"selfimprove.domains.tabletop:{name}_tabletop"
                        for name in ("mirror", "shift", "flip", "recolour")},
         views="selfimprove.domains.tabletop:VIEWS"),
+    "aloha": Domain(
+        name="aloha", env_prefix="selfimprove/Aloha", preset="aloha",
+        observations={"joints": (14,)},
+        expert="selfimprove.domains.aloha:expert"),
 }
 
 #: every SFT augmentation any domain defines (config checks name them)

@@ -28,7 +28,8 @@ def demo_env(config: RunConfig):
 def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode:
     """Roll out the expert once from the board of ``seed`` (which fixes both board and expert noise).
 
-    With ``data.hold_steps`` the demo goes on that many still steps (zero actions) past the first
+    With ``data.hold_steps`` the demo goes on that many still steps (the expert's ``hold(env)`` action
+    where it has one, e.g. joint targets where the joints are; else zero actions) past the first
     success, so the goal is seen on several frames; a demo that cannot finish its hold within the
     time limit counts as failed (it is re-drawn).
     """
@@ -44,7 +45,9 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
     held = -1  # steps held since the first success (-1: not reached yet)
     while True:
         if held >= 0:
-            action = np.zeros(env.action_space.shape, dtype=np.float32)
+            hold_action = getattr(expert, "hold", None)
+            action = (np.asarray(hold_action(env), dtype=np.float32) if hold_action is not None
+                      else np.zeros(env.action_space.shape, dtype=np.float32))
         else:
             action = np.asarray(expert.act(env), dtype=np.float32)
         obs, _, terminated, truncated, info = env.step(action)

@@ -120,6 +120,9 @@ LEROBOT_PRESETS: dict[str, LeRobotMapping] = {
         observations={"image": "observation.images.top", "effector": "observation.state[0:2]",
                       "effector_target": "observation.state[2:4]"}),
     "pointmass": LeRobotMapping(name="pointmass", observations={"state": "observation.state"}),
+    # LeRobot's own Aloha feature names: the top camera and the 14 joint readings
+    "aloha": LeRobotMapping(name="aloha", observations={"image": "observation.images.top",
+                                                         "joints": "observation.state"}),
 }
 
 
