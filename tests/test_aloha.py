@@ -104,3 +104,32 @@ def test_quick_aloha_run_end_to_end_and_lerobot_export(quick_run, tmp_path):
     features = json.loads((out / "meta/info.json").read_text())["features"]
     assert features["observation.images.top"]["shape"] == [32, 32, 3]
     assert features["observation.state"]["shape"] == [14] and features["action"]["shape"] == [14]
+
+
+def test_a_dropped_peg_is_found_after_it_was_lifted_and_its_steps_to_go_are_plotted(tmp_path):
+    from selfimprove.data.episode import Episode
+    from selfimprove.diagnose.setback import find_setback, plot_setback
+    from selfimprove.domains import model_spec
+    from selfimprove.domains.aloha import peg_dropped
+    from selfimprove.model.policy import EmbodiedModel
+
+    config = load_config("aloha-quick")
+    env = make_env(config)
+    obs, _ = env.reset(seed=0)
+    frames = [obs]
+    for _ in range(6):
+        frames.append(env.step(env.action_space.sample())[0])
+    heights = np.array([0.01, 0.01, 0.08, 0.1, 0.05, 0.01, 0.01])
+
+    def episode(z):
+        return Episode(observations={"image": np.stack([f["rgb"][-1] for f in frames]),
+                                     "joints": np.stack([f["joints"] for f in frames])},
+                       actions=np.zeros((6, 14), np.float32), instruction=INSTRUCTION, true_success=False,
+                       meta={"seed": 7}, info={"peg_position": np.stack([np.zeros_like(z), z + 0.5, z], axis=1)})
+
+    assert peg_dropped(episode(heights)) == 5
+    assert peg_dropped(episode(np.full(7, 0.01))) is None  # never lifted: nothing dropped
+    assert find_setback("language-table", [episode(heights)]) is None  # a domain without setbacks
+    model = EmbodiedModel(model_spec(config, env))
+    shown = plot_setback(model, "aloha", [episode(np.full(7, 0.01)), episode(heights)], tmp_path)
+    assert shown["step"] == 5 and shown["seed"] == 7 and (tmp_path / "setback.png").stat().st_size > 0

@@ -35,6 +35,9 @@ class Domain:
     views: str = ""  # "module:attribute": the guard's DomainViews (domains/__init__.py); "" = none
     draw_states: str = ""  # "module:function": (observations, config, size) -> RGB frames, for videos of
     #                        episodes without camera frames; "" = no video for those
+    setback: str = ""  # "module:function": (episode) -> the frame the task fell back at (the peg dropped), or
+    #                    None; the diagnostics plot the steps-to-go distribution through it; "" = none
+    setback_info: tuple[str, ...] = ()  # the env info keys ``setback`` reads, kept per frame in rollouts
 
 
 DOMAINS: dict[str, Domain] = {
@@ -56,7 +59,8 @@ DOMAINS: dict[str, Domain] = {
     "aloha": Domain(
         name="aloha", env_prefix="selfimprove/Aloha", preset="aloha",
         observations={"joints": (14,)},
-        expert="selfimprove.domains.aloha:expert"),
+        expert="selfimprove.domains.aloha:expert",
+        setback="selfimprove.domains.aloha:peg_dropped", setback_info=("peg_position",)),
 }
 
 #: every SFT augmentation any domain defines (config checks name them)

@@ -90,6 +90,7 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
                   f"true success rate {r['true_success_rate']:.3f}. On them, the grid s with the best "
                   f"episode-level F1 is {b['threshold']:g} (precision {_f(b['precision'])}, recall {_f(b['recall'])}); "
                   "that choice uses the simulator's success, so it is a check, not a rule a robot can apply.", ""]
+    lines += setback_lines(result, "")
     lines += ["## Steps-to-go as a value", "", "![calibration](calibration.png) ![error](error_by_horizon.png)", "",
               "| episodes | count | frames with a true steps-to-go | MAE of d | Spearman(d, time) mean | median "
               "| 10%-90% |", "|---|---|---|---|---|---|---|"]
@@ -174,7 +175,20 @@ def report_lines(run_dir: Path) -> list[str]:
             lines.append(f"| {name} | {_f(h['frame_precision'])} / {_f(h['frame_recall'])} | "
                          f"{_f(h['episode_precision'])} / {_f(h['episode_recall'])} | {_f(h['mae'], 2)} | "
                          f"{_f(h['spearman_mean'])} |")
-    return lines + [""]
+    return lines + [""] + setback_lines(result, "diagnostics/")
+
+
+def setback_lines(result: dict[str, Any], prefix: str) -> list[str]:
+    """The setback figure (diagnose/setback.py) with what it shows, when a rollout had one."""
+    sb = result.get("setback")
+    if not sb:
+        return []
+    modes = (f" Local peaks of the distribution above 0.05: {_f(sb['modes_before'], 2)} per frame before, "
+             f"{_f(sb['modes_after'], 2)} in the 10 frames from it." if sb.get("modes_before") is not None else "")
+    return ["### Steps-to-go through a setback", "",
+            f"Eval seed {sb['seed']}: the setback comes at step {sb['step']} of {sb['length']} "
+            f"({'the episode still succeeds' if sb['success'] else 'the episode fails'}).{modes}", "",
+            f"![setback]({prefix}{sb['file']})", ""]
 
 
 def print_summary(result: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from selfimprove.data.store import EpisodeStore, has_store
 from selfimprove.diagnose.audit import audit_demos, audit_rollouts, gate, reward_signal
 from selfimprove.diagnose.checks import FrameSet, _at, _section, alternatives
 from selfimprove.diagnose.plots import write_plots
+from selfimprove.diagnose.setback import plot_setback, recorded_info
 from selfimprove.diagnose.report import write_markdown
 from selfimprove.domain_table import DOMAINS
 from selfimprove.domains import goal_key_for, make_env
@@ -139,7 +140,7 @@ def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[Fr
     """
     never = StepsToGoReward(model, threshold=-math.inf)
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec,
-                       min(config.eval.robots, n), never, record_info=("goal_distance", "block_positions"))
+                       min(config.eval.robots, n), never, record_info=("goal_distance", "block_positions", *recorded_info(config.domain)))
     try:
         episodes = fleet.collect(model.state_dict(), version=0, seeds=seed_stream(config.eval.seed), n_episodes=n,
                                  temperature=config.improve.temperature,
@@ -238,6 +239,9 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
             rollout_audit["reward_signal_reachable"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip,
                                                                      cfg.baseline_decay, reachable)
         result["audit"]["rollouts"] = rollout_audit
+        setback = plot_setback(model, config.domain, episodes, out)
+        if setback is not None:
+            result["setback"] = setback
         result["rollouts"] = _section(rolls, s, goal_frame=None)
         reached = [rolls.success[sl].any() for sl in rolls.episodes()]
         result["rollouts"].update(temperature=config.improve.temperature, first_seed=config.eval.seed,
