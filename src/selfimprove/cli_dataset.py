@@ -8,7 +8,7 @@ import json
 
 def _mapping_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="auto",
-                   help="feature mapping: 'auto' (default), 'pointmass', 'language-table', or a .toml file "
+                   help="feature mapping: 'auto' (default), 'pointmass', 'language-table', 'aloha', or a .toml file "
                         "with an [observations] table (our key = LeRobot feature)")
     p.add_argument("--map", action="append", default=[], metavar="LEROBOT_FEATURE=OUR_KEY",
                    help="map one feature (repeatable), e.g. --map observation.state=state, --map action=actions, "

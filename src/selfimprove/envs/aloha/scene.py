@@ -39,6 +39,8 @@ FINGER_CLOSED, FINGER_OPEN = 0.01844, 0.05800
 PEG_X, PEG_Y = (0.1, 0.2), (0.4, 0.6)
 SOCKET_X, SOCKET_Y = (-0.2, -0.1), (0.4, 0.6)
 OBJECT_Z = 0.05
+#: the objects (m): the peg's half length, the pin's end and the socket's inner half width (from the socket's centre)
+PEG_HALF_LENGTH, PIN_END, SOCKET_INNER = 0.06, 0.04, 0.018
 
 
 def scene_path() -> str:

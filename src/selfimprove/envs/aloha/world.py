@@ -7,8 +7,8 @@ steps of 2 ms. Each reset places the peg and the socket uniformly in the stock e
 Observation keys: ``rgb`` uint8 [render_frames, S, S * len(cameras), 3] (the chosen cameras side
 by side, oldest frame first; absent when ``image_size`` is None), ``joints`` float32 (14,) (the arms'
 joint angles and gripper openings in the action's layout) and ``instruction`` (str).
-``info["is_success"]`` (the peg touches the pin inside the socket, the stock env's full reward) is
-the simulator's success and never part of the observation.
+``info["is_success"]`` (the peg touches the pin inside the socket, the stock env's full reward, or
+rests within 8 mm of it) is the simulator's success and never part of the observation.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class AlohaInsertionEnv(gym.Env):
         self._peg_qpos = m.joint("red_peg_joint").qposadr[0]
         self._socket_qpos = m.joint("blue_socket_joint").qposadr[0]
         self._peg_geom, self._pin_geom = m.geom("red_peg").id, m.geom("pin").id
+        self._peg_body, self._socket_body = m.body("peg").id, m.body("socket").id
         self.action_space = spaces.Box(scene.ACTION_LOW, scene.ACTION_HIGH, dtype=np.float32)
         obs_spaces: dict[str, spaces.Space] = {}
         if self.image_size:
@@ -136,9 +137,22 @@ class AlohaInsertionEnv(gym.Env):
 
     # -- internals ------------------------------------------------------------------------------
     def _is_success(self) -> bool:
+        """The peg touches the pin (the stock test), or its end sits in the socket within 8 mm of the pin.
+
+        The second clause keeps a peg that rests on the pin a success on the frames where the
+        contact flickers off (a stock-only test dropped ~1 in 6 held demos that way).
+        """
         d = self.data
         pair = {self._peg_geom, self._pin_geom}
-        return any({int(d.contact[i].geom1), int(d.contact[i].geom2)} == pair for i in range(d.ncon))
+        if any({int(d.contact[i].geom1), int(d.contact[i].geom2)} == pair for i in range(d.ncon)):
+            return True
+        socket, axes = d.xpos[self._socket_body], d.xmat[self._socket_body].reshape(3, 3)
+        peg_axis = d.xmat[self._peg_body].reshape(3, 3)[:, 0]
+        ends = [d.xpos[self._peg_body] + sign * scene.PEG_HALF_LENGTH * peg_axis for sign in (-1.0, 1.0)]
+        end = axes.T @ (min(ends, key=lambda e: np.linalg.norm(e - socket)) - socket)  # in the socket's frame
+        along = abs(float(axes[:, 0] @ peg_axis)) > 0.9
+        return bool(along and abs(end[1]) < scene.SOCKET_INNER and abs(end[2]) < scene.SOCKET_INNER
+                    and scene.PIN_END - 0.002 <= end[0] <= scene.PIN_END + 0.008)
 
     def _draw(self) -> np.ndarray:
         views = self._views or scene.Cameras(self.model, self.cameras, self.image_size or 64)
