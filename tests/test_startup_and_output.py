@@ -96,3 +96,11 @@ def test_run_records_are_strict_json(tmp_path):
     log.keep(lambda r: True)
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [_strict(line) for line in lines] == [{"stage": "improve", "loss": None, "x": None}]
+
+
+def test_collect_says_how_long_it_took_and_how_much_disk_it_used(tmp_path, capsys):
+    assert main(["collect", "pointmass", "--quick", "--episodes", "4", "--workers", "1", "--no-progress",
+                 "--out", str(tmp_path / "demos")]) in (0, None)
+    out = capsys.readouterr().out
+    assert f"wrote 4 episodes to {tmp_path / 'demos'} in " in out and "min (1 workers)" in out
+    assert out.rstrip().endswith("MB on disk")

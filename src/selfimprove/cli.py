@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from selfimprove.cli_dataset import add_dataset_commands, run_dataset_command
@@ -185,8 +186,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     torch.set_num_threads(config.torch_threads)
     progress = not args.no_progress
     if args.command == "collect":
+        start = time.perf_counter()
         path = si.collect_demos(config, out=args.out, progress=progress)
-        print(f"wrote {config.data.episodes} episodes to {path}")
+        size = sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+        print(f"wrote {config.data.episodes} episodes to {path} in {(time.perf_counter() - start) / 60:.1f} min "
+              f"({config.data.collect_workers} workers), {size / 1e6:.0f} MB on disk")
     elif args.command == "sft":
         print(si.sft(config, resume=args.resume, progress=progress))
     elif args.command == "improve":
