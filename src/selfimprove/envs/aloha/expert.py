@@ -22,6 +22,7 @@ from selfimprove.envs.aloha.scene import mujoco
 GRASP_OFFSET = np.array([0.13, 0.0, 0.0])  # grasp point in the gripper link's frame: between the fingers, near the tips
 FINGER_TIP, FINGER_HALF_HEIGHT = 0.154, 0.031  # the fingers' far end and half height in that frame (m)
 PICK_TILT = np.deg2rad([60.0, 80.0])  # how far below the horizontal each gripper points (socket, peg arm)
+MAX_JOINT_STEP = 0.15  # rad per control step: targets move smoothly (a delta action stays within +-0.2)
 MAX_IK_STEP = 0.2  # rad per IK iteration: far targets are approached, never jumped to
 SOLVED = np.array([True, True, True, False, True, False])  # the joints the IK moves (not the two rolls)
 MEET = np.array([0.0, 0.5, 0.2])  # where the objects meet (socket left of it, peg right)
@@ -78,6 +79,8 @@ class AlohaExpert:
         self._t = 0
         self._start = [self._grasp_point(base.data, arm) for arm in self._arms]
         self._segment = -1
+        self._targets = [base.data.qpos[arm.qpos].copy() for arm in self._arms]  # commanded joint angles
+        self._grippers = [1.0, 1.0]
         self._tilt = PICK_TILT + j * rng.uniform(-0.08, 0.08, 2)
         # per arm, the lowest grasp point whose finger tips stay 5 mm above the table
         self._floor = (FINGER_TIP - GRASP_OFFSET[0]) * np.sin(self._tilt) + FINGER_HALF_HEIGHT * np.cos(self._tilt) + 0.005
@@ -99,17 +102,25 @@ class AlohaExpert:
             targets.append(self._start[i] + frac * (goal - self._start[i]))
             grippers.append(gripper)
         self._t += 1
-        action = np.empty(14)
         qpos = self._ik(data, targets)
         for i, arm in enumerate(self._arms):
-            action[7 * i:7 * i + 6] = qpos[arm.qpos] + self._rng.normal(0.0, self.noise, 6)
-            action[7 * i + 6] = grippers[i]
-        self._last = np.clip(action, base.action_space.low, base.action_space.high).astype(np.float32)
-        return self._last
+            step = np.clip(qpos[arm.qpos] - self._targets[i], -MAX_JOINT_STEP, MAX_JOINT_STEP)
+            self._targets[i] = self._targets[i] + step + self._rng.normal(0.0, self.noise, 6)
+            self._grippers[i] = grippers[i]
+        return self._action(base)
+
+    def _action(self, base) -> np.ndarray:
+        """The joint targets in the env's action mode (relative to the joints now, or absolute)."""
+        action = np.empty(14)
+        for i, arm in enumerate(self._arms):
+            now = base.data.qpos[arm.qpos] if base.action_mode == "delta" else 0.0
+            action[7 * i:7 * i + 6] = self._targets[i] - now
+            action[7 * i + 6] = self._grippers[i]
+        return np.clip(action, base.action_space.low, base.action_space.high).astype(np.float32)
 
     def hold(self, env) -> np.ndarray:
         """The action that keeps everything where it is: the last joint targets (demos' goal hold)."""
-        return self._last.copy()
+        return self._action(env.unwrapped)
 
     def _waypoint(self, data: mujoco.MjData, segment: int, i: int) -> tuple[np.ndarray, float]:
         """Where arm ``i``'s grasp point heads in ``segment`` and its gripper (1 open, 0 closed).

@@ -13,9 +13,11 @@ The success test, the arms' joint layout and the start pose are the stock env's.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a display; read when mujoco loads
+logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)  # PyOpenGL's INFO line on every import
 
 import numpy as np  # noqa: E402
 
@@ -128,11 +130,22 @@ def _close_renderers() -> None:
 
 
 #: The action's bounds per arm (waist, shoulder, elbow, forearm roll, wrist angle, wrist rotate, gripper).
-#: Absolute joint targets need fine bins, so the box is what the task uses, not the joints' full
-#: ranges: the scripted expert's 0.5-99.5th percentiles over 200 episodes, widened a little (the two
-#: rolls stay at 0: the expert picks in the arm's vertical plane). With 255 bins a bin is 3-10 mrad,
-#: 1-5 mm at the gripper. docs/aloha.md.
-_ARM_LOW = [-0.45, -0.75, -1.6, -0.1, 0.0, -0.1, 0.0]
-_ARM_HIGH = [0.45, 1.3, 1.25, 0.1, 2.234, 0.1, 1.0]
-ACTION_LOW = np.array(_ARM_LOW * 2, np.float32)
-ACTION_HIGH = np.array(_ARM_HIGH * 2, np.float32)
+#: ``action_mode = "delta"`` (the preset's): each joint's target relative to where the joint is now,
+#: at most DELTA rad per control step (the scripted expert moves at most 0.15), and the gripper's
+#: opening (0 closed, 1 open). ``"absolute"``: the targets themselves, in the box the task uses (the
+#: expert's 0.5-99.5th percentiles over 200 episodes, widened a little; the two rolls stay near 0).
+#: Why deltas: docs/aloha.md (the action bins).
+DELTA = 0.2
+DELTA_LOW = np.array([-DELTA] * 6 + [0.0], np.float32)
+DELTA_HIGH = np.array([DELTA] * 6 + [1.0], np.float32)
+ABSOLUTE_LOW = np.array([-0.45, -0.75, -1.6, -0.1, 0.0, -0.1, 0.0], np.float32)
+ABSOLUTE_HIGH = np.array([0.45, 1.3, 1.25, 0.1, 2.234, 0.1, 1.0], np.float32)
+ACTION_MODES = ("delta", "absolute")
+
+
+def action_bounds(mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) of the 14-D action (left arm, then right) in ``mode``."""
+    if mode not in ACTION_MODES:
+        raise ConfigError(f"env.kwargs.action_mode must be one of {list(ACTION_MODES)}, got {mode!r}")
+    low, high = (DELTA_LOW, DELTA_HIGH) if mode == "delta" else (ABSOLUTE_LOW, ABSOLUTE_HIGH)
+    return np.tile(low, 2), np.tile(high, 2)

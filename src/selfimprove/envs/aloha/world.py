@@ -2,7 +2,8 @@
 
 Control at 10 Hz (the paper's rate): an action is the 14 joint targets of the two arms, per arm six
 joint angles (rad) then the gripper (0 closed, 1 open, the stock normalisation), held for 50 physics
-steps of 2 ms. Each reset places the peg and the socket uniformly in the stock env's regions.
+steps of 2 ms. With ``action_mode="delta"`` (the default) the six joint targets are given relative to
+where the joints are when the action is taken; ``"absolute"`` gives them as angles. Each reset places the peg and the socket uniformly in the stock env's regions.
 
 Observation keys: ``rgb`` uint8 [render_frames, S, S * len(cameras), 3] (the chosen cameras side
 by side, oldest frame first; absent when ``image_size`` is None), ``joints`` float32 (14,) (the arms'
@@ -35,7 +36,7 @@ class AlohaInsertionEnv(gym.Env):
 
     def __init__(self, image_size: int | None = 64, cameras: tuple[str, ...] | list[str] = ("top",),
                  render_frames: int = 2, max_episode_steps: int = 80, terminate_on_success: bool = True,
-                 control_hz: int = CONTROL_HZ, render_mode: str | None = None) -> None:
+                 control_hz: int = CONTROL_HZ, action_mode: str = "delta", render_mode: str | None = None) -> None:
         if render_frames < 1 or max_episode_steps < 1 or control_hz < 1:
             raise ConfigError("render_frames, max_episode_steps and control_hz must be >= 1")
         if image_size is not None and int(image_size) < 8:
@@ -57,7 +58,8 @@ class AlohaInsertionEnv(gym.Env):
         self._socket_qpos = m.joint("blue_socket_joint").qposadr[0]
         self._peg_geom, self._pin_geom = m.geom("red_peg").id, m.geom("pin").id
         self._peg_body, self._socket_body = m.body("peg").id, m.body("socket").id
-        self.action_space = spaces.Box(scene.ACTION_LOW, scene.ACTION_HIGH, dtype=np.float32)
+        self.action_mode = action_mode
+        self.action_space = spaces.Box(*scene.action_bounds(action_mode), dtype=np.float32)
         obs_spaces: dict[str, spaces.Space] = {}
         if self.image_size:
             shape = (self.render_frames, self.image_size, self.image_size * len(self.cameras), 3)
@@ -116,9 +118,9 @@ class AlohaInsertionEnv(gym.Env):
         if not np.all(np.isfinite(a)):
             raise ValueError(f"action must be finite, got {action!r}")
         a = np.clip(a, self.action_space.low, self.action_space.high)
-        ctrl = self.data.ctrl
+        ctrl, qpos = self.data.ctrl, self.data.qpos
         for i in range(2):
-            ctrl[8 * i:8 * i + 6] = a[7 * i:7 * i + 6]
+            ctrl[8 * i:8 * i + 6] = a[7 * i:7 * i + 6] + (qpos[self._arm_qpos[i]] if self.action_mode == "delta" else 0.0)
             finger = scene.FINGER_CLOSED + a[7 * i + 6] * (scene.FINGER_OPEN - scene.FINGER_CLOSED)
             ctrl[8 * i + 6], ctrl[8 * i + 7] = finger, -finger
         mujoco.mj_step(self.model, self.data, nstep=self.substeps)
