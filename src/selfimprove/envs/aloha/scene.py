@@ -126,7 +126,14 @@ def _renderer(model: mujoco.MjModel, size: int) -> "mujoco.Renderer":
 def _close_renderers() -> None:
     """Free GL contexts before the interpreter tears EGL down (else mujoco's destructors print errors)."""
     while _RENDERERS:
-        _RENDERERS.popitem()[1].close()
+        renderer = _RENDERERS.popitem()[1]
+        try:
+            renderer.close()
+        except Exception:  # another library (dm_control) terminated EGL first: nothing is left to free
+            context = getattr(renderer, "_gl_context", None)
+            if context is not None and hasattr(context, "_context"):
+                context._context = None
+            renderer._gl_context = renderer._mjr_context = None
 
 
 #: The action's bounds per arm (waist, shoulder, elbow, forearm roll, wrist angle, wrist rotate, gripper).
