@@ -116,7 +116,7 @@ def test_quick_aloha_run_end_to_end_and_lerobot_export(quick_run, tmp_path):
 
 def test_a_dropped_peg_is_found_after_it_was_lifted_and_its_steps_to_go_are_plotted(tmp_path):
     from selfimprove.data.episode import Episode
-    from selfimprove.diagnose.setback import find_setback, plot_setback
+    from selfimprove.diagnose.setback import distribution, find_setback, plot_setback
     from selfimprove.domains import model_spec
     from selfimprove.domains.aloha import peg_dropped
     from selfimprove.model.policy import EmbodiedModel
@@ -141,3 +141,5 @@ def test_a_dropped_peg_is_found_after_it_was_lifted_and_its_steps_to_go_are_plot
     model = EmbodiedModel(model_spec(config, env))
     shown = plot_setback(model, "aloha", [episode(np.full(7, 0.01)), episode(heights)], tmp_path)
     assert shown["step"] == 5 and shown["seed"] == 7 and (tmp_path / "setback.png").stat().st_size > 0
+    probs = distribution(model, episode(heights))
+    assert probs.shape == (7, model.spec.max_steps + 1) and np.allclose(probs.sum(1), 1) and probs.min() >= 0

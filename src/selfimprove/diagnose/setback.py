@@ -42,10 +42,10 @@ def find_setback(name: str, episodes: list[Episode]) -> tuple[Episode, int] | No
 
 @torch.no_grad()
 def distribution(model: EmbodiedModel, episode: Episode) -> np.ndarray:
-    """[frames, classes] the steps-to-go distribution on every frame of ``episode``."""
+    """[frames, classes] the steps-to-go probabilities on every frame of ``episode``."""
     source, _ = from_episodes([episode], model.spec)
     rows = torch.arange(episode.length + 1)
-    return model.steps_to_go_distribution(source.obs(rows)).float().numpy()
+    return torch.softmax(model.steps_to_go_distribution(source.obs(rows)).float(), dim=-1).numpy()
 
 
 def plot_setback(model: EmbodiedModel, name: str, episodes: list[Episode], out: Path) -> dict[str, Any] | None:
