@@ -143,3 +143,11 @@ def test_a_dropped_peg_is_found_after_it_was_lifted_and_its_steps_to_go_are_plot
     assert shown["step"] == 5 and shown["seed"] == 7 and (tmp_path / "setback.png").stat().st_size > 0
     probs = distribution(model, episode(heights))
     assert probs.shape == (7, model.spec.max_steps + 1) and np.allclose(probs.sum(1), 1) and probs.min() >= 0
+
+
+def test_a_diverged_simulation_ends_the_episode_instead_of_going_on_teleported():
+    env = AlohaInsertionEnv(image_size=None)
+    env.reset(seed=0)
+    env.data.qvel[:] = 1e12  # MuJoCo finds a bad acceleration and resets the state
+    _, _, terminated, truncated, info = env.step(np.zeros(14, np.float32))
+    assert truncated and not terminated and info.get("diverged") and not info["is_success"]

@@ -123,12 +123,19 @@ class AlohaInsertionEnv(gym.Env):
             ctrl[8 * i:8 * i + 6] = a[7 * i:7 * i + 6] + (qpos[self._arm_qpos[i]] if self.action_mode == "delta" else 0.0)
             finger = scene.FINGER_CLOSED + a[7 * i + 6] * (scene.FINGER_OPEN - scene.FINGER_CLOSED)
             ctrl[8 * i + 6], ctrl[8 * i + 7] = finger, -finger
+        unstable = self._instabilities()
         mujoco.mj_step(self.model, self.data, nstep=self.substeps)
         self._steps += 1
-        success = self._is_success()
+        # MuJoCo resets a diverged simulation to its initial state (and counts a warning): end the
+        # episode there rather than go on from a teleported scene
+        diverged = self._instabilities() > unstable
+        success = self._is_success() and not diverged
         terminated = bool(success and self.terminate_on_success)
-        truncated = self._steps >= self.max_episode_steps and not terminated
-        return self._observation(), float(success), terminated, truncated, self._info(success)
+        truncated = (self._steps >= self.max_episode_steps or diverged) and not terminated
+        info = self._info(success)
+        if diverged:
+            info["diverged"] = True
+        return self._observation(), float(success), terminated, truncated, info
 
     def render(self) -> np.ndarray | None:
         """The latest camera frame (the chosen views side by side)."""
@@ -138,6 +145,12 @@ class AlohaInsertionEnv(gym.Env):
         self._views = None  # the renderer is the process's (scene.Cameras), freed at exit
 
     # -- internals ------------------------------------------------------------------------------
+    def _instabilities(self) -> int:
+        """How often MuJoCo has found a NaN or a huge position, velocity or acceleration (and reset)."""
+        w = self.data.warning
+        return sum(int(w[k].number) for k in (mujoco.mjtWarning.mjWARN_BADQPOS, mujoco.mjtWarning.mjWARN_BADQVEL,
+                                               mujoco.mjtWarning.mjWARN_BADQACC))
+
     def _is_success(self) -> bool:
         """The peg touches the pin (the stock test), or its end sits in the socket within 8 mm of the pin.
 
