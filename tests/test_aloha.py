@@ -145,7 +145,8 @@ def test_a_dropped_peg_is_found_after_it_was_lifted_and_its_steps_to_go_are_plot
     assert probs.shape == (7, model.spec.max_steps + 1) and np.allclose(probs.sum(1), 1) and probs.min() >= 0
 
 
-def test_a_diverged_simulation_ends_the_episode_instead_of_going_on_teleported():
+def test_a_diverged_simulation_ends_the_episode_instead_of_going_on_teleported(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warning to MUJOCO_LOG.TXT in the working folder
     env = AlohaInsertionEnv(image_size=None)
     env.reset(seed=0)
     env.data.qvel[:] = 1e12  # MuJoCo finds a bad acceleration and resets the state
