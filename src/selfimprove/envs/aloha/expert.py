@@ -1,13 +1,14 @@
 """Scripted bimanual insertion expert: gripper waypoints (reach, grasp, lift, meet, insert) turned into the
 14 joint targets the policy uses by inverse kinematics on the arm's own model.
 
-Each arm's grasp point (between the fingers) follows straight-line segments between waypoints set on
-the objects' live poses (privileged state, as a demonstrator may read): the left arm takes the socket,
-the right arm the peg, both tilted 60 degrees down as they pick; they carry them to a meeting point
-over the table, line the peg up with the socket's axis and push it in. A damped least-squares IK
-(position and orientation, 6 joints per arm) on a scratch copy of the state turns each waypoint into
-joint targets. Human-like variation per episode: the meeting point, the grasp spot along each object,
-the approach height, each segment's duration, and a little joint noise.
+Each arm's grasp point (between the fingers, near their tips) follows straight-line segments between
+waypoints set on the objects' live poses (privileged state, as a demonstrator may read): the left arm
+takes the socket (gripper pointing 60 degrees down), the right arm the peg (80 degrees); they carry
+them to a meeting point over the table, line the peg up with the socket's axis and push it in. A
+damped least-squares IK (position and pitch, four joints per arm) on a scratch copy of the state
+turns each waypoint into joint targets, which move at most 0.15 rad per step. Human-like variation
+per episode: the meeting point, the grasp spot along each object, the approach height, the pitch,
+each segment's duration, and a little joint noise.
 """
 
 from __future__ import annotations
