@@ -339,7 +339,8 @@ def test_mapping_overrides_files_and_bad_specs(tmp_path):
     with pytest.raises(ConfigError, match="LEROBOT_FEATURE=OUR_KEY"):
         load_mapping("pointmass", ["observation.state"])
     with pytest.raises(ConfigError, match="unknown LeRobot mapping preset"):
-        load_mapping("aloha")
+        load_mapping("so100")
+    assert load_mapping("aloha").observations == {"image": "observation.images.top", "joints": "observation.state"}
     with pytest.raises(ConfigError, match="instruction must be 'task'"):
         LeRobotMapping(instruction="language").validate()
-    assert set(LEROBOT_PRESETS) == {"pointmass", "language-table"}
+    assert set(LEROBOT_PRESETS) == {"pointmass", "language-table", "aloha"}
