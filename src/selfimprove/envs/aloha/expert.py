@@ -78,8 +78,7 @@ class AlohaExpert:
         base_durations = np.array([12, 6, 4, 14, 3, 10])  # reach, descend, close, carry, line up, push
         self._ends = np.cumsum(np.maximum(2, np.round(base_durations * (1 + j * rng.uniform(-0.2, 0.2, 6))))).astype(int)
         self._t = 0
-        self._start = [self._grasp_point(base.data, arm) for arm in self._arms]
-        self._segment = -1
+        self._segment = -1  # the first act starts segment 0 from where the grasp points are
         self._targets = [base.data.qpos[arm.qpos].copy() for arm in self._arms]  # commanded joint angles
         self._grippers = [1.0, 1.0]
         self._tilt = PICK_TILT + j * rng.uniform(-0.08, 0.08, 2)
@@ -179,5 +178,4 @@ class AlohaExpert:
                 idx = arm.qpos[SOLVED]
                 d.qpos[idx] = np.clip(d.qpos[idx] + step, arm.low[SOLVED], arm.high[SOLVED])
                 d.qpos[arm.qpos[~SOLVED]] = 0.0
-        self.residual = max(np.linalg.norm(t - self._grasp_point(d, a)) for a, t in zip(self._arms, targets))
         return d.qpos.copy()
