@@ -134,3 +134,10 @@ def test_the_config_names_every_trunk_the_model_has():
     from selfimprove.model.policy import ENCODERS
 
     assert set(ENCODER_NAMES) == set(ENCODERS)
+
+
+def test_the_config_names_every_action_decoder_the_model_has():
+    from selfimprove.config_checks import DECODER_NAMES
+    from selfimprove.model.decoders import DECODERS
+
+    assert set(DECODER_NAMES) == set(DECODERS)

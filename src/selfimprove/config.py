@@ -65,6 +65,7 @@ class ModelConfig:
     hidden: int = 256  # width of the trunk's MLP layers (and of the instruction projection of "film")
     layers: int = 3  # MLP layers of the trunk (after the conv stack or the VLM of "film", "late_fusion", "hf")
     action_bins: int = 21  # uniform bins per action dimension
+    action_decoder: str = "independent"  # "independent" (one categorical per dimension), "autoregressive" (each dimension given the ones before) or "joint" (one categorical over all bin combinations; small action spaces)
     max_steps: int = 100  # steps-to-go classes 0..max_steps; must cover the longest demo
     dropout: float = 0.0  # encoder "mlp": dropout after each MLP layer (the other trunks have none)
     encoder: str = "mlp"  # "mlp" (vectors), "film" (frames + instruction), "late_fusion" (ablation), "hf" (HF VLM)

@@ -23,6 +23,8 @@ FLEET_BACKENDS = ("local", "ray")
 #: the trunks of model/policy.ENCODERS (the model sits above the config, so its table cannot be read
 #: here; tests/test_layers.py checks that the two name the same trunks)
 ENCODER_NAMES = ("mlp", "film", "late_fusion", "hf")
+#: the action decoders of model/decoders.DECODERS (kept equal by the same test)
+DECODER_NAMES = ("independent", "autoregressive", "joint")
 # Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
 REWARDS = ("steps_to_go", "constant", "true_success")
 
@@ -105,6 +107,8 @@ def check_config(config: RunConfig) -> None:
         (config.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {config.precision!r}"),
         (config.model.encoder in ENCODER_NAMES,
          f"model.encoder must be one of {', '.join(map(repr, ENCODER_NAMES))}"),
+        (config.model.action_decoder in DECODER_NAMES,
+         f"model.action_decoder must be one of {', '.join(map(repr, DECODER_NAMES))}"),
         (config.model.encoder != "hf" or bool(config.model.hf_model),
          "model.encoder = 'hf' needs model.hf_model (a local folder or a hub id); see docs/hf_backbones.md"),
         (config.model.hf_dtype in ("auto", "bfloat16", "float32"),

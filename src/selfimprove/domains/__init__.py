@@ -23,6 +23,7 @@ from selfimprove.domain_table import DOMAINS, Domain, resolve
 from selfimprove.envs.experts import Expert
 from selfimprove.envs.instructions import instruction_problem
 from selfimprove.errors import ConfigError, DatasetError
+from selfimprove.model.decoders import MAX_JOINT_CLASSES
 from selfimprove.model.policy import ModelSpec
 
 if TYPE_CHECKING:
@@ -157,8 +158,14 @@ def model_spec(config: RunConfig, env: gym.Env) -> ModelSpec:
     obs, _ = env.reset(seed=0)
     shapes = {k: list(v.shape) for k, v in observation_dict(obs).items()}
     m = config.model
+    classes = m.action_bins ** int(np.prod(space.shape))
+    if m.action_decoder == "joint" and classes > MAX_JOINT_CLASSES:
+        raise ConfigError(f"model.action_decoder = 'joint' over {config.env.id}'s {int(np.prod(space.shape))}-D actions "
+                          f"needs {m.action_bins} ** {int(np.prod(space.shape))} = {classes} classes (at most "
+                          f"{MAX_JOINT_CLASSES}); use 'autoregressive' or fewer model.action_bins")
     return ModelSpec(domain=config.domain, obs_shapes=shapes, action_low=[float(x) for x in space.low],
                      action_high=[float(x) for x in space.high], action_bins=m.action_bins,
+                     action_decoder=m.action_decoder,
                      max_steps=m.max_steps, hidden=m.hidden, layers=m.layers, dropout=m.dropout,
                      encoder=m.encoder, frames=m.frames, image_init=m.image_init, text_encoder=m.text_encoder,
                      channels=list(m.channels), hf_model=m.hf_model, hf_dtype=m.hf_dtype, hf_device=m.hf_device,

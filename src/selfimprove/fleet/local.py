@@ -156,9 +156,7 @@ class LocalFleet:
                 break
             obs = from_histories([slots[i].observations for i in live], [slots[i].instruction for i in live],
                                  self.spec)
-            with torch.no_grad():
-                logits, _ = self.policy(obs)
-                tokens = self.policy.sample_tokens(logits, temperature, generator)
+            tokens = self.policy.act(obs, temperature, generator)
             actions = self.policy.tokenizer.detokenize(tokens)
             results = []
             for k, i in enumerate(live):

@@ -111,7 +111,10 @@ def load_checkpoint(path: str | Path, expect_domain: str | None = None,
             lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
             raise CheckpointError(f"{path} does not match the configured model ({lines}); "
                                   "change the config to match or retrain")
-    model = EmbodiedModel(spec)
+    try:
+        model = EmbodiedModel(spec)
+    except ValueError as exc:  # an unknown encoder or action decoder, or one that cannot fit the actions
+        raise CheckpointError(f"{path}/config.json describes a model this selfimprove cannot build: {exc}") from exc
     tensors = _load_tensors(path / "model.safetensors")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))

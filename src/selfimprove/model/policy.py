@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfimprove.model.decoders import DECODERS, make_decoder
 from selfimprove.model.inputs import check_inputs
 from selfimprove.model.tokens import ActionTokenizer
 
@@ -26,6 +27,9 @@ class ModelSpec:
     action_low: list[float]
     action_high: list[float]
     action_bins: int = 21
+    # how the action tokens are decoded (model/decoders.py): "independent" (checkpoints made before
+    # the choice existed), "autoregressive" (one dimension after another) or "joint" (all bin combinations)
+    action_decoder: str = "independent"
     max_steps: int = 100
     hidden: int = 256
     layers: int = 3
@@ -128,26 +132,39 @@ class EmbodiedModel(nn.Module):
         super().__init__()
         if spec.encoder not in ENCODERS:
             raise ValueError(f"unknown encoder {spec.encoder!r}; known: {sorted(ENCODERS)}")
+        if spec.action_decoder not in DECODERS:
+            raise ValueError(f"unknown action decoder {spec.action_decoder!r}; known: {sorted(DECODERS)}")
         self.spec = spec
         self.tokenizer = ActionTokenizer(spec.action_low, spec.action_high, spec.action_bins)
         self.encoder = ENCODERS[spec.encoder](spec)
-        self.action_head = nn.Linear(self.encoder.out_dim, spec.action_dim * spec.action_bins)
+        self.action_head = make_decoder(spec.action_decoder, self.encoder.out_dim, spec.action_dim,
+                                        spec.action_bins, spec.hidden)
         classes = spec.max_steps + 1 + int(spec.stg_never)
         self.stg_head = nn.Linear(self.encoder.out_dim, classes)
         # d(o, g) = E[steps-to-go]; the "never" class counts as max_steps + 1 steps
         self.register_buffer("stg_values", torch.arange(classes, dtype=torch.float32))
 
-    def forward(self, obs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (action logits [B, action_dim, bins], steps-to-go logits [B, max_steps + 1]).
+    def features(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The trunk's features [B, F] of checked inputs (both heads read them).
 
         ``obs`` is checked against the spec first (:func:`selfimprove.model.inputs.check_inputs`): a
         frame of the wrong size or channels, a vector of the wrong length or an instruction the domain
         does not read raises InputError naming the fix.
         """
         check_inputs(self.spec, obs)
-        h = self.encoder(obs)
-        action_logits = self.action_head(h).view(h.shape[0], self.spec.action_dim, self.spec.action_bins)
-        return action_logits, self.stg_head(h)
+        return self.encoder(obs)
+
+    def forward(self, obs: dict[str, torch.Tensor], tokens: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (action logits [B, K, C], steps-to-go logits [B, max_steps + 1]).
+
+        The action logits are the decoder's K categoricals (:mod:`selfimprove.model.decoders`):
+        ``[B, action_dim, bins]`` for the independent and autoregressive decoders. ``tokens [B, D]``
+        are the actions whose prefixes the autoregressive decoder conditions on (teacher forcing); the
+        other decoders ignore them.
+        """
+        h = self.features(obs)
+        return self.action_head.logits(h, tokens), self.stg_head(h)
 
     @property
     def never_class(self) -> int | None:
@@ -156,7 +173,7 @@ class EmbodiedModel(nn.Module):
 
     def steps_to_go_distribution(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Categorical logits over steps-to-go 0..max_steps (then "never" when ``spec.stg_never``)."""
-        return self.forward(obs)[1]
+        return self.stg_head(self.features(obs))
 
     def expected_steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> torch.Tensor:
         """d(o, g): the expectation of the steps-to-go distribution, [B].
@@ -169,21 +186,19 @@ class EmbodiedModel(nn.Module):
             return expected_steps(logits[:, :-1], self.stg_values[:-1])
         return expected_steps(logits, self.stg_values)
 
-    @staticmethod
-    def token_log_prob(action_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """log pi(a | o, g) of token vectors [B, action_dim]: the sum over dimensions."""
+    def token_log_prob(self, action_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """log pi(a | o, g) [B] of token vectors [B, action_dim] under ``action_logits`` from
+        :meth:`forward` (with the same tokens): the sum of the decoder's categoricals' log-probabilities."""
         logp = torch.log_softmax(action_logits, dim=-1)
-        return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).sum(-1)
+        targets = self.action_head.targets(tokens)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
 
     @torch.no_grad()
-    def sample_tokens(self, action_logits: torch.Tensor, temperature: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample tokens per dimension; temperature 0 takes the most likely bin (greedy)."""
-        if temperature <= 0:
-            return action_logits.argmax(-1)
-        probs = torch.softmax(action_logits / temperature, dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1])
-        return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+    def act(self, obs: dict[str, torch.Tensor], temperature: float = 1.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample action tokens [B, action_dim]; temperature 0 decodes greedily (the most likely
+        class of each categorical, one after another for the autoregressive decoder)."""
+        return self.action_head.sample(self.features(obs), temperature, generator)
 
 
 def expected_steps(stg_logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

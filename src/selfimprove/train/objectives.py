@@ -93,21 +93,28 @@ OBJECTIVES: dict[str, tuple[Loss, bool]] = {"reinforce": (reinforce_loss, False)
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over samples of ``KL(pi || pi_ref)``, exact for the per-dimension categoricals (summed over dims)."""
+    """Mean over samples of ``KL(pi || pi_ref)``: the KLs of the decoder's categoricals, summed.
+
+    Exact for the independent and joint decoders; for the autoregressive one both sets of logits are
+    conditioned on the batch's own tokens, so this is the per-token KL along the taken actions (the
+    chain rule's terms, the sequence KL in expectation over prefixes drawn from the policy).
+    """
     logp = torch.log_softmax(logits / temperature, dim=-1)
     ref = torch.log_softmax(ref_logits.float() / temperature, dim=-1)
     return (logp.exp() * (logp - ref)).sum(-1).sum(-1).mean()
 
 
 @torch.no_grad()
-def _logits(model: EmbodiedModel, source: FrameSource, rows: torch.Tensor, precision: str) -> torch.Tensor:
-    """Action logits of ``rows`` in eval mode (chunked), float32, under the learner's autocast."""
+def _logits(model: EmbodiedModel, source: FrameSource, rows: torch.Tensor, tokens: torch.Tensor,
+            precision: str) -> torch.Tensor:
+    """Action logits of ``rows`` (conditioned on their ``tokens``) in eval mode (chunked), float32,
+    under the learner's autocast."""
     was_training = model.training
     model.eval()
     out = []
-    for part in torch.split(rows, 4 * CHUNK):
+    for part, part_tokens in zip(torch.split(rows, 4 * CHUNK), torch.split(tokens, 4 * CHUNK)):
         with autocast(precision):
-            logits, _ = model(source.obs(part))
+            logits, _ = model(source.obs(part), part_tokens)
         out.append(logits.float())
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0)
@@ -116,7 +123,7 @@ def _logits(model: EmbodiedModel, source: FrameSource, rows: torch.Tensor, preci
 def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torch.Tensor, tokens: torch.Tensor,
                         temperature: float, precision: str = "float32") -> torch.Tensor:
     """log pi_old(a_t | o_t, g) of the batch under the current (not yet updated) weights, in eval mode."""
-    return EmbodiedModel.token_log_prob(_logits(policy, source, acting, precision) / temperature, tokens)
+    return policy.token_log_prob(_logits(policy, source, acting, tokens, precision) / temperature, tokens)
 
 
 def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -146,7 +153,7 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
         raise ValueError("improve.kl_coef > 0 needs the reference (SFT) policy")
     adv = advantages(returns, cfg.advantage)
     old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision) if needs_old else None
-    ref_logits = _logits(reference, source, acting, config.precision) if cfg.kl_coef > 0 else None
+    ref_logits = _logits(reference, source, acting, tokens, config.precision) if cfg.kl_coef > 0 else None
     policy.train()
     sums: dict[str, list[float]] = {}
     for _ in range(update_epochs(cfg)):
@@ -155,9 +162,9 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
             step: dict[str, float] = {}
             for part in torch.split(rows, CHUNK) if cfg.minibatch_size <= 0 else (rows,):
                 with autocast(config.precision):
-                    logits, _ = policy(source.obs(acting[part]))
+                    logits, _ = policy(source.obs(acting[part]), tokens[part])
                 logits = logits.float()
-                logp = EmbodiedModel.token_log_prob(logits / cfg.temperature, tokens[part])
+                logp = policy.token_log_prob(logits / cfg.temperature, tokens[part])
                 pg, stats = loss_fn(logp, old_logp[part] if old_logp is not None else None, adv[part], cfg)
                 loss = cfg.loss_scale * pg
                 if ref_logits is not None:

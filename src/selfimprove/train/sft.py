@@ -69,9 +69,10 @@ def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch
     Rows labelled with the "never" class (negatives) train only the steps-to-go head; ``stg_mae``
     is over the other rows, ``never_p`` the mean "never" probability the head gives the negatives.
     """
-    action_logits, stg_logits = model(obs)
+    action_logits, stg_logits = model(obs, tokens)  # the autoregressive decoder reads the tokens' prefixes
     action_logits, stg_logits = action_logits.float(), stg_logits.float()  # losses in float32 under autocast
-    bc_all = F.cross_entropy(action_logits.permute(0, 2, 1), tokens, reduction="none").sum(-1)
+    targets = model.action_head.targets(tokens)
+    bc_all = F.cross_entropy(action_logits.permute(0, 2, 1), targets, reduction="none").sum(-1)
     mask = has_action.float()
     bc = (bc_all * mask).sum() / mask.sum().clamp_min(1.0)
     stg_loss = F.cross_entropy(stg_logits, stg)
@@ -81,7 +82,8 @@ def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch
         d = probs @ model.stg_values
         positive = stg <= model.spec.max_steps
         out["stg_mae"] = ((d - stg.float()).abs() * positive).sum() / positive.sum().clamp_min(1)
-        out["bc_token_acc"] = ((action_logits.argmax(-1) == tokens).all(-1).float() * mask).sum() / mask.sum().clamp_min(1.0)
+        # the greedy action is the demo's (with teacher forcing, each argmax along the demo's own prefix)
+        out["bc_token_acc"] = ((action_logits.argmax(-1) == targets).all(-1).float() * mask).sum() / mask.sum().clamp_min(1.0)
         if model.never_class is not None and bool((~positive).any()):
             out["never_p"] = probs[~positive, model.never_class].mean()
     return out
