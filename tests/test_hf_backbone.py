@@ -312,3 +312,18 @@ def test_pooling_finds_the_last_real_token_with_either_padding_side():
     assert pool_hidden_states(hidden, right).tolist() == [[1.0, 0.5], [7.0, 5.5]]
     assert pool_hidden_states(hidden, left).tolist() == [[3.0, 2.5], [7.0, 5.5]]
     assert np.isfinite(pool_hidden_states(hidden, torch.zeros(2, 4)).numpy()).all()
+
+
+def test_vlm_trunk_decodes_actions_one_dimension_after_another(tiny_vlm):
+    model = EmbodiedModel(tabletop_spec(tiny_vlm, action_decoder="autoregressive")).eval()
+    obs = observations()
+    tokens = model.act(obs, 1.0, torch.Generator().manual_seed(0))
+    assert tokens.shape == (3, 2) and tokens.min() >= 0 and tokens.max() < 41
+    logits, _ = model(obs, tokens)
+    logp = model.token_log_prob(logits, tokens)
+    assert logp.shape == (3,) and torch.isfinite(logp).all() and (logp <= 0).all()
+    # the second dimension's distribution depends on the first token (the first one's does not)
+    other = tokens.clone()
+    other[:, 0] = (other[:, 0] + 20) % 41
+    moved, _ = model(obs, other)
+    assert torch.allclose(moved[:, 0], logits[:, 0]) and not torch.allclose(moved[:, 1], logits[:, 1])
