@@ -109,12 +109,14 @@ class ImproveConfig:
     lr: float = 3e-4  # Adam learning rate of the policy
     gamma: float = 0.9  # discount of the Monte Carlo return R_t
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
-    advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std
+    advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std; "group": the episode's total reward minus the mean of the other attempts at the same start board (leave-one-out over improve.group_size attempts)
+    group_size: int = 1  # attempts at each start board (the same seed, reset to the same layout); > 1 with advantage "group"
     reward_clip: float = 0.0  # clip each r_t to [-reward_clip, reward_clip] before the returns; 0: no clip
     reward_steps: str = "expected"  # d of the reward r_t: "expected" (the detector's d) or "reachable" (without the "never" class: it flickers between frames)
     baseline: str = "none"  # "none", or "reward_model": subtract d(o_t) minus its past average from R_t (less noise, no bias; docs/self_improvement.md)
     baseline_decay: float = 0.9  # baseline "reward_model": decay of the past average of d (0.9: about the last 10 frames)
     kl_coef: float = 0.0  # weight of KL(pi || pi_SFT) on the batch's states (the frozen SFT policy); 0: no KL term
+    kl_target: float = 0.0  # > 0: adapt kl_coef after each batch (x2 when the KL exceeds 1.5 x target, /2 below target / 1.5); 0: fixed
     success_threshold: float | None = None  # s; None: calibrate on held-out demos after SFT (threshold_rule)
     threshold_rule: str = "f1"  # calibration of s: "f1" (max F1 vs goal frames) or "precision" (largest s meeting threshold_precision on held-out demos + mismatched negatives)
     threshold_precision: float = 0.9  # threshold_rule "precision": the per-frame precision s must reach

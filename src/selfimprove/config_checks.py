@@ -27,6 +27,8 @@ ENCODER_NAMES = ("mlp", "film", "late_fusion", "hf")
 DECODER_NAMES = ("independent", "autoregressive", "joint")
 # Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
 REWARDS = ("steps_to_go", "constant", "true_success")
+#: improve.advantage: train/objectives.advantages (the model and train layers sit above the config)
+ADVANTAGES = ("return", "normalized", "group")
 
 
 def check_config(config: RunConfig) -> None:
@@ -87,7 +89,14 @@ def check_config(config: RunConfig) -> None:
         (config.improve.threshold_rule in ("f1", "precision"), "improve.threshold_rule must be 'f1' or 'precision'"),
         (0 < config.improve.threshold_precision <= 1, "improve.threshold_precision must be in (0, 1]"),
         (config.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
-        (config.improve.advantage in ("return", "normalized"), "improve.advantage must be 'return' or 'normalized'"),
+        (config.improve.advantage in ADVANTAGES, f"improve.advantage must be one of {', '.join(map(repr, ADVANTAGES))}"),
+        (config.improve.group_size >= 1, "improve.group_size must be >= 1"),
+        ((config.improve.advantage == "group") == (config.improve.group_size > 1),
+         "improve.advantage = 'group' and improve.group_size > 1 go together (several attempts per start board)"),
+        (config.improve.group_size == 1 or not config.fleet.reset_free,
+         "improve.group_size > 1 needs episodic practice (fleet.reset_free = false): each attempt starts from the same board"),
+        (config.improve.kl_target >= 0 and (config.improve.kl_target == 0 or config.improve.kl_coef > 0),
+         "improve.kl_target must be >= 0, and > 0 only with a starting improve.kl_coef > 0"),
         (config.improve.baseline in ("none", "reward_model"), "improve.baseline must be 'none' or 'reward_model'"),
         (config.improve.reward_steps in ("expected", "reachable"), "improve.reward_steps must be 'expected' or 'reachable'"),
         (0 <= config.improve.baseline_decay < 1, "improve.baseline_decay must be in [0, 1)"),

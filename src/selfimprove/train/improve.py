@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from selfimprove.reward import (HELD_OUT_CACHE, StepsToGoReward, calibrate_detec
                                 reachable_steps_to_go, reward_model_baseline)
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
-from selfimprove.train.objectives import policy_update
+from selfimprove.train.objectives import adapt_kl_coef, policy_update
 from selfimprove.train.guard import Guard
 from selfimprove.train.sft import sft_checkpoint
 
@@ -96,6 +96,41 @@ def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float
             returns = returns - reward_model_baseline(d, baseline_decay)
         parts.append(returns)
     return source, acting, tokens, torch.as_tensor(np.concatenate(parts))
+
+
+def group_advantages(episodes: list[Episode], reward: str = "steps_to_go", clip: float = 0.0,
+                     reward_d: list[np.ndarray] | None = None) -> tuple[list[int], np.ndarray]:
+    """Leave-one-out advantages of attempts at the same start board (``improve.advantage = "group"``).
+
+    An episode's score is its total (undiscounted) reward: 1 or 0 for the true-success control; for the
+    learned reward ``d(o_0) - d(o_T)``, where ``d(o_0)`` is the same for every attempt at a board, so
+    the attempts are ranked by how close to the goal they ended. Each attempt's advantage is its score
+    minus the mean of the other attempts at the same board (the episode's ``seed``). Boards with a
+    single attempt, or whose attempts all scored the same, teach nothing and are dropped. Returns the
+    indices of the kept episodes and their advantages.
+    """
+    scores = np.array([float(episode_rewards(e, reward, clip, None if reward_d is None else reward_d[i]).sum())
+                       for i, e in enumerate(episodes)])
+    boards: dict[int, list[int]] = {}
+    for i, e in enumerate(episodes):
+        boards.setdefault(int(e.meta["seed"]), []).append(i)
+    kept, adv = [], []
+    for members in boards.values():
+        s = scores[members]
+        if len(members) < 2 or np.all(s == s[0]):
+            continue
+        others = (s.sum() - s) / (len(s) - 1)
+        kept += members
+        adv += list(s - others)
+    order = np.argsort(kept, kind="stable")
+    return [kept[i] for i in order], np.asarray(adv, dtype=np.float32)[order]
+
+
+def grouped(seeds: Iterator[int], size: int) -> Iterator[int]:
+    """Each seed of ``seeds`` ``size`` times in a row: that many attempts at each start board."""
+    for seed in seeds:
+        for _ in range(size):
+            yield seed
 
 
 @locks_run
@@ -159,12 +194,14 @@ class Stage2:
         self.metrics = MetricsLog.for_run(config)
         self.start, self.history = 0, []
         self.counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
+        self.kl_coef = cfg.kl_coef  # adapted per batch when improve.kl_target > 0
         if resume and self.latest.exists():
             self.policy, _ = load_checkpoint(self.latest, expect_domain=config.domain)
             self.optimizer = self._optimizer()
             tensors, state = load_train_state(self.latest)
             restore_optimizer(self.optimizer, tensors, state)
             self.start, self.history, self.counters = int(state["iteration"]), state["history"], state["counters"]
+            self.kl_coef = float(state.get("kl_coef", cfg.kl_coef))
             self.detector = state["detector"]
             log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", self.start,
                      self.counters["robot_episodes"])
@@ -200,7 +237,7 @@ class Stage2:
 
     def _collect_args(self, it: int) -> dict[str, Any]:
         cfg, seed = self.config.improve, self.config.seed
-        return {"seeds": seed_stream(IMPROVE_SEED_BASE + seed * 100_000_000 + it * 100_000),
+        return {"seeds": grouped(seed_stream(IMPROVE_SEED_BASE + seed * 100_000_000 + it * 100_000), cfg.group_size),
                 "n_steps": cfg.steps_per_iteration, "temperature": cfg.temperature,
                 "generator": torch_generator(seed, 2, it)}
 
@@ -259,11 +296,24 @@ class Stage2:
         cfg = self.config.improve
         reward_d = reachable_steps_to_go(fresh, self.reward) if (
             cfg.reward_steps == "reachable" and cfg.reward == "steps_to_go" and self.reward.spec.stg_never) else None
-        source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward, cfg.reward_clip,
-                                                          cfg.baseline, cfg.baseline_decay, reward_d)
+        extra: dict[str, Any] = {}
+        if cfg.advantage == "group":
+            kept, adv = group_advantages(fresh, cfg.reward, cfg.reward_clip, reward_d)
+            extra = {"group_kept_episodes": len(kept)}
+            if not kept:  # every board's attempts scored alike: nothing to learn from this batch
+                return {"mean_return": 0.0, "updates": 0, "kl_coef": self.kl_coef, **extra}
+            fresh = [fresh[i] for i in kept]
+            returns = torch.as_tensor(np.repeat(adv, [e.length for e in fresh]))
+            source, acting, tokens, _ = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward, cfg.reward_clip)
+        else:
+            source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward,
+                                                              cfg.reward_clip, cfg.baseline, cfg.baseline_decay,
+                                                              reward_d)
         update = policy_update(self.policy, self.optimizer, source, acting, tokens, returns, self.config,
-                               torch_generator(self.config.seed, 3, it), self.reference)
-        return {"mean_return": float(returns.mean()), **update}
+                               torch_generator(self.config.seed, 3, it), self.reference, self.kl_coef)
+        used, self.kl_coef = self.kl_coef, adapt_kl_coef(self.kl_coef, update.get("kl_ref"), cfg.kl_target)
+        return {"mean_return": float(returns.mean()), **update, **extra,
+                **({"kl_coef": used} if cfg.kl_coef > 0 else {})}
 
     def record(self, it: int, episodes: list[Episode], fresh: list[Episode], update: dict[str, Any],
                t_collect: float, t_update: float) -> dict[str, Any]:
@@ -312,7 +362,7 @@ class Stage2:
                         meta={"stage": "improve", "iteration": it + 1, "seed": self.config.seed, **self.provenance},
                         train_state=tensors,
                         train_meta={**opt_meta, "iteration": it + 1, "history": self.history,
-                                    "counters": self.counters, "detector": self.detector,
+                                    "counters": self.counters, "detector": self.detector, "kl_coef": self.kl_coef,
                                     **({"guard": self.guard.state} if self.guard is not None else {})})
         self.metrics.append(record)
         self.bar.set_postfix(len=f"{record['batch_mean_length']:.1f}", det=f"{record['detected_success_rate']:.2f}")

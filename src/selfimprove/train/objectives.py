@@ -11,8 +11,11 @@
 
 ``A_t`` is the Monte Carlo return ``R_t`` as it is (``improve.advantage = "return"``, the paper's)
 or normalised per batch (``"normalized"``: ``(R_t - mean R) / std R``, a constant baseline and
-scale). Either loss may add ``improve.kl_coef * KL(pi || pi_ref)`` on the batch's states, where
-``pi_ref`` is the frozen SFT policy: it bounds how far a few hundred episodes can move the policy.
+scale), or the episode's leave-one-out advantage over several attempts at the same start board
+(``"group"``, computed where the episodes are known: :func:`selfimprove.train.improve.group_advantages`).
+Either loss may add ``kl_coef * KL(pi || pi_ref)`` on the batch's states, where ``pi_ref`` is the
+frozen SFT policy: it bounds how far a few hundred episodes can move the policy; with
+``improve.kl_target`` the coefficient adapts per batch (:func:`adapt_kl_coef`).
 
 The shuffled batch is cut into minibatches of ``improve.minibatch_size`` rows (:func:`minibatches`);
 ``minibatch_size = 0`` takes one full-batch step per epoch, its gradient accumulated over chunks.
@@ -54,7 +57,21 @@ def advantages(returns: torch.Tensor, kind: str) -> torch.Tensor:
         return returns.float()
     if kind == "normalized":
         return normalized_advantages(returns)
-    raise ValueError(f"unknown advantage {kind!r}; use 'return' or 'normalized'")
+    if kind == "group":  # already per-episode leave-one-out advantages
+        return returns.float()
+    raise ValueError(f"unknown advantage {kind!r}; use 'return', 'normalized' or 'group'")
+
+
+def adapt_kl_coef(coef: float, kl: float | None, target: float) -> float:
+    """The KL coefficient for the next batch: doubled when the batch's KL to the SFT policy exceeded
+    1.5 x ``target``, halved below ``target`` / 1.5 (PPO's adaptive penalty), unchanged otherwise."""
+    if target <= 0 or kl is None:
+        return coef
+    if kl > 1.5 * target:
+        return coef * 2.0
+    if kl < target / 1.5:
+        return coef / 2.0
+    return coef
 
 
 def reinforce_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, cfg: ImproveConfig
@@ -142,18 +159,21 @@ def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
 
 def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
                   acting: torch.Tensor, tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
-                  generator: torch.Generator, reference: EmbodiedModel | None = None) -> dict[str, float]:
+                  generator: torch.Generator, reference: EmbodiedModel | None = None,
+                  kl_coef: float | None = None) -> dict[str, float]:
     """Train the policy on one on-policy batch with ``improve.objective``'s loss (module docstring).
 
-    ``reference``: the frozen SFT policy of the KL term (needed when ``improve.kl_coef > 0``).
+    ``reference``: the frozen SFT policy of the KL term (needed when the KL coefficient is > 0);
+    ``kl_coef``: the coefficient of this batch (default ``improve.kl_coef``; adapted by the caller).
     """
     cfg = config.improve
+    kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
     loss_fn, needs_old = OBJECTIVES[cfg.objective]
-    if cfg.kl_coef > 0 and reference is None:
+    if kl_coef > 0 and reference is None:
         raise ValueError("improve.kl_coef > 0 needs the reference (SFT) policy")
     adv = advantages(returns, cfg.advantage)
     old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision) if needs_old else None
-    ref_logits = _logits(reference, source, acting, tokens, config.precision) if cfg.kl_coef > 0 else None
+    ref_logits = _logits(reference, source, acting, tokens, config.precision) if kl_coef > 0 else None
     policy.train()
     sums: dict[str, list[float]] = {}
     for _ in range(update_epochs(cfg)):
@@ -169,7 +189,7 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
                 loss = cfg.loss_scale * pg
                 if ref_logits is not None:
                     kl = kl_to_reference(logits, ref_logits[part], cfg.temperature)
-                    loss = loss + cfg.kl_coef * kl
+                    loss = loss + kl_coef * kl
                     stats = {**stats, "kl_ref": float(kl.detach())}
                 share = len(part) / len(rows)
                 (loss * share).backward()
