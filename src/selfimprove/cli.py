@@ -146,6 +146,13 @@ def _main(argv: list[str] | None) -> int:
     except SelfImproveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the file system refused a write no writer turned into a StorageError itself
+        from selfimprove.folders import is_file_system_error, storage_error
+
+        if isinstance(exc, BrokenPipeError) or not is_file_system_error(exc):
+            raise
+        print(f"error: {storage_error(exc)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted; finished work is saved; continue with --resume", file=sys.stderr)
         return 130

@@ -53,6 +53,18 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, text.encode())
 
 
+def write_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (:func:`~selfimprove.folders.atomic_write`): a full disk or a
+    read-only folder leaves the previous plot, not half of one."""
+    import io
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as strict JSON (:func:`dumps_json`) atomically (:func:`write_text`)."""
     write_text(path, dumps_json(data, indent=2) + "\n")

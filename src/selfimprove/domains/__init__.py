@@ -244,7 +244,8 @@ def check_store(store: "EpisodeStore", domain: str) -> None:
 
     Its episodes must not be another built-in domain's (told from its observation features), and
     every instruction in ``meta/tasks.parquet`` must be one of ``domain`` (see :func:`instruction_problem`).
-    Reads meta/info.json (already loaded) and the task table only, and writes nothing.
+    Every data file must hold the columns frames are read from. Reads meta/info.json (already loaded), the
+    task table and the data files' Parquet footers only, and writes nothing.
     """
     shapes = store.observation_shapes
     held = domain_of_observations(shapes)
@@ -253,6 +254,7 @@ def check_store(store: "EpisodeStore", domain: str) -> None:
             f"{store.root} holds {held} episodes (observations {shapes}) but the config is {domain!r}; "
             f"point data.path (--dataset) at a {domain} store (`selfimprove collect {domain} --out DIR`), "
             f"or use the {held!r} preset to train on this one")
+    store.check_columns()
     instructions = store.instructions
     bad = [(i, text, problem) for i, text in enumerate(instructions)
            if (problem := instruction_problem(domain, text)) is not None]
