@@ -128,6 +128,12 @@ def _disk_full(fd: int) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+def _diagnosed(tmp: Path) -> None:
+    """The run's own diagnostics (demos only), and a second store to diagnose it on."""
+    assert main(["diagnose", str(tmp / "runs" / "shared" / "checkpoints" / "sft"), "--rollouts", "0"]) == 0
+    shutil.copytree(tmp / "runs" / "shared" / "demos", tmp / "other-demos")
+
+
 #: what a case prepares in the scratch folder before the command: (tmp, monkeypatch) -> a context or None
 PREPARE = {
     "self-extending config": lambda tmp, mp: _config_files(tmp, {"self.toml": 'extends = "self.toml"\n'}),
@@ -141,6 +147,7 @@ PREPARE = {
     "PYOPENGL_PLATFORM against MUJOCO_GL": lambda tmp, mp: (mp.setenv("MUJOCO_GL", "egl"),
                                                             mp.setenv("PYOPENGL_PLATFORM", "osmesa")),
     "store without an action column": lambda tmp, mp: _no_action_store(tmp),
+    "the run's diagnostics": lambda tmp, mp: _diagnosed(tmp),
 }
 
 # (case id, what to prepare (a PREPARE key or None), full argv with {tmp}, pieces of the expected message)
@@ -175,6 +182,18 @@ PREPARED_CASES = [
     ("a store whose Parquet lacks the action column", "store without an action column",
      ["sft", "pointmass-quick", "--name", "f", "--dataset", "{tmp}/noaction", "--runs-dir", "{tmp}/runs",
       "--no-progress"], ["has no column 'action'"]),
+    ("diagnose --out into another run's folder", None,
+     ["diagnose", "{tmp}/runs/shared/checkpoints/sft", "--rollouts", "0", "--out", "{tmp}/runs/shared"],
+     ["which diagnose did not write", "config.json"]),
+    ("diagnose --out into a folder of other files", None,
+     ["diagnose", "{tmp}/runs/shared/checkpoints/sft", "--rollouts", "0", "--out", "{tmp}/mine"],
+     ["holds notes.txt, which diagnose did not write"]),
+    ("diagnose on another --dataset over the run's own diagnostics", "the run's diagnostics",
+     ["diagnose", "{tmp}/runs/shared/checkpoints/sft", "--rollouts", "0", "--dataset", "{tmp}/other-demos"],
+     ["runs/shared/diagnostics holds the diagnostics of", "made with another dataset", "--out"]),
+    ("diagnose with other settings over the run's own diagnostics", "the run's diagnostics",
+     ["diagnose", "{tmp}/runs/shared/checkpoints/sft", "--rollouts", "0", "--set", "improve.success_hold=2"],
+     ["made with another improve.success_hold"]),
 ]
 
 
@@ -196,6 +215,21 @@ def test_broken_configs_file_systems_and_stores_are_refused_clearly(scratch, cap
         assert message in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert after == before
+
+
+def test_diagnose_rewrites_its_own_earlier_output(scratch, capsys):
+    """The same diagnosis again (same checkpoint, store and settings) replaces its own folder; a copy of the
+    checkpoint is the same checkpoint."""
+    checkpoint = scratch / "runs" / "shared" / "checkpoints" / "sft"
+    out = scratch / "diag"
+    argv = ["diagnose", str(checkpoint), "--rollouts", "0", "--out", str(out)]
+    assert main(argv) == 0
+    first = json.loads((out / "diagnostics.json").read_text())
+    assert main(argv) == 0
+    shutil.copytree(checkpoint, scratch / "copy")
+    assert main(["diagnose", str(scratch / "copy"), "--rollouts", "0", "--out", str(out), "--config", "pointmass-quick",
+                 "--dataset", str(scratch / "runs" / "shared" / "demos")]) == 0
+    assert json.loads((out / "diagnostics.json").read_text())["identity"] == first["identity"]
 
 
 def test_a_run_folder_in_use_is_refused(scratch, capsys):
