@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import selfimprove
 from selfimprove.cli import main
 from selfimprove.data.store import EpisodeStore
 from selfimprove.model.checkpoint import load_checkpoint
@@ -50,6 +51,15 @@ def test_quick_run_end_to_end_writes_summary_report_and_plots(tmp_path):
         assert point["eval_episodes"] == config.eval.episodes
     assert json.loads((config.run_dir / "eval_improve.json").read_text())["checkpoint"] == str(
         config.run_dir / "checkpoints" / "improve")
+    # the code that made it: in the summary, the run folder and every checkpoint
+    code = summary["provenance"]
+    assert code["selfimprove"] == selfimprove.__version__ and code["torch"] == torch.__version__
+    assert code["precision"] == {"setting": "float32", "gradient_steps": "float32"}
+    assert code["commit"] is None or len(code["commit"]) == 40
+    assert json.loads((config.run_dir / "provenance.json").read_text())["processes"][0]["commit"] == code["commit"]
+    for stage in ("sft", "improve"):
+        saved_code = json.loads((config.run_dir / "checkpoints" / stage / "config.json").read_text())["provenance"]
+        assert saved_code == code
     report = (config.run_dir / "report.md").read_text()
     assert "Self-Improvement (stage 2)" in report and "precision" in report
     assert (config.run_dir / "improvement.png").stat().st_size > 1000

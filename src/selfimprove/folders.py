@@ -31,8 +31,8 @@ _LAYOUT = RunDir("")
 LOCK_FILE = _LAYOUT.lock.name
 #: what a run folder holds before its first stage finishes: a fresh run that fails holding only these
 #: is removed, so the same command can simply be run again
-BOOKKEEPING = frozenset({p.name for p in (_LAYOUT.lock, _LAYOUT.config, _LAYOUT.timing, _LAYOUT.metrics,
-                                         _LAYOUT.tensorboard)} | {".demos.partial"})
+BOOKKEEPING = frozenset({p.name for p in (_LAYOUT.lock, _LAYOUT.config, _LAYOUT.provenance, _LAYOUT.timing,
+                                         _LAYOUT.metrics, _LAYOUT.tensorboard)} | {".demos.partial"})
 T = TypeVar("T")
 
 #: errno -> (what went wrong, the way out) for the file-system errors a writer meets

@@ -199,13 +199,15 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             score = record["val_bc"] + cfg.stg_weight * record["val_stg"]
             if cfg.keep_best and score < best:
                 best = score
-                save_checkpoint(model, best_path, meta={"stage": "sft", "step": done, "val_loss": score})
+                save_checkpoint(model, best_path, meta={"stage": "sft", "step": done, "val_loss": score},
+                                precision=config.precision)
             metrics.append(record)
             model.train()
         if done % block == 0 and done < cfg.steps:
             tensors, meta = optimizer_state_tensors(optimizer)
             save_checkpoint(model, state_path, meta={"stage": "sft", "step": done},
-                            train_state=tensors, train_meta={**meta, "step": done, "best": best})
+                            train_state=tensors, train_meta={**meta, "step": done, "best": best},
+                            precision=config.precision)
     model.eval()
     step = cfg.steps
     if cfg.keep_best and recover_checkpoint(best_path):
@@ -214,7 +216,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         log.info("keeping the step-%d checkpoint (lowest held-out loss %.4f)", step, best)
     save_checkpoint(model, final, meta={"stage": "sft", "step": step, "seed": config.seed,
                                         "dataset": str(store.root), "fraction": config.data.fraction,
-                                        "train_episodes": int(len(train.episode_lengths))})
+                                        "train_episodes": int(len(train.episode_lengths))},
+                    precision=config.precision)
     shutil.rmtree(state_path, ignore_errors=True)
     shutil.rmtree(best_path, ignore_errors=True)
     return final
