@@ -120,6 +120,37 @@ def test_killed_learner_resumes_to_the_same_result(trained_quick, tmp_path, back
     assert EpisodeStore(episodes_dir(killed)).num_episodes == EpisodeStore(episodes_dir(reference)).num_episodes
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sft_stopped_by_a_signal_says_how_to_resume_and_resumes_to_the_same_records(trained_quick, tmp_path, stop):
+    """SIGTERM (schedulers, docker stop) and SIGHUP stop a command as Ctrl-C does: exit 128 + signal, the line
+    that says how to continue, no traceback; --resume then gives an undisturbed run's records (but their
+    wall-clock time_s) and weights, the train losses' moving averages included."""
+    args = ["sft", "pointmass-quick", "--runs-dir", str(tmp_path), "--dataset", str(trained_quick.dataset_path),
+            "--no-progress", "--set", "sft.checkpoint_every=500"]
+    assert main([*args, "--name", "reference"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "selfimprove.cli", *args, "--name", "stopped"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "stopped" / "checkpoints" / "sft_state"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, stop))
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + getattr(signal, stop), err
+    assert f"interrupted ({stop}); finished work is saved; continue with --resume" in err and "Traceback" not in err
+    assert not (tmp_path / "stopped" / "checkpoints" / "sft").exists()  # stopped mid-SFT
+    assert main([*args, "--name", "stopped", "--resume"]) == 0
+
+    def records(name):
+        return [{k: v for k, v in r.items() if k != "time_s"}
+                for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+
+    assert records("stopped") == records("reference")
+    a, _ = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "sft")
+    b, _ = load_checkpoint(tmp_path / "reference" / "checkpoints" / "sft")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_bad_input_gets_clear_errors_and_nothing_is_lost(trained_quick, tmp_path, capsys):
     base = ["--runs-dir", str(tmp_path), "--no-progress"]
     assert main(["sft", "pointmass-quick", "--name", "x", "--dataset", str(tmp_path / "missing"), *base]) == 2

@@ -73,9 +73,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 class WallClock:
     """A run's wall time that survives a kill: ``{"wall_time_s": ...}`` is rewritten every ``every`` seconds
-    (a background thread), so a resumed run's total counts the time spent before the kill as well."""
+    (a background thread), so a resumed run's total counts the time spent before the kill as well (all but
+    at most ``every`` seconds after a SIGKILL; a stop signal or Ctrl-C writes the exact total)."""
 
-    def __init__(self, path: str | Path, before: float = 0.0, every: float = 10.0) -> None:
+    def __init__(self, path: str | Path, before: float = 0.0, every: float = 1.0) -> None:
         self.path, self.before, self.every = Path(path), float(before), every
         self.t0 = time.time()
         self._stop = threading.Event()

@@ -146,7 +146,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
 
     optimizer = make_optimizer(model)
     metrics = MetricsLog.for_run(config)
-    start, best = 0, float("inf")
+    start, best, running = 0, float("inf"), {}  # running: the train losses' moving averages the records show
     best_path = RunDir(config.run_dir).sft_best
     if resume and state_path.exists():
         model, meta = load_checkpoint(state_path, expect_domain=config.domain)
@@ -155,6 +155,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         restore_optimizer(optimizer, tensors, train_meta)
         start = int(train_meta["step"])
         best = float(train_meta.get("best", float("inf")))
+        running = {k: float(v) for k, v in train_meta.get("running", {}).items()}  # so the records go on as if never stopped
         metrics.keep(lambda r: r.get("stage") != "sft" or r.get("step", 0) <= start)
         log.info("resuming stage 1 at step %d", start)
     else:
@@ -167,7 +168,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     block = max(1, cfg.checkpoint_every)
     generator = torch_generator(config.seed, 1, start // block)
     bar = tqdm(range(start, cfg.steps), desc="sft", unit="step", disable=not progress, initial=start, total=cfg.steps)
-    t0, running = time.time(), {}
+    t0 = time.time()
     model.train()
     for step in bar:
         if step % block == 0:
@@ -206,7 +207,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         if done % block == 0 and done < cfg.steps:
             tensors, meta = optimizer_state_tensors(optimizer)
             save_checkpoint(model, state_path, meta={"stage": "sft", "step": done},
-                            train_state=tensors, train_meta={**meta, "step": done, "best": best},
+                            train_state=tensors, train_meta={**meta, "step": done, "best": best, "running": running},
                             precision=config.precision)
     model.eval()
     step = cfg.steps
