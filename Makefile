@@ -25,14 +25,22 @@ demo: $(STAMP)
 	else $(VENV)/bin/selfimprove run pointmass; fi
 	@echo "report: runs/pointmass/report.md"
 
+# pytest writes a JUnit report and .ci/junit.py checks it: a run that dies before its summary (no report),
+# runs no test, or fails one is not green, and the summary line is always printed.
+REPORT := .pytest-report.xml
+
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	rm -f $(REPORT)
+	$(VENV)/bin/python -m pytest -q --junitxml=$(REPORT); status=$$?; \
+	$(VENV)/bin/python .ci/junit.py $(REPORT) --status $$status
 
 test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m slow
+	rm -f $(REPORT)
+	$(VENV)/bin/python -m pytest -q -m slow --junitxml=$(REPORT); status=$$?; \
+	$(VENV)/bin/python .ci/junit.py $(REPORT) --status $$status
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(REPORT)

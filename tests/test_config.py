@@ -35,6 +35,27 @@ def test_unknown_preset_and_bad_override_syntax():
         parse_override("improve.lr")
 
 
+def test_a_relative_extends_is_read_from_the_files_folder(tmp_path, monkeypatch):
+    """``extends = "base.toml"`` names the file beside the config, whatever the current folder; a name is a
+    preset; the same holds for experiment files."""
+    from selfimprove.experiment.spec import load_experiment
+
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "base.toml").write_text('extends = "pointmass-quick"\nseed = 3\n')
+    (folder / "child.toml").write_text('extends = "base.toml"\n[sft]\nsteps = 7\n')
+    (folder / "grid-base.toml").write_text('extends = "data-efficiency-quick"\n')
+    (folder / "grid.toml").write_text('extends = "grid-base.toml"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(str(folder / "child.toml"))
+    assert (config.seed, config.sft.steps, config.data.episodes) == (3, 7, load_config("pointmass-quick").data.episodes)
+    monkeypatch.chdir(tmp_path)
+    assert load_config("mine/child.toml").seed == 3
+    assert load_experiment(str(folder / "grid.toml")).axes == load_experiment("data-efficiency-quick").axes
+
+
 def test_cli_reports_config_errors_clearly(capsys):
     assert main(["sft", "pointmass", "--set", "sft.stepz=3"]) == 2
     err = capsys.readouterr().err

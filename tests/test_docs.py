@@ -1,6 +1,7 @@
 """The documentation matches the code: the generated config reference, its examples, and every relative link."""
 
 import dataclasses
+import json
 import re
 import shlex
 import typing
@@ -130,3 +131,39 @@ def test_link_checker_sees_links_and_skips_code(tmp_path):
     page.write_text("[a](a.md) ![img](pics/b.png \"title\") [web](https://x.org) [top](#top) [c](c.md#part)\n"
                     "`[not](inline.md)`\n```\n[not](fenced.md)\n```\n")
     assert _relative_links(page) == ["a.md", "pics/b.png", "c.md"]
+
+
+def test_committed_results_hold_no_absolute_paths_and_name_their_code():
+    """docs/results/*.json: every path relative (to the project), and a provenance record; results made before
+    it was recorded say so instead of naming a commit that did not make them."""
+    results = sorted((ROOT / "docs" / "results").glob("*.json"))
+    assert results
+    for path in results:
+        summary = json.loads(path.read_text())
+        strings = []
+        stack = [summary]
+        while stack:
+            value = stack.pop()
+            if isinstance(value, dict):
+                stack.extend(value.values())
+            elif isinstance(value, list):
+                stack.extend(value)
+            elif isinstance(value, str):
+                strings.append(value)
+        assert not [s for s in strings if s.startswith("/") or s.startswith("~")], path
+        assert (ROOT / summary["config_file"]).is_file(), path
+        code = summary["provenance"]
+        assert "commit" in code and (code["commit"] is not None or "note" in code), path
+
+
+def test_provenance_outside_a_git_checkout_is_none_not_an_error(tmp_path, monkeypatch):
+    from selfimprove import provenance
+
+    provenance.git_state.cache_clear()
+    monkeypatch.setattr(provenance, "_CHECKOUT", tmp_path)
+    try:
+        code = provenance.provenance("bfloat16")
+    finally:
+        provenance.git_state.cache_clear()
+    assert code["commit"] is None and code["dirty"] is None and code["selfimprove"]
+    assert code["precision"] == {"setting": "bfloat16", "gradient_steps": "bfloat16 autocast"}

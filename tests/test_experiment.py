@@ -13,6 +13,7 @@ from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.experiment import available_experiments, load_experiment, plan_experiment, run_experiment
 from selfimprove.experiment import run as experiment_run
 from selfimprove.experiment import schedule
+from selfimprove.runlog import portable_path
 from selfimprove.stats import seed_interval, t_quantile_975
 from selfimprove.model.checkpoint import read_checkpoint_config
 
@@ -74,6 +75,8 @@ def test_grid_runs_end_to_end_on_workers_and_resume_does_no_training(tmp_path, m
     assert summary["counts"] == {"cells": 4, "done": 4, "failed": 0, "pending": 0, "runs": 8, "shared_sft": 4}
     cells = {c["cell"]: c for c in summary["cells"]}
     assert sorted(cells) == ["f100_seed0", "f100_seed1", "f50_seed0", "f50_seed1"]
+    assert not Path(summary["config_file"]).is_absolute() and summary["provenance"]["selfimprove"]
+    assert all(not Path(c["run_dir"]).is_absolute() and c["provenance"]["torch"] for c in cells.values())
     for name, cell in cells.items():
         assert cell["status"] == "done" and cell["settings"] == {"fraction": name.split("_")[0],
                                                                   "seed": int(name[-1])}
@@ -170,7 +173,7 @@ low = ["improve.lr=1e-4"]
     assert (group / "checkpoints" / "sft" / "model.safetensors").read_bytes() == (
         source / "checkpoints" / "sft" / "model.safetensors").read_bytes()
     assert (group / "eval_sft.json").read_text() == (source / "eval_sft.json").read_text()
-    assert result["stage1_reused"] == {"f50_same_seed0": str(source)}
+    assert result["stage1_reused"] == {"f50_same_seed0": portable_path(source)}
     same, low = other_root / "f50_same_seed0", other_root / "f50_low_seed0"
     assert result["runs_reused"] == {"f50_same_seed0": cells["f50_seed0"]["run_dir"]}
     assert (same / "summary.json").read_text() == (Path(cells["f50_seed0"]["run_dir"]) / "summary.json").read_text()

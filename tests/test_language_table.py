@@ -1,6 +1,7 @@
 """The tabletop domain through the same pipeline, with only a config change."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -39,6 +40,33 @@ def test_image_of_the_wrong_size_is_a_clear_error(quick_run):
     bigger = load_config("language-table-quick", [f"runs_dir={config.runs_dir}", "env.kwargs={\"image_size\": 48}"])
     with pytest.raises(ConfigError, match=r"'image' of shape \[48, 48, 3\] but the model expects \[32, 32, 3\]"):
         evaluate(bigger, sft_checkpoint(config), episodes=1)
+
+
+def test_a_tabletop_model_is_evaluated_on_paraphrases_and_trains_on_free_form_instructions(quick_run, tmp_path,
+                                                                                          caplog):
+    """Words outside the templates: evaluation gives a success rate (the env scores its own task), and a
+    store whose every instruction is outside the grammar trains (with a warning)."""
+    import pyarrow.parquet as pq
+
+    from selfimprove.data.v3 import TASKS_PATH, read_tasks, tasks_table
+    from selfimprove.envs.tabletop.tasks import paraphrase, parse_instruction
+    from selfimprove.train.sft import sft
+
+    config, _ = quick_run
+    paraphrased = load_config("language-table-quick", [f"runs_dir={config.runs_dir}", "env.kwargs.phrasing=paraphrase"])
+    result = evaluate(paraphrased, sft_checkpoint(config), episodes=4)
+    assert 0.0 <= result["success_rate"] <= 1.0 and result["eval_episodes"] == 4
+    store = tmp_path / "free-form"
+    shutil.copytree(config.dataset_path, store)
+    tasks = read_tasks(store, ours=True)
+    pq.write_table(tasks_table([paraphrase(parse_instruction(tasks[i])) for i in sorted(tasks)], pandas_index=False),
+                   store / TASKS_PATH)
+    free = load_config("language-table-quick", [f"runs_dir={tmp_path}", "name=free", f"data.path={store}",
+                                                "sft.steps=4", "sft.eval_every=2", "sft.checkpoint_every=2"])
+    with caplog.at_level("WARNING"):
+        checkpoint = sft(free, progress=False)
+    assert (checkpoint / "model.safetensors").exists()
+    assert f"{len(tasks)} of its {len(tasks)} instructions" in caplog.text
 
 
 def test_a_pointmass_checkpoint_is_refused_by_the_tabletop(quick_run, tmp_path, capsys):

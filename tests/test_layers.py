@@ -11,7 +11,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "selfimprove"
 
 #: bottom to top; a module belongs to the first prefix that matches its dotted name (without "selfimprove.")
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "stats", "domain_table", "config", "config_checks", "rundir", "folders", "tracking", "runlog"),  # what every stage reads and records
+    ("errors", "provenance", "stats", "domain_table", "config", "config_checks", "rundir", "folders", "tracking",
+     "runlog"),  # what every stage reads and records
     ("envs", "data", "model"),  # worlds and experts, episodes on disk, the network
     ("reward", "domains", "data.collect"),  # d(o, g) as reward and detector; the domain table
     ("train", "fleet", "evaluate"),  # the two stages, the robots, true success

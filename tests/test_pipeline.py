@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import selfimprove
 from selfimprove.cli import main
 from selfimprove.data.store import EpisodeStore
 from selfimprove.model.checkpoint import load_checkpoint
@@ -50,6 +51,15 @@ def test_quick_run_end_to_end_writes_summary_report_and_plots(tmp_path):
         assert point["eval_episodes"] == config.eval.episodes
     assert json.loads((config.run_dir / "eval_improve.json").read_text())["checkpoint"] == str(
         config.run_dir / "checkpoints" / "improve")
+    # the code that made it: in the summary, the run folder and every checkpoint
+    code = summary["provenance"]
+    assert code["selfimprove"] == selfimprove.__version__ and code["torch"] == torch.__version__
+    assert code["precision"] == {"setting": "float32", "gradient_steps": "float32"}
+    assert code["commit"] is None or len(code["commit"]) == 40
+    assert json.loads((config.run_dir / "provenance.json").read_text())["processes"][0]["commit"] == code["commit"]
+    for stage in ("sft", "improve"):
+        saved_code = json.loads((config.run_dir / "checkpoints" / stage / "config.json").read_text())["provenance"]
+        assert saved_code == code
     report = (config.run_dir / "report.md").read_text()
     assert "Self-Improvement (stage 2)" in report and "precision" in report
     assert (config.run_dir / "improvement.png").stat().st_size > 1000
@@ -108,6 +118,37 @@ def test_killed_learner_resumes_to_the_same_result(trained_quick, tmp_path, back
     killed = _stage2_config(trained_quick, tmp_path, "killed", 6, *extra)
     assert improve_records(killed) == improve_records(reference)
     assert EpisodeStore(episodes_dir(killed)).num_episodes == EpisodeStore(episodes_dir(reference)).num_episodes
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_sft_stopped_by_a_signal_says_how_to_resume_and_resumes_to_the_same_records(trained_quick, tmp_path, stop):
+    """SIGTERM (schedulers, docker stop) and SIGHUP stop a command as Ctrl-C does: exit 128 + signal, the line
+    that says how to continue, no traceback; --resume then gives an undisturbed run's records (but their
+    wall-clock time_s) and weights, the train losses' moving averages included."""
+    args = ["sft", "pointmass-quick", "--runs-dir", str(tmp_path), "--dataset", str(trained_quick.dataset_path),
+            "--no-progress", "--set", "sft.checkpoint_every=500"]
+    assert main([*args, "--name", "reference"]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "selfimprove.cli", *args, "--name", "stopped"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / "stopped" / "checkpoints" / "sft_state"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not state.exists():
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, stop))
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + getattr(signal, stop), err
+    assert f"interrupted ({stop}); finished work is saved; continue with --resume" in err and "Traceback" not in err
+    assert not (tmp_path / "stopped" / "checkpoints" / "sft").exists()  # stopped mid-SFT
+    assert main([*args, "--name", "stopped", "--resume"]) == 0
+
+    def records(name):
+        return [{k: v for k, v in r.items() if k != "time_s"}
+                for r in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines())]
+
+    assert records("stopped") == records("reference")
+    a, _ = load_checkpoint(tmp_path / "stopped" / "checkpoints" / "sft")
+    b, _ = load_checkpoint(tmp_path / "reference" / "checkpoints" / "sft")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_bad_input_gets_clear_errors_and_nothing_is_lost(trained_quick, tmp_path, capsys):

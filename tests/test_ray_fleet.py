@@ -27,9 +27,22 @@ from conftest import quick_config  # noqa: E402
 from test_pipeline import improve_records  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def isolated_ray(monkeypatch):
+    """Each test starts without Ray and with no RAY_ADDRESS (it never joins a cluster already running), and
+    leaves no Ray behind for the next."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    """A local Ray cluster of this test's own."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     yield
     ray.shutdown()
 
@@ -68,13 +81,44 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _kill_when_busy(pid: int, cpu_s: float) -> None:
-    """SIGKILL ``pid`` once it has worked ``cpu_s`` seconds from now: surely mid-collection."""
-    start = _cpu_seconds(pid)
-    deadline = time.time() + 60
-    while _cpu_seconds(pid) - start < cpu_s and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(pid, signal.SIGKILL)
+def _robot_process(pid: int) -> int:
+    """A pidfd of ``pid``, once confirmed to be a Ray robot actor: a signal sent through it reaches that process
+    or nobody (ProcessLookupError), never another process that got its pid after it exited."""
+    if not hasattr(os, "pidfd_open"):
+        pytest.skip("needs pidfd (Linux >= 5.3) to signal a robot process safely")
+    fd = os.pidfd_open(pid)
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+    except OSError:
+        cmdline = b""
+    if not cmdline.startswith(b"ray::RobotHost"):
+        os.close(fd)
+        raise AssertionError(f"process {pid} is not a robot actor ({cmdline[:40]!r}); not signalling it")
+    return fd
+
+
+def _signal_when_busy(pid: int, cpu_s: float, signum: int, outcome: dict) -> None:
+    """Send ``signum`` to robot process ``pid`` once it has worked ``cpu_s`` seconds from now (surely
+    mid-collection); ``outcome["signalled"]`` says whether it was (not when the process had gone)."""
+    fd = _robot_process(pid)
+    outcome["signalled"] = False
+    try:
+        start = _cpu_seconds(pid)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if _cpu_seconds(pid) - start >= cpu_s:
+                signal.pidfd_send_signal(fd, signum)
+                outcome["signalled"] = True
+                return
+            time.sleep(0.005)
+    except (ProcessLookupError, FileNotFoundError):  # it exited: whatever holds its pid now is left alone
+        pass
+    finally:
+        os.close(fd)
+
+
+def _kill_when_busy(pid: int, cpu_s: float, outcome: dict) -> None:
+    _signal_when_busy(pid, cpu_s, signal.SIGKILL, outcome)
 
 
 def test_a_robot_actor_killed_mid_collection_is_restarted_and_nothing_is_lost(trained_quick, local_ray, caplog):
@@ -85,12 +129,13 @@ def test_a_robot_actor_killed_mid_collection_is_restarted_and_nothing_is_lost(tr
                                  generator=torch.Generator().manual_seed(0))
 
         reference = collect()
-        victim = fleet.describe()["actors"][1]["pid"]
-        killer = threading.Thread(target=_kill_when_busy, args=(victim, 0.3))
+        victim, outcome = fleet.describe()["actors"][1]["pid"], {}
+        killer = threading.Thread(target=_kill_when_busy, args=(victim, 0.3, outcome))
         killer.start()
         with caplog.at_level(logging.WARNING, logger="selfimprove.fleet.ray"):
             survived = collect()
         killer.join()
+        assert outcome == {"signalled": True}
         assert len(fleet.failures) == 1 and fleet.failures[0]["robots"] == [2, 3]
         assert "died" in caplog.text and "discarded" in caplog.text
         assert fleet.describe()["actors"][1]["pid"] != victim  # a new process hosts those robots
@@ -189,27 +234,19 @@ def test_a_hung_robot_actor_is_killed_after_the_timeout_and_replaced(trained_qui
                                  generator=torch.Generator().manual_seed(0))
 
         reference = collect()
-        victim = fleet.describe()["actors"][0]["pid"]
-        freezer = threading.Thread(target=_stop_when_busy, args=(victim, 0.1))
+        victim, outcome = fleet.describe()["actors"][0]["pid"], {}
+        freezer = threading.Thread(target=_signal_when_busy, args=(victim, 0.1, signal.SIGSTOP, outcome))
         freezer.start()
         with caplog.at_level(logging.WARNING, logger="selfimprove.fleet.ray"):
             survived = collect()
         freezer.join()
+        assert outcome == {"signalled": True}
         hung = [f for f in fleet.failures if "hung" in f["what"]]
         assert [f["robots"] for f in hung] == [[0, 1]] and "hung" in caplog.text
         assert fleet.describe()["actors"][0]["pid"] != victim
     finally:
         fleet.close()
     assert [_episode_key(e) for e in survived] == [_episode_key(e) for e in reference]
-
-
-def _stop_when_busy(pid: int, cpu_s: float) -> None:
-    """SIGSTOP ``pid`` (a real hang: the process stays alive and silent) once it is mid-collection."""
-    start = _cpu_seconds(pid)
-    deadline = time.time() + 60
-    while _cpu_seconds(pid) - start < cpu_s and time.time() < deadline:
-        time.sleep(0.005)
-    os.kill(pid, signal.SIGSTOP)
 
 
 def test_overlapped_collection_trains_on_one_version_old_episodes(trained_quick, tmp_path):
@@ -239,17 +276,20 @@ def test_run_survives_a_killed_robot_and_matches_an_undisturbed_run(trained_quic
     calm, stormy = config("calm"), config("stormy")
     improve(calm, sft_path, progress=False)
 
+    outcome = {}
+
     def kill_a_robot():
         placement = stormy.run_dir / "fleet.json"
         deadline = time.time() + 120
         while not placement.exists() and time.time() < deadline:
             time.sleep(0.05)
-        _kill_when_busy(json.loads(placement.read_text())["actors"][1]["pid"], 0.3)
+        _kill_when_busy(json.loads(placement.read_text())["actors"][1]["pid"], 0.3, outcome)
 
     killer = threading.Thread(target=kill_a_robot)
     killer.start()
     improve(stormy, sft_path, progress=False)
     killer.join()
+    assert outcome == {"signalled": True}
     failures = json.loads((stormy.run_dir / "fleet.json").read_text())["failures"]
     assert len(failures) == 1 and "died" in failures[0]["what"]
     drop = {"robot_failures"}
@@ -257,3 +297,52 @@ def test_run_survives_a_killed_robot_and_matches_an_undisturbed_run(trained_quic
         {k: v for k, v in r.items() if k not in drop} for r in improve_records(calm)]
     assert improve_records(stormy)[-1]["robot_failures"] == 1
     assert EpisodeStore(episodes_dir(stormy)).num_episodes == EpisodeStore(episodes_dir(calm)).num_episodes
+
+
+def test_closing_the_fleet_stops_a_collection_in_another_thread_and_ray_is_never_touched_after(trained_quick):
+    """close() while a thread waits on a collection: the thread gets a FleetError within a second, Ray (the
+    fleet's own) is shut down after the fleet let go of it, and every later call is a clear error; the
+    process lives on (Ray ends the whole process when it is used after ray.shutdown())."""
+    from selfimprove.fleet.ray import FleetError
+
+    fleet, model = _ray_fleet(trained_quick)
+    assert fleet._owns_ray and ray.is_initialized()
+    errors = []
+
+    def collect():
+        try:
+            fleet.collect(model.state_dict(), 0, seeds=seed_stream(0), n_steps=200_000,
+                          generator=torch.Generator().manual_seed(0))
+        except FleetError as exc:
+            errors.append(str(exc))
+
+    collector = threading.Thread(target=collect)
+    collector.start()
+    deadline = time.time() + 120
+    while not fleet._in_flight and time.time() < deadline:  # the collection is on the robots
+        time.sleep(0.05)
+    fleet.close()
+    collector.join(timeout=30)
+    assert not collector.is_alive() and errors == ["the Ray fleet was closed while a collection was in progress"]
+    assert not ray.is_initialized() and fleet.actors == [] and fleet._in_flight == []
+    for call in (fleet.describe, lambda: fleet.collect(model.state_dict(), 1, seeds=seed_stream(0), n_steps=10)):
+        with pytest.raises(FleetError, match="this Ray fleet is closed"):
+            call()
+    fleet.close()  # twice: nothing to do
+
+
+def test_starting_ray_keeps_the_stop_signal_handler(trained_quick):
+    """ray.init replaces SIGTERM's handler with a bare exit; the fleet keeps the command's own (SIGTERM stops
+    a run as Ctrl-C does, with the line that says how to resume)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        fleet, _ = _ray_fleet(trained_quick)
+        try:
+            assert signal.getsignal(signal.SIGTERM) is handler
+        finally:
+            fleet.close()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -104,3 +104,27 @@ def test_collect_says_how_long_it_took_and_how_much_disk_it_used(tmp_path, capsy
     out = capsys.readouterr().out
     assert f"wrote 4 episodes to {tmp_path / 'demos'} in " in out and "min (1 workers)" in out
     assert out.rstrip().endswith("MB on disk")
+
+
+def test_the_make_test_check_refuses_a_run_that_died_ran_nothing_or_failed(tmp_path):
+    """.ci/junit.py (called by `make test`): no report (pytest died before its summary), no test, a failure or
+    a non-zero pytest status is never green; a full report prints its summary line."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("junit", Path(__file__).resolve().parents[1] / ".ci" / "junit.py")
+    junit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(junit)
+
+    def report(tests, failures=0, errors=0, skipped=0):
+        path = tmp_path / f"r{tests}{failures}{errors}{skipped}.xml"
+        path.write_text(f'<testsuites><testsuite name="pytest" tests="{tests}" failures="{failures}" '
+                        f'errors="{errors}" skipped="{skipped}" time="1.5"/></testsuites>')
+        return junit.summarize(path)
+
+    assert junit.verdict(junit.summarize(tmp_path / "missing.xml"), 137) == (False, junit.verdict(None, 137)[1])
+    assert "stopped before its summary" in junit.verdict(None, 137)[1]
+    assert junit.verdict(report(0))[0] is False
+    assert junit.verdict(report(5, failures=1))[0] is False and junit.verdict(report(5, errors=1))[0] is False
+    assert junit.verdict(report(5), status=1)[0] is False
+    assert junit.verdict(report(5, skipped=1)) == (True, "5 tests: 4 passed, 0 failed, 0 errors, 1 skipped in 1.5 s")

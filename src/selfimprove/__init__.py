@@ -15,7 +15,7 @@ import sys
 import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from selfimprove.provenance import __version__  # the one place it is set
 
 # public name -> submodule that defines it
 _LAZY = {

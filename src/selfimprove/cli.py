@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -137,18 +140,59 @@ def main(argv: list[str] | None = None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM from a scheduler, ``docker stop`` or ``kill``; SIGHUP from a closed terminal),
+    raised in the main thread so the command stops as on Ctrl-C: finished work saved, locks released."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: the signals handled like Ctrl-C (SIGINT)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stop_signals_interrupt():
+    """While the command runs, :data:`STOP_SIGNALS` raise :class:`Stopped` (only the main thread may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _dispatch(args)
+        with _stop_signals_interrupt():
+            return _dispatch(args)
     except SelfImproveError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished work is saved; continue with --resume", file=sys.stderr)
-        return 130
+    except OSError as exc:  # the file system refused a write no writer turned into a StorageError itself
+        from selfimprove.folders import is_file_system_error, storage_error
+
+        if isinstance(exc, BrokenPipeError) or not is_file_system_error(exc):
+            raise
+        print(f"error: {storage_error(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"interrupted ({signal.Signals(signum).name}); finished work is saved; continue with --resume",
+              file=sys.stderr)
+        return 128 + signum
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -328,33 +328,62 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
-def read_toml(path: Path, what: str, load_base: typing.Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-    """A TOML file (a preset, an experiment) as a dict, merged over the one its ``extends`` names
-    (``load_base(name)``); invalid TOML is a ConfigError naming ``what`` and the file."""
+def read_toml(path: Path, what: str, find_base: typing.Callable[[str], Path],
+              chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML file (a preset, an experiment) as a dict, merged over the one its ``extends`` names.
+
+    ``extends`` is a name (``find_base(name)`` finds its file: a preset, an experiment) or a ``.toml`` path,
+    read from this file's own folder when relative (not from the current folder). A file that extends
+    itself, directly or through others, is a ConfigError naming the cycle, as is invalid TOML or a file
+    that cannot be read.
+    """
+    path = Path(path)
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, here))
+        raise ConfigError(f"{what} {path} extends itself ({cycle}); remove the `extends` that closes the cycle")
     try:
         with path.open("rb") as fh:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{what} {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
     base = data.pop("extends", None)
-    return _merge(load_base(str(base)), data) if base is not None else data
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{what} {path}: `extends` must name a preset or a .toml file, got {base!r}")
+    if base.endswith(".toml"):
+        base_path = Path(base).expanduser()
+        base_path = base_path if base_path.is_absolute() else path.parent / base_path
+        if not base_path.is_file():
+            raise ConfigError(f"{what} {path} extends {base!r}, but there is no file {base_path} (a relative "
+                              "`extends` is read from the folder of the file that names it)")
+    else:
+        base_path = find_base(base)
+    return _merge(read_toml(base_path, what, find_base, (*chain, here)), data)
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
-    return read_toml(path, "config file", _preset_dict)
+def _preset_path(name: str) -> Path:
+    """The file of the preset ``name`` in ``configs/`` (ConfigError with the presets there when unknown)."""
+    preset = PRESET_DIR / f"{name}.toml"
+    if not preset.exists():
+        known = available_presets()
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"unknown preset or config file {name!r}.{hint} Presets: {', '.join(known)}")
+    return preset
 
 
 def _preset_dict(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
-    if path.suffix == ".toml" and path.exists():
-        return _read_toml(path)
-    preset = PRESET_DIR / f"{name_or_path}.toml"
-    if not preset.exists():
-        known = available_presets()
-        close = difflib.get_close_matches(name_or_path, known, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown preset or config file {name_or_path!r}.{hint} Presets: {', '.join(known)}")
-    return _read_toml(preset)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (or is not a file); give a .toml file or a "
+                              f"preset name: {', '.join(available_presets())}")
+        return read_toml(path, "config file", _preset_path)
+    return read_toml(_preset_path(name_or_path), "config file", _preset_path)
 
 
 def parse_override(text: str) -> dict[str, Any]:

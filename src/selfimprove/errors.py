@@ -23,3 +23,11 @@ class RunStateError(SelfImproveError):
 
 class InputError(SelfImproveError, ValueError):
     """Observations or instructions handed to a model do not fit it (shape, channels, dtype, instruction)."""
+
+
+class StorageError(SelfImproveError, OSError):
+    """A file or folder cannot be written or read: a read-only file system, a path through a file, a full
+    disk, missing permissions. Still an ``OSError``, so code that tolerates those keeps doing so."""
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno N] ..." form, also when errno is set
+        return str(self.args[0]) if self.args else ""

@@ -18,6 +18,7 @@ from selfimprove.data.collect import collect_demos
 from selfimprove.data.store import EpisodeStore, has_store, split_episodes
 from selfimprove.errors import DatasetError, RunStateError
 from selfimprove.folders import ensure_empty, locks_run, run_contents
+from selfimprove.provenance import provenance
 from selfimprove.evaluate import evaluate
 from selfimprove.reward import detector_table
 from selfimprove.diagnose.report import headline
@@ -174,6 +175,7 @@ def run_pipeline(config: RunConfig, resume: bool = False, progress: bool = True)
     if config.improve.guard:
         summary["guard"] = guard_summary(run_dir, MetricsLog(metrics_path).read("improve"), best_eval)
     summary["reward_model"] = headline(reward_model)
+    summary["provenance"] = provenance(config.precision)
     write_json(run.summary, summary)
     write_json(run.detector_rollouts, rollouts)
     write_report(run_dir)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from selfimprove.diagnose.report import report_lines as diagnostics_lines  # noqa: E402
 from selfimprove.rundir import RunDir  # noqa: E402
 from selfimprove.data.store import stored_episodes  # noqa: E402
-from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, write_text  # noqa: E402
+from selfimprove.runlog import MetricsLog, read_json, resolve_run_dir, write_figure, write_text  # noqa: E402
 from selfimprove.runstatus import run_status, status_lines  # noqa: E402
 from selfimprove.stats import fmt  # noqa: E402
 from selfimprove.domains import describe_views  # noqa: E402
@@ -53,7 +53,7 @@ def plot_improvement(records: list[dict[str, Any]], sft_eval: dict[str, Any], ou
     ax2.set_ylabel("mean episode length (steps)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -74,7 +74,7 @@ def plot_sft(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax2.set_xlabel("SFT step")
     ax2.set_ylabel("held-out |d(o) - true steps-to-go|")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -269,7 +269,7 @@ def plot_guard(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylim(0, 1.02)
     ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 

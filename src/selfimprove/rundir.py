@@ -4,7 +4,7 @@ Every stage reads and writes its files through :class:`RunDir` instead of spelli
 layout is defined once and a newcomer finds every file of a run here::
 
     runs/<name>/
-      config.json  metrics.jsonl  timing.json  summary.json  report.md  .lock
+      config.json  provenance.json  metrics.jsonl  timing.json  summary.json  report.md  .lock
       detector.json  detector_rollouts.json  fleet.json
       eval_sft.json  eval_sft_t<T>.json  eval_improve.json  eval_best.json
       checkpoints/{sft, sft_state, sft_best, improve, best, improve_eval}
@@ -32,6 +32,11 @@ class RunDir:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def provenance(self) -> Path:
+        """Which code worked on the run: one entry per process (``selfimprove.provenance``)."""
+        return self.root / "provenance.json"
 
     @property
     def metrics(self) -> Path:

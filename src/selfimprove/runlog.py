@@ -14,9 +14,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from selfimprove.config import RunConfig
+from selfimprove.config import PRESET_DIR, RunConfig
 from selfimprove.errors import RunStateError
 from selfimprove.folders import atomic_write
+from selfimprove.provenance import provenance
 from selfimprove.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,18 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, text.encode())
 
 
+def write_figure(fig: Any, path: str | Path, dpi: int = 110) -> Path:
+    """Save a matplotlib figure atomically (:func:`~selfimprove.folders.atomic_write`): a full disk or a
+    read-only folder leaves the previous plot, not half of one."""
+    import io
+
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    atomic_write(path, buffer.getvalue())
+    return path
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as strict JSON (:func:`dumps_json`) atomically (:func:`write_text`)."""
     write_text(path, dumps_json(data, indent=2) + "\n")
@@ -60,9 +73,10 @@ def write_json(path: str | Path, data: Any) -> None:
 
 class WallClock:
     """A run's wall time that survives a kill: ``{"wall_time_s": ...}`` is rewritten every ``every`` seconds
-    (a background thread), so a resumed run's total counts the time spent before the kill as well."""
+    (a background thread), so a resumed run's total counts the time spent before the kill as well (all but
+    at most ``every`` seconds after a SIGKILL; a stop signal or Ctrl-C writes the exact total)."""
 
-    def __init__(self, path: str | Path, before: float = 0.0, every: float = 10.0) -> None:
+    def __init__(self, path: str | Path, before: float = 0.0, every: float = 1.0) -> None:
         self.path, self.before, self.every = Path(path), float(before), every
         self.t0 = time.time()
         self._stop = threading.Event()
@@ -240,11 +254,29 @@ def check_resume(config: RunConfig, must_exist: bool = True) -> None:
 
 
 def prepare_run(config: RunConfig) -> Path:
-    """Create ``runs/<name>/`` and write ``config.json``; returns the run folder."""
+    """Create ``runs/<name>/`` and write ``config.json`` and ``provenance.json``; returns the run folder.
+
+    ``provenance.json`` holds one entry per process that worked on the run (a resume with other code adds
+    one): the library version, git commit and dirty flag, torch's version and the precision path.
+    """
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(RunDir(run_dir).config, config.to_dict())
+    files = RunDir(run_dir)
+    write_json(files.config, config.to_dict())
+    entries = read_json(files.provenance).get("processes", [])
+    mine = {**provenance(config.precision), "pid": os.getpid()}
+    if not entries or {k: v for k, v in entries[-1].items() if k != "started"} != mine:
+        write_json(files.provenance, {"processes": [*entries, {**mine, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]})
     return run_dir
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as a summary records it, never absolute: relative to the project (the checkout that holds
+    ``configs/``) when it lies inside it, else to the current folder; so a committed summary stays true on
+    another machine."""
+    path = Path(path).resolve()
+    project = PRESET_DIR.parent.resolve()
+    return os.path.relpath(path, project if path.is_relative_to(project) else Path.cwd())
 
 
 def seed_everything(seed: int, torch_threads: int) -> None:

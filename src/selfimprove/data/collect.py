@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,7 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
                            "choose another --out or delete it first (nothing was changed)")
     ensure_empty(out, "demos", "Choose another --out (or data.path), or move its files away first", DatasetError)
     seed_base = DEMO_SEED_BASE + config.seed * 100_000
+    demo_env(config).close()  # an env that cannot be made (a bad MUJOCO_GL, a missing extra) fails before any write
     # built beside ``out`` and renamed into place when complete: a killed collection leaves no half store
     staging = staging_folder(out)
     writer = EpisodeWriter(staging, fps=10, flush_every=1000, hold_steps=config.data.hold_steps)
@@ -124,6 +126,9 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
                     break
         writer.close()
         publish(staging, out)
+    except Exception:  # an error, not a kill: no half store is left for the next attempt to replace
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     finally:
         bar.close()
         if pool is not None:

@@ -24,13 +24,18 @@ import numpy as np
 import pyarrow as pa
 
 from selfimprove.data.episode import Episode
-from selfimprove.data.v3 import (CHUNK_SIZE, CODEBASE_VERSION, DATA_PATH, EPISODES_PATH, INFO_PATH, TASKS_PATH,
-                                 decode_images, frame_column, load_info, numeric_column, read_episodes, read_parquet,
-                                 read_tasks, tasks_table, write_meta_json, write_parquet)
+from selfimprove.data.v3 import (CHUNK_SIZE, CODEBASE_VERSION, DATA_PATH, EPISODES_PATH, INFO_PATH, RECOLLECT,
+                                 TASKS_PATH, decode_images, frame_column, load_info, numeric_column, read_episodes,
+                                 read_parquet, read_schema, read_tasks, tasks_table, write_meta_json, write_parquet)
 from selfimprove.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
+#: the data-file columns every frame read needs, besides the observations meta/info.json lists
+FRAME_COLUMNS = ("index", "episode_index", "frame_index", "task_index", "is_terminal", "action")
+#: the episode-table columns the store reads
+EPISODE_COLUMNS = ("episode_index", "data/chunk_index", "data/file_index", "dataset_from_index", "dataset_to_index",
+                   "length", "meta")
 SCHEMA_VERSION = 1  # ``selfimprove_schema_version`` in meta/info.json: the columns of our own the store holds
 PNG_COMPRESS_LEVEL = 1  # fast PNG for collection and practice (exports use Pillow's default, smaller files)
 
@@ -278,7 +283,7 @@ class EpisodeStore:
         return int(self.info["fps"])
 
     def _read_episode_tables(self) -> dict[str, np.ndarray | list]:
-        episodes = read_episodes(self.root, ours=True)
+        episodes = read_episodes(self.root, EPISODE_COLUMNS, ours=True)
         if not episodes and self.info.get("total_episodes", 0):
             raise DatasetError(f"{self.root}/meta/episodes holds no files; re-collect the dataset")
         return episodes or {"episode_index": np.zeros(0, dtype=np.int64)}
@@ -322,6 +327,7 @@ class EpisodeStore:
         for (chunk, file), eps in sorted(files.items()):
             path = self.root / DATA_PATH.format(chunk_index=chunk, file_index=file)
             table = read_parquet(path, ours=True)
+            self._check_columns(path, table.column_names)
             first = int(table.column("index")[0].as_py()) if table.num_rows else 0
             rows = np.concatenate([np.arange(self._episodes["dataset_from_index"][i] - first,
                                              self._episodes["dataset_to_index"][i] - first) for i in eps])
@@ -360,6 +366,20 @@ class EpisodeStore:
             extras={k: v for k, v in data.items() if k.startswith("info.") or k == "stg"},
             hold_steps=int(self.info.get("hold_steps", 0)),
         )
+
+    def _check_columns(self, path: Path, names: list[str]) -> None:
+        """DatasetError naming the columns a data file lacks (the fixed ones and the observations of meta/info.json)."""
+        wanted = [*FRAME_COLUMNS, *(k for k in self.info["features"] if k.startswith("observation."))]
+        missing = [c for c in wanted if c not in names]
+        if missing:
+            raise DatasetError(f"{path} has no column {', '.join(map(repr, missing))} (it has {', '.join(names)}); "
+                               f"the store is damaged or was not written by selfimprove: {RECOLLECT}, or import "
+                               "a LeRobot dataset with `selfimprove dataset import`")
+
+    def check_columns(self) -> None:
+        """Check every data file's columns from its Parquet footer alone (before any frame is read)."""
+        for path in sorted(self.root.glob("data/chunk-*/file-*.parquet")):
+            self._check_columns(path, read_schema(path, ours=True))
 
     def episodes(self, episodes: Iterable[int] | None = None) -> list[Episode]:
         """Rebuild Episode objects (for diagnostics, export and tests)."""

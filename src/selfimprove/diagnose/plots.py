@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from selfimprove.diagnose.checks import HORIZONS, _at
+from selfimprove.runlog import write_figure
 
 
 def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
@@ -40,7 +41,7 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     ax.set_ylabel("predicted d(o, g), mean ± sd")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "calibration.png", dpi=110)
+    write_figure(fig, out / "calibration.png", dpi=110)
     plt.close(fig)
     files["calibration"] = "calibration.png"
 
@@ -57,7 +58,7 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     ax.set_ylabel("mean |d - true|")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "error_by_horizon.png", dpi=110)
+    write_figure(fig, out / "error_by_horizon.png", dpi=110)
     plt.close(fig)
     files["error_by_horizon"] = "error_by_horizon.png"
 
@@ -74,7 +75,7 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "spearman.png", dpi=110)
+    write_figure(fig, out / "spearman.png", dpi=110)
     plt.close(fig)
     files["spearman"] = "spearman.png"
 
@@ -107,7 +108,7 @@ def write_plots(result: dict[str, Any], out: Path) -> dict[str, str]:
         ax.set_title(f"detector d <= s (dots: recommended s = {s:g})", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / f"{kind}.png", dpi=110)
+        write_figure(fig, out / f"{kind}.png", dpi=110)
         plt.close(fig)
         files[kind] = f"{kind}.png"
     return files

@@ -10,9 +10,11 @@ and :mod:`.audit` for the detector audit, and writes ``diagnostics.json``, the p
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
 import typing
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,15 @@ from selfimprove.diagnose.setback import plot_setback, recorded_info
 from selfimprove.diagnose.report import write_markdown
 from selfimprove.domain_table import DOMAINS
 from selfimprove.domains import goal_key_for, make_env
-from selfimprove.errors import CheckpointError, ConfigError, DatasetError
+from selfimprove.errors import CheckpointError, ConfigError, DatasetError, RunStateError
+from selfimprove.folders import holds_something
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import (HELD_OUT_CACHE, MismatchedInstructions, StepsToGoReward, calibrate_threshold,
                                 demo_steps_to_go, reachable_steps_to_go, recommend_threshold)
 from selfimprove.rundir import RunDir
-from selfimprove.runlog import dumps_json, torch_generator
+from selfimprove.runlog import read_json, torch_generator, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,67 @@ def default_out_dir(checkpoint: str | Path) -> Path:
         suffix = "" if checkpoint == run.sft_checkpoint else f"_{checkpoint.name}"
         return run.root / f"{run.diagnostics.name}{suffix}"
     return checkpoint.parent / f"{checkpoint.name}_diagnostics"
+
+
+#: what :func:`diagnose` writes into its folder, Stage 2's keyed cache of the held-out pass and an experiment's
+#: record of shared diagnostics: a folder holding anything else is not diagnose's and is never written into
+OWN_FILES = frozenset({"diagnostics.json", "report.md", "calibration.png", "error_by_horizon.png", "spearman.png",
+                       "pr.png", "roc.png", "setback.png", HELD_OUT_CACHE, "shared.json"})
+#: the config fields diagnostics depend on (besides the checkpoint's weights and the store of held-out demos)
+SETTINGS = ("domain", "env", "data.fraction", "data.val_fraction", "diagnose", "eval.seed", "eval.robots",
+            "improve.temperature", "improve.threshold_rule", "improve.threshold_precision", "improve.success_hold",
+            "improve.gamma", "improve.reward_clip", "improve.baseline_decay")
+
+
+def identity(checkpoint: Path, config: RunConfig, rollouts: int, out: Path) -> dict[str, Any]:
+    """What a diagnosis in ``out`` is of: the checkpoint's weights (a digest: a copied or moved checkpoint is the
+    same one), the store of held-out demos (relative to ``out``: a run folder moved with its demos keeps it),
+    the rollouts and the settings in :data:`SETTINGS`."""
+    data = config.to_dict()
+    settings = {}
+    for name in SETTINGS:
+        value: Any = data
+        for part in name.split("."):
+            value = value[part]
+        settings[name] = value
+    weights = checkpoint / "model.safetensors"
+    return {"weights_sha256": hashlib.sha256(weights.read_bytes()).hexdigest() if weights.exists() else None,
+            "dataset": os.path.relpath(config.dataset_path.resolve(), out.resolve()), "rollouts": rollouts,
+            "settings": json.loads(json.dumps(settings))}
+
+
+def check_out_folder(out: Path, mine: dict[str, Any], checkpoint: Path, config: RunConfig) -> None:
+    """Refuse ``out`` unless it is empty, new, or this diagnosis's own earlier output (:func:`identity`).
+
+    A folder holding files diagnose does not write (another run, someone's own files) is never written
+    into; one holding the diagnostics of another checkpoint, store or settings is not replaced.
+    """
+    if not holds_something(out):
+        return
+    if not out.is_dir():
+        raise RunStateError(f"{out} is a file, not a folder for diagnostics; pass another --out (nothing was changed)")
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if n not in OWN_FILES and not (n.startswith(".") or n.endswith(".tmp"))]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise RunStateError(f"{out} holds {shown}, which diagnose did not write; refusing to write diagnostics into "
+                            "it. Pass an empty or new folder with --out (nothing was changed)")
+    saved = read_json(out / "diagnostics.json")
+    if not (out / "diagnostics.json").exists():
+        return  # only keyed caches: recomputed when they do not match
+    theirs = saved.get("identity")
+    if theirs is None:  # written before diagnostics recorded their identity: the paths they name
+        same = saved.get("checkpoint") == str(checkpoint) and saved.get("dataset") == str(config.dataset_path)
+        differs = [] if same else ["checkpoint or dataset"]
+    else:
+        differs = [k for k in ("weights_sha256", "dataset", "rollouts") if theirs.get(k) != mine[k]]
+        differs += [k for k in mine["settings"] if theirs.get("settings", {}).get(k) != mine["settings"][k]]
+    if differs:
+        raise RunStateError(
+            f"{out} holds the diagnostics of {saved.get('checkpoint')} on {saved.get('dataset')}, made with another "
+            f"{', '.join(d.replace('weights_sha256', 'checkpoint') for d in differs)}; refusing to replace them. "
+            "Pass a new folder with --out for these diagnostics, or delete that folder to diagnose again "
+            "(nothing was changed)")
 
 
 def _known_fields(cls: type, data: dict[str, Any], where: str, dropped: list[str]) -> dict[str, Any]:
@@ -200,6 +264,8 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     out = Path(out) if out is not None else default_out_dir(checkpoint)
     torch.set_num_threads(config.torch_threads)
     model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
+    mine = identity(checkpoint, config, n_rollouts, out)
+    check_out_folder(out, mine, checkpoint, config)
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
 
     demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE)
@@ -209,7 +275,7 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     s = choice["threshold"]
     several_goals = "d_mismatched" in held_out
     result: dict[str, Any] = {
-        "checkpoint": str(checkpoint), "checkpoint_meta": meta, "domain": config.domain,
+        "checkpoint": str(checkpoint), "identity": mine, "checkpoint_meta": meta, "domain": config.domain,
         "dataset": str(config.dataset_path), "recommended_s": s, "rule": choice["rule"],
         "rule_table": f1_table, "alternatives": alternatives(f1_table),
         "at_recommended_s": {},
@@ -260,9 +326,7 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     out.mkdir(parents=True, exist_ok=True)
     result["out"] = str(out)
     result["plots"] = write_plots(result, out)
-    tmp = out / "diagnostics.json.tmp"
-    tmp.write_text(dumps_json(result, indent=2) + "\n")
-    tmp.replace(out / "diagnostics.json")
+    write_json(out / "diagnostics.json", result)
     write_markdown(result, out)
     log.info("diagnostics written to %s (recommended s = %g)", out, s)
     return result

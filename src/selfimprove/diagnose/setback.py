@@ -19,6 +19,7 @@ from selfimprove.domain_table import resolve
 from selfimprove.domains import domain
 from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel
+from selfimprove.runlog import write_figure
 
 
 def recorded_info(name: str) -> tuple[str, ...]:
@@ -73,7 +74,7 @@ def plot_setback(model: EmbodiedModel, name: str, episodes: list[Episode], out: 
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "setback.png", dpi=110)
+    write_figure(fig, out / "setback.png", dpi=110)
     plt.close(fig)
     peaks = [int(np.sum((p[1:-1] > p[:-2]) & (p[1:-1] > p[2:]) & (p[1:-1] > 0.05))) for p in probs]
     return {"file": "setback.png", "seed": episode.meta.get("seed"), "step": t, "length": episode.length,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 
@@ -21,13 +22,15 @@ import selfimprove.envs  # noqa: F401  (registers the environment ids)
 from selfimprove.config import RunConfig
 from selfimprove.domain_table import DOMAINS, Domain, resolve
 from selfimprove.envs.experts import Expert
-from selfimprove.envs.instructions import instruction_problem
+from selfimprove.envs.instructions import instruction_problem, task_problem
 from selfimprove.errors import ConfigError, DatasetError
 from selfimprove.model.decoders import MAX_JOINT_CLASSES
 from selfimprove.model.policy import ModelSpec
 
 if TYPE_CHECKING:
     from selfimprove.data.store import EpisodeStore
+
+log = logging.getLogger(__name__)
 
 # Seed ranges are disjoint so evaluation never replays a board seen in training.
 DEMO_SEED_BASE = 0  # + run seed * 100_000 + episode
@@ -250,8 +253,11 @@ def check_store(store: "EpisodeStore", domain: str) -> None:
     """Raise DatasetError, before any frame is read, when ``store`` cannot train a ``domain`` model.
 
     Its episodes must not be another built-in domain's (told from its observation features), and
-    every instruction in ``meta/tasks.parquet`` must be one of ``domain`` (see :func:`instruction_problem`).
-    Reads meta/info.json (already loaded) and the task table only, and writes nothing.
+    every instruction in ``meta/tasks.parquet`` must be non-empty text (see :func:`instruction_problem`);
+    instructions the domain's simulator cannot score (outside its task grammar: paraphrases, a real
+    robot's free-form instructions) train all the same, with a warning. Every data file must hold the
+    columns frames are read from. Reads meta/info.json (already loaded), the task table and the data
+    files' Parquet footers only, and writes nothing.
     """
     shapes = store.observation_shapes
     held = domain_of_observations(shapes)
@@ -260,17 +266,19 @@ def check_store(store: "EpisodeStore", domain: str) -> None:
             f"{store.root} holds {held} episodes (observations {shapes}) but the config is {domain!r}; "
             f"point data.path (--dataset) at a {domain} store (`selfimprove collect {domain} --out DIR`), "
             f"or use the {held!r} preset to train on this one")
+    store.check_columns()
     instructions = store.instructions
     bad = [(i, text, problem) for i, text in enumerate(instructions)
            if (problem := instruction_problem(domain, text)) is not None]
-    if not bad:
-        return
-    i, text, problem = bad[0]
-    more = f" ({len(bad)} of its {len(instructions)} instructions are invalid)" if len(bad) > 1 else ""
-    empty = not isinstance(text, str) or not text.strip()
-    fix = ("give every episode a non-empty instruction (Episode.instruction when you write the store, the task "
-           "column when you import a LeRobot dataset) and write the store again" if empty else
-           f"correct the task text and write the store again, or, for a task of your own, set domain to its "
-           f"name (the {domain!r} domain only takes its own instructions)")
-    raise DatasetError(f"{store.root}/meta/tasks.parquet: task {i} {text!r} is not a {domain} instruction: "
-                       f"{problem}{more}. Fix: {fix}")
+    if bad:
+        i, text, problem = bad[0]
+        more = f" ({len(bad)} of its {len(instructions)} instructions are invalid)" if len(bad) > 1 else ""
+        raise DatasetError(f"{store.root}/meta/tasks.parquet: task {i} {text!r} cannot train a {domain} model: "
+                           f"{problem}{more}. Fix: give every episode a non-empty instruction (Episode.instruction "
+                           "when you write the store, the task column when you import a LeRobot dataset) and write "
+                           "the store again")
+    free = [text for text in instructions if task_problem(domain, text) is not None]
+    if free:
+        log.warning("%s: %d of its %d instructions (e.g. %r) are outside the %s task grammar; the model trains on "
+                    "them as they are, and the simulator evaluates on tasks of its own", store.root, len(free),
+                    len(instructions), free[0], domain)

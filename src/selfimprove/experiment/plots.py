@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from selfimprove.experiment.summary import _settings_text, _split_x  # noqa: E402
-from selfimprove.runlog import read_json  # noqa: E402
+from selfimprove.runlog import read_json, write_figure  # noqa: E402
 from selfimprove.stats import wilson_interval  # noqa: E402
 
 
@@ -67,7 +67,7 @@ def plot_data_efficiency(out: Path, summary: dict[str, Any]) -> Path | None:
     ax.legend(fontsize=8, loc="best")
     ax.set_title(f"{summary['experiment']}: Self-Improvement vs more demonstrations")
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    write_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -98,7 +98,7 @@ def _bar_plot(root: Path, summary: dict[str, Any]) -> Path | None:
     ax.set_title(summary["experiment"])
     fig.tight_layout()
     out = root / "results.png"
-    fig.savefig(out, dpi=110)
+    write_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 
@@ -145,6 +145,6 @@ def plot_episodes_vs_success(out: str | Path, summaries: dict[str, str | Path],
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=120)
+    write_figure(fig, out, dpi=120)
     plt.close(fig)
     return out

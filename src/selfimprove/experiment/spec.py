@@ -77,19 +77,12 @@ def _experiment_path(name: str) -> Path:
     return candidate
 
 
-def _read_experiment_toml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    if path.resolve() in seen:
-        raise ConfigError(f"experiment {path} extends itself (cycle: {' -> '.join(str(p) for p in seen)})")
-    return read_toml(path, "experiment file",
-                     lambda base: _read_experiment_toml(_experiment_path(base), seen + (path.resolve(),)))
-
-
 def load_experiment(name: str, quick: bool = False) -> ExperimentSpec:
     """Read and check an experiment by name (``configs/experiments/<name>.toml``) or .toml path."""
     if quick and not name.endswith("-quick") and not name.endswith(".toml"):
         name = f"{name}-quick"
     path = _experiment_path(name)
-    data = _read_experiment_toml(path)
+    data = read_toml(path, "experiment file", _experiment_path)
     where = f"experiment {path.stem!r} ({path})"
 
     def fail(message: str) -> ConfigError:

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from selfimprove.rundir import RunDir
 from selfimprove.data.store import stored_episodes
-from selfimprove.runlog import read_json
+from selfimprove.provenance import provenance
+from selfimprove.runlog import portable_path, read_json
 from selfimprove.stats import seed_interval, wilson_interval
 
 if TYPE_CHECKING:
@@ -34,7 +35,8 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
         run_dir = run.config.run_dir
         summary = read_json(RunDir(run_dir).summary)
         entry: dict[str, Any] = {
-            "cell": run.name, "settings": run.settings, "overrides": run.axis_overrides, "run_dir": str(run_dir),
+            "cell": run.name, "settings": run.settings, "overrides": run.axis_overrides,
+            "run_dir": portable_path(run_dir),
             "stage1": run.stage1, "control_run": run.control,
             "status": "done" if summary else status.get(run.name, {}).get("status", "pending"),
             "dataset_episodes": stored_episodes(run.config.dataset_path),
@@ -53,6 +55,7 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
             "improve": _stage(summary["improve"], robot, demos),
             "controls": {name: _stage(result, 0, demos) for name, result in summary.get("controls", {}).items()},
             "detector": summary.get("detector"),
+            "provenance": summary.get("provenance"),  # the code that made the cell (None: made before it was recorded)
         })
         best = summary.get("guard", {}).get("best", {})
         if best.get("success_rate") is not None:  # the guard's pick, chosen without true success
@@ -62,7 +65,7 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
             if control:
                 entry["controls"]["constant_reward"] = {
                     **_stage(control["improve"], control["improve"].get("robot_episodes", 0), demos),
-                    "run_dir": str(plan.runs[run.control].config.run_dir)}
+                    "run_dir": portable_path(plan.runs[run.control].config.run_dir)}
             else:
                 entry["control_status"] = status.get(run.control, {}).get("status", "pending")
                 if entry["control_status"] == "failed":
@@ -73,7 +76,8 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
     return {
         "experiment": plan.spec.name,
         "description": plan.spec.description,
-        "config_file": str(plan.spec.path),
+        "config_file": portable_path(plan.spec.path),
+        "provenance": provenance(),  # the code that wrote this summary; each cell records the code that made it
         "preset": plan.spec.preset,
         "axes": {a.name: {v.label: ({"preset": v.preset, "set": v.overrides} if v.preset else v.overrides)
                           for v in a.values} for a in plan.spec.axes},
@@ -87,10 +91,10 @@ def summarize_experiment(plan: ExperimentPlan) -> dict[str, Any]:
                    "runs": len(plan.runs), "shared_sft": len(plan.groups)},
         "failed_runs": failed,
         # shared SFTs copied from another experiment with identical Stage-1 settings (not trained here)
-        "stage1_reused": {name: source for name, g in sorted(plan.groups.items())
+        "stage1_reused": {name: portable_path(source) for name, g in sorted(plan.groups.items())
                           if (source := read_json(g.config.run_dir / "stage1_source.json").get("copied_from"))},
         # runs copied from another experiment with an identical config (not run here)
-        "runs_reused": {name: source for name, r in sorted(plan.runs.items())
+        "runs_reused": {name: portable_path(source) for name, r in sorted(plan.runs.items())
                         if (source := read_json(r.config.run_dir / "run_source.json").get("copied_from"))},
         "cells": cells,
         "aggregates": aggregate_cells(cells, [a.name for a in plan.spec.axes]),

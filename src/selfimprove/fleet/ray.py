@@ -10,12 +10,20 @@ and results are concatenated in actor order, so a run is reproducible whichever 
 first. A robot actor that dies or stays silent longer than ``timeout_s`` is killed, restarted by
 Ray, and its share of the collection is run again from the same seeds; the partial episodes it had
 in progress are discarded and logged.
+
+Closing is safe from any thread and at any time: a collection waiting in another thread stops within a
+second with a :class:`FleetError`, the robots are killed and every reference into Ray the fleet holds is
+dropped before a Ray this fleet started is shut down; any later call raises :class:`FleetError` instead of
+touching Ray (which ends the whole process when it is used after ``ray.shutdown()``).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -56,13 +64,20 @@ def init_ray(address: str | None = None, bind_host: str = "127.0.0.1", num_cpus:
     if rt.is_initialized():
         return False
     quiet = {"log_to_driver": False, "configure_logging": True, "logging_level": logging.WARNING}
-    if address:
-        host = address.split("://")[-1].rsplit(":", 1)[0]
-        if host in ("127.0.0.1", "localhost"):  # a cluster bound to loopback: join it from loopback too
-            quiet["_node_ip_address"] = "127.0.0.1"
-        rt.init(address=address, **quiet)
-    else:
-        rt.init(num_cpus=num_cpus, _node_ip_address=bind_host, include_dashboard=False, **quiet)
+    # ray.init replaces the SIGTERM handler with a bare exit: keep ours (stop as on Ctrl-C, say how to resume)
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        if address:
+            host = address.split("://")[-1].rsplit(":", 1)[0]
+            if host in ("127.0.0.1", "localhost"):  # a cluster bound to loopback: join it from loopback too
+                quiet["_node_ip_address"] = "127.0.0.1"
+            rt.init(address=address, **quiet)
+        else:  # "local": a Ray of our own, whatever RAY_ADDRESS says (fleet.address names a cluster to join)
+            rt.init(address="local", num_cpus=num_cpus, _node_ip_address=bind_host, include_dashboard=False, **quiet)
+    finally:
+        if main and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 
@@ -156,7 +171,18 @@ class RayFleet:
             self.sizes.append(k)
             offset += k
         self.skipped_starts = 0
+        # every Ray call goes through _using(): after close() (from any thread) it raises FleetError instead
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        self._in_flight: list[_Collection] = []  # started, not finished: their refs are dropped on close
         rt.get([a.pid.remote() for a in self.actors], timeout=self.startup_s)  # surface start-up errors here
+
+    def _using(self):
+        """Hold the fleet for a Ray call; a closed fleet raises FleetError instead of touching Ray."""
+        if self._closed.is_set():
+            raise FleetError("this Ray fleet is closed (its robots are gone and Ray may be shut down); make a new "
+                             "fleet to collect again")
+        return self._lock
 
     @property
     def n_robots(self) -> int:
@@ -164,8 +190,9 @@ class RayFleet:
 
     def describe(self) -> dict[str, Any]:
         """Where the robots run: one entry per actor (robot ids, Ray node, process id)."""
-        pids = ray.get([a.pid.remote() for a in self.actors], timeout=self.startup_s)
-        nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.startup_s)
+        with self._using():
+            pids = ray.get([a.pid.remote() for a in self.actors], timeout=self.startup_s)
+            nodes = ray.get([a.node.remote() for a in self.actors], timeout=self.startup_s)
         actors, first = [], 0
         for k, pid, node in zip(self.sizes, pids, nodes):
             actors.append({"robots": list(range(first, first + k)), "node": node, "pid": pid})
@@ -185,8 +212,9 @@ class RayFleet:
                 n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,
                 generator: torch.Generator | None = None) -> list[Episode]:
         """Collect on every actor in parallel; episodes come back in actor order."""
-        return self.finish(self.start(weights, version, seeds=seeds, n_steps=n_steps, n_episodes=n_episodes,
-                                      temperature=temperature, generator=generator))
+        with self._using():
+            return self.finish(self.start(weights, version, seeds=seeds, n_steps=n_steps, n_episodes=n_episodes,
+                                          temperature=temperature, generator=generator))
 
     def start(self, weights: dict[str, torch.Tensor], version: int, *, seeds: Iterator[int],
               n_steps: int | None = None, n_episodes: int | None = None, temperature: float = 1.0,
@@ -194,6 +222,11 @@ class RayFleet:
         """Launch a collection and return at once (the learner may train meanwhile); see ``finish``."""
         if (n_steps is None) == (n_episodes is None):
             raise ValueError("give exactly one of n_steps or n_episodes")
+        with self._using():
+            return self._start(weights, version, seeds, n_steps, n_episodes, temperature, generator)
+
+    def _start(self, weights: dict[str, torch.Tensor], version: int, seeds: Iterator[int], n_steps: int | None,
+               n_episodes: int | None, temperature: float, generator: torch.Generator | None) -> "_Collection":
         if version != self.version:
             self._weights_ref = ray.put(_numpy_weights(weights))
             self.version = version
@@ -205,11 +238,22 @@ class RayFleet:
             sample_seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else j
             c.tasks.append((block, sample_seed))
         c.pending = {self._submit(j, c): (j, time.time()) for j in range(len(self.actors)) if c.shares[j] > 0}
+        self._in_flight.append(c)
         return c
 
     def finish(self, c: "_Collection") -> list[Episode]:
         """Wait for a started collection, restarting robot actors that die or hang on the way."""
+        with self._using():
+            try:
+                return self._finish(c)
+            finally:
+                if c in self._in_flight:
+                    self._in_flight.remove(c)
+
+    def _finish(self, c: "_Collection") -> list[Episode]:
         while c.pending:
+            if self._closed.is_set():  # close() from another thread: stop waiting, touch Ray no more
+                raise FleetError("the Ray fleet was closed while a collection was in progress")
             ready, _ = ray.wait(list(c.pending), num_returns=1, timeout=1.0)
             for ref in ready:
                 j, _started = c.pending.pop(ref)
@@ -239,6 +283,8 @@ class RayFleet:
         """Wait for Ray to restart actor ``j`` (a fresh process), then give it its share again."""
         deadline = time.time() + self.startup_s
         while True:
+            if self._closed.is_set():
+                raise FleetError("the Ray fleet was closed while a robot actor was restarting")
             try:
                 ray.get(self.actors[j].pid.remote(), timeout=10)
                 break
@@ -268,11 +314,35 @@ class RayFleet:
                              f"{self.max_restarts}); last: actor {j} {what}")
         return restarts
 
-    def close(self) -> None:
-        if ray is None or not ray.is_initialized():
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the robots and, when this fleet started Ray, shut it down; safe to call twice or from any thread.
+
+        A collection waiting in another thread notices within a second and raises FleetError; once it has
+        let go (at most ``timeout_s``), the robots are killed and every reference into Ray the fleet holds
+        (actors, weights, tasks in flight) is dropped and collected before ``ray.shutdown()``, so no object of
+        this fleet touches Ray after it. Where another thread still holds the fleet, Ray is left running (a
+        warning says so) rather than shut down under it.
+        """
+        self._closed.set()
+        if not self._lock.acquire(timeout=timeout_s):
+            log.warning("a collection in another thread still holds the Ray fleet after %g s; leaving Ray running",
+                        timeout_s)
             return
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-        if self._owns_ray:
-            ray.shutdown()
+        try:
+            live = ray is not None and ray.is_initialized()
+            for actor in self.actors if live else ():
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception as exc:  # noqa: BLE001 - a dead actor or node: nothing left to stop
+                    log.debug("could not kill a robot actor: %s", exc)
+            for c in self._in_flight:  # tasks in flight on the killed actors: their results are never read
+                c.pending.clear()
+                c.weights_ref = None
+            self._in_flight.clear()
+            self.actors, self._weights_ref, self._reward_ref = [], None, None
+            gc.collect()  # references in cycles are released now, while Ray is up, not by a later collection
+            if live and self._owns_ray:
+                self._owns_ray = False
+                ray.shutdown()
+        finally:
+            self._lock.release()

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from selfimprove.errors import CheckpointError
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
+from selfimprove.provenance import provenance
 from selfimprove.runlog import dumps_json
 
 FORMAT = "selfimprove-checkpoint"
@@ -51,14 +52,16 @@ def recover_checkpoint(path: str | Path) -> bool:
 
 def save_checkpoint(model: EmbodiedModel, path: str | Path, meta: dict[str, Any] | None = None,
                     train_state: dict[str, torch.Tensor] | None = None,
-                    train_meta: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` (and optionally training state) to the folder ``path``."""
+                    train_meta: dict[str, Any] | None = None, precision: str | None = None) -> Path:
+    """Save ``model`` (and optionally training state) to the folder ``path``; its ``config.json`` records the
+    code that made it (``selfimprove.provenance``, with the precision setting of the gradient steps)."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
         tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"))
-        config = {"format": FORMAT, "version": VERSION, "spec": model.spec.to_dict(), "meta": meta or {}}
+        config = {"format": FORMAT, "version": VERSION, "spec": model.spec.to_dict(), "meta": meta or {},
+                  "provenance": provenance(precision)}
         (tmp / "config.json").write_text(dumps_json(config, indent=2) + "\n")
         if train_state is not None:
             save_file({k: v.detach().cpu().contiguous() for k, v in train_state.items()},

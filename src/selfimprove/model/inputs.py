@@ -4,8 +4,8 @@ Stores and robots keep one camera frame per step; the model sees the last ``spec
 (repeating the first frame at an episode's start), so nothing is stored twice.
 
 :func:`check_inputs` is the one place a batch is checked against the model's spec (the model runs it
-on every forward pass): observation keys, shapes, channels and dtype once per batch, and each distinct
-instruction once per process, so a bad input raises :class:`~selfimprove.errors.InputError` naming
+on every forward pass): observation keys, shapes, channels and dtype once per batch, and that each
+instruction is non-empty text, so a bad input raises :class:`~selfimprove.errors.InputError` naming
 the problem and the fix instead of a torch error from deep inside the network.
 """
 
@@ -60,7 +60,8 @@ def _batch_problem(spec: ModelSpec, key: str, got: tuple[int, ...]) -> str | Non
 
 
 def check_instructions(domain: str, texts: Sequence[str]) -> None:
-    """Raise InputError when an instruction is empty or, for the language-table domain, does not parse."""
+    """Raise InputError when an instruction is not text or is empty; any other text is read (a task
+    grammar is the simulator's business, not the model's: ``envs/instructions.py``)."""
     try:
         distinct = set(texts)
     except TypeError as exc:
@@ -68,7 +69,7 @@ def check_instructions(domain: str, texts: Sequence[str]) -> None:
     for text in distinct:
         problem = instruction_problem(domain, text)
         if problem is not None:
-            raise InputError(f"instruction {text!r} is not one a {domain!r} model reads: {problem}")
+            raise InputError(f"instruction {text!r} cannot be read by a {domain!r} model: {problem}")
 
 
 def check_inputs(spec: ModelSpec, obs: Mapping) -> None:

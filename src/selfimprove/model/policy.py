@@ -148,8 +148,8 @@ class EmbodiedModel(nn.Module):
         """The trunk's features [B, F] of checked inputs (both heads read them).
 
         ``obs`` is checked against the spec first (:func:`selfimprove.model.inputs.check_inputs`): a
-        frame of the wrong size or channels, a vector of the wrong length or an instruction the domain
-        does not read raises InputError naming the fix.
+        frame of the wrong size or channels, a vector of the wrong length or an empty or non-text
+        instruction raises InputError naming the fix.
         """
         check_inputs(self.spec, obs)
         return self.encoder(obs)

@@ -201,7 +201,8 @@ class Guard:
         if st["best_score"] is None or result["score"] > st["best_score"]:
             save_checkpoint(policy, self.path, meta={"stage": "improve", "iteration": iteration,
                                                      "guard_score": result["score"], "selected_by": "guard",
-                                                     "seed": self.config.seed, **self.provenance})
+                                                     "seed": self.config.seed, **self.provenance},
+                            precision=self.config.precision)
             st["best_iteration"], st["best_score"] = iteration, result["score"]
             log.info("guard: iteration %d is the best so far (score %.3f)", iteration, result["score"])
         return {"guard_score": result["score"], "guard_score_se": result["score_se"],

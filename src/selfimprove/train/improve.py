@@ -344,7 +344,8 @@ class Stage2:
         last = it + 1 == cfg.iterations or self.budget_spent()
         if cfg.eval_every > 0 and ((it + 1) % cfg.eval_every == 0 or last):
             tmp = self.files.improve_eval_checkpoint
-            save_checkpoint(self.policy, tmp, meta={"stage": "improve", "iteration": it + 1})
+            save_checkpoint(self.policy, tmp, meta={"stage": "improve", "iteration": it + 1},
+                            precision=self.config.precision)
             if last and final_eval is not None:  # the final policy's full evaluation, once
                 result = {**evaluate(self.config, tmp), "checkpoint": str(self.latest)}
                 write_json(final_eval, result)
@@ -363,7 +364,8 @@ class Stage2:
                         train_state=tensors,
                         train_meta={**opt_meta, "iteration": it + 1, "history": self.history,
                                     "counters": self.counters, "detector": self.detector, "kl_coef": self.kl_coef,
-                                    **({"guard": self.guard.state} if self.guard is not None else {})})
+                                    **({"guard": self.guard.state} if self.guard is not None else {})},
+                        precision=self.config.precision)
         self.metrics.append(record)
         self.bar.set_postfix(len=f"{record['batch_mean_length']:.1f}", det=f"{record['detected_success_rate']:.2f}")
 
@@ -380,7 +382,8 @@ class Stage2:
     def result(self) -> Path:
         """The ``improve`` checkpoint (after zero iterations: the SFT policy, saved there)."""
         if not self.latest.exists():
-            save_checkpoint(self.policy, self.latest, meta={"stage": "improve", "iteration": 0, "sft": str(self.sft_path)})
+            save_checkpoint(self.policy, self.latest, meta={"stage": "improve", "iteration": 0, "sft": str(self.sft_path)},
+                            precision=self.config.precision)
         return self.latest
 
 

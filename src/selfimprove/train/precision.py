@@ -14,6 +14,7 @@ from typing import Iterator
 
 import torch
 
+from selfimprove.provenance import native_bf16_cpu as _native_bf16_cpu
 from selfimprove.config_checks import PRECISIONS
 
 __all__ = ["PRECISIONS", "autocast", "native_bf16_cpu", "resolve_precision"]
@@ -21,8 +22,7 @@ __all__ = ["PRECISIONS", "autocast", "native_bf16_cpu", "resolve_precision"]
 
 def native_bf16_cpu() -> bool:
     """True when this CPU has bfloat16 matrix units (AMX) or instructions (AVX512-BF16)."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return _native_bf16_cpu()
 
 
 def resolve_precision(precision: str) -> str:

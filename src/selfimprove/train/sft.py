@@ -148,7 +148,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
 
     optimizer = make_optimizer(model)
     metrics = MetricsLog.for_run(config)
-    start, best = 0, float("inf")
+    start, best, running = 0, float("inf"), {}  # running: the train losses' moving averages the records show
     best_path = RunDir(config.run_dir).sft_best
     if resume and state_path.exists():
         model, meta = load_checkpoint(state_path, expect_domain=config.domain)
@@ -157,6 +157,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         restore_optimizer(optimizer, tensors, train_meta)
         start = int(train_meta["step"])
         best = float(train_meta.get("best", float("inf")))
+        running = {k: float(v) for k, v in train_meta.get("running", {}).items()}  # so the records go on as if never stopped
         metrics.keep(lambda r: r.get("stage") != "sft" or r.get("step", 0) <= start)
         log.info("resuming stage 1 at step %d", start)
     else:
@@ -169,7 +170,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     block = max(1, cfg.checkpoint_every)
     generator = torch_generator(config.seed, 1, start // block)
     bar = tqdm(range(start, cfg.steps), desc="sft", unit="step", disable=not progress, initial=start, total=cfg.steps)
-    t0, running = time.time(), {}
+    t0 = time.time()
     model.train()
     for step in bar:
         if step % block == 0:
@@ -201,13 +202,15 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
             score = record["val_bc"] + cfg.stg_weight * record["val_stg"]
             if cfg.keep_best and score < best:
                 best = score
-                save_checkpoint(model, best_path, meta={"stage": "sft", "step": done, "val_loss": score})
+                save_checkpoint(model, best_path, meta={"stage": "sft", "step": done, "val_loss": score},
+                                precision=config.precision)
             metrics.append(record)
             model.train()
         if done % block == 0 and done < cfg.steps:
             tensors, meta = optimizer_state_tensors(optimizer)
             save_checkpoint(model, state_path, meta={"stage": "sft", "step": done},
-                            train_state=tensors, train_meta={**meta, "step": done, "best": best})
+                            train_state=tensors, train_meta={**meta, "step": done, "best": best, "running": running},
+                            precision=config.precision)
     model.eval()
     step = cfg.steps
     if cfg.keep_best and recover_checkpoint(best_path):
@@ -216,7 +219,8 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         log.info("keeping the step-%d checkpoint (lowest held-out loss %.4f)", step, best)
     save_checkpoint(model, final, meta={"stage": "sft", "step": step, "seed": config.seed,
                                         "dataset": str(store.root), "fraction": config.data.fraction,
-                                        "train_episodes": int(len(train.episode_lengths))})
+                                        "train_episodes": int(len(train.episode_lengths))},
+                    precision=config.precision)
     shutil.rmtree(state_path, ignore_errors=True)
     shutil.rmtree(best_path, ignore_errors=True)
     return final

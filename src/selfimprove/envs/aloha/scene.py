@@ -15,19 +15,46 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import platform
+
+from selfimprove.errors import ConfigError
+
+#: the MuJoCo rendering backends by platform (mujoco's own list; it raises a RuntimeError at import otherwise)
+_GL_BACKENDS = {"Linux": ("egl", "osmesa", "glfw", "glx"), "Windows": ("glfw", "wgl"), "Darwin": ("glfw", "cgl")}
+_GL_SWITCHES = ("enable", "enabled", "on", "true", "1", "", "disable", "disabled", "off", "false", "0")
+_GL_ADVICE = ("MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (software; apt install libosmesa6) or, with a "
+              "display, MUJOCO_GL=glfw; or run without cameras (env.kwargs.image_size = false)")
+
+
+def check_gl_settings() -> None:
+    """Raise ConfigError when ``MUJOCO_GL`` (or a ``PYOPENGL_PLATFORM`` that contradicts it) would make
+    ``import mujoco`` or its first renderer fail: checked before mujoco is imported, and by every env."""
+    value = os.environ.get("MUJOCO_GL", "")
+    backend = value.lower().strip()
+    backends = _GL_BACKENDS.get(platform.system(), ("glfw",))
+    if backend not in backends + _GL_SWITCHES:
+        raise ConfigError(f"MUJOCO_GL={value!r} is not a MuJoCo rendering backend; on {platform.system()} choose one "
+                          f"of {list(backends)} (unset: egl): {_GL_ADVICE}")
+    pyopengl = os.environ.get("PYOPENGL_PLATFORM", "")
+    if backend in ("egl", "osmesa") and pyopengl and pyopengl.lower() != backend:
+        raise ConfigError(f"MUJOCO_GL={value!r} but PYOPENGL_PLATFORM={pyopengl!r}: set both to the same backend "
+                          f"or unset PYOPENGL_PLATFORM")
+
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # offscreen rendering without a display; read when mujoco loads
 logging.getLogger("OpenGL.acceleratesupport").setLevel(logging.WARNING)  # PyOpenGL's INFO line on every import
+check_gl_settings()
 
 import numpy as np  # noqa: E402
-
-from selfimprove.errors import ConfigError  # noqa: E402
 
 try:
     import mujoco  # noqa: E402
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ConfigError("the aloha domain needs the optional `aloha` extra (MuJoCo and gym-aloha's scene): "
-                      "pip install 'selfimprove[aloha]'") from exc
+    if exc.name == "mujoco":
+        raise ConfigError("the aloha domain needs the optional `aloha` extra (MuJoCo and gym-aloha's scene): "
+                          "pip install 'selfimprove[aloha]'") from exc
+    raise ConfigError(f"MuJoCo cannot load its MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} backend ({exc}). Try "
+                      f"{_GL_ADVICE}") from exc
 
 PHYSICS_GROUP, VISUAL_GROUP = 2, 3  # geom groups: the meshes (hidden from cameras), their box stand-ins
 CAMERAS = ("top", "left_wrist", "right_wrist")
@@ -111,10 +138,8 @@ def _renderer(model: mujoco.MjModel, size: int) -> "mujoco.Renderer":
         try:
             renderer = mujoco.Renderer(model, size, size)
         except Exception as exc:  # mujoco raises plain Exceptions from its GL backends
-            raise ConfigError(
-                f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} ({exc}). Try "
-                "MUJOCO_GL=egl (GPU or Mesa EGL), MUJOCO_GL=osmesa (software; apt install libosmesa6) or, with a "
-                "display, MUJOCO_GL=glfw; or run without cameras (env.kwargs.image_size = false)") from exc
+            raise ConfigError(f"MuJoCo cannot render offscreen with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r} "
+                              f"({exc}). Try {_GL_ADVICE}") from exc
         if not _RENDERERS:  # after mujoco's own exit hook (EGL's terminate), so that it runs before it
             atexit.register(_close_renderers)
         renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = False

@@ -50,6 +50,8 @@ class AlohaInsertionEnv(gym.Env):
         self.max_episode_steps = int(max_episode_steps)
         self.terminate_on_success = bool(terminate_on_success)
         self.render_mode = render_mode
+        if self.image_size:
+            scene.check_gl_settings()  # mujoco may have been imported with other settings earlier
         self._views = scene.Cameras(self.model, self.cameras, self.image_size) if self.image_size else None
         m = self.model
         self._arm_qpos = np.array([[m.joint(f"vx300s_{s}/{j}").qposadr[0] for j in scene.ARM_JOINTS] for s in scene.SIDES])

@@ -9,6 +9,7 @@ same test runs on the simulator's state and in unit tests.
 from __future__ import annotations
 
 import itertools
+import zlib
 from dataclasses import dataclass, field
 from typing import Hashable, Mapping, Sequence
 
@@ -208,6 +209,28 @@ class Banana2LocationTask(Block2LocationTask):
 
 
 Task = Block2BlockTask | Block2LocationTask | SeparateBlocksTask | Banana2LocationTask
+
+
+#: words no template above uses: the instruction of ``phrasing = "paraphrase"`` (an evaluation of how a model
+#: trained on the templates reads other words for the same task)
+PARAPHRASE_VERBS: tuple[str, ...] = ("get the", "bring the", "nudge the", "shove the")
+PARAPHRASE_PREPOSITIONS: tuple[str, ...] = ("close to the", "near the", "up against the", "right by the")
+PHRASINGS = ("template", "paraphrase")
+
+
+def paraphrase(task: Task) -> str:
+    """``task`` in words outside the task grammar ("get the yellow star close to the yellow pentagon").
+
+    The wording is picked from the template's text alone (no random draw), so a seed keeps its board and task.
+    """
+    text = task.instruction
+    pick = zlib.crc32(text.encode())
+    verb = PARAPHRASE_VERBS[pick % len(PARAPHRASE_VERBS)]
+    if isinstance(task, Block2BlockTask):
+        return f"{verb} {task.moved} {PARAPHRASE_PREPOSITIONS[pick // 7 % len(PARAPHRASE_PREPOSITIONS)]} {task.target}"
+    if isinstance(task, Block2LocationTask):
+        return f"{verb} {task.block} over to the {task.location_text or LOCATION_SYNONYMS[task.location][0]}"
+    return f"please {text}"
 
 
 def check_block_mode(family: str, block_mode: str) -> None:

@@ -40,7 +40,8 @@ class TabletopEnv(gym.Env):
     """Planar pushing of coloured blocks (or one banana: BananaTable) by a round pusher, with language instructions.
 
     ``block_mode`` picks the objects (BLOCK_4, BLOCK_8, BANANA); unset, it is the task family's own
-    (BANANA for ``banana2location``, else BLOCK_8).
+    (BANANA for ``banana2location``, else BLOCK_8). ``phrasing = "paraphrase"`` words each task outside the
+    templates (``tasks.paraphrase``): the same boards and tasks, for evaluating how a model reads other words.
 
     Observation keys: ``rgb`` uint8 [render_frames, H, W, 3] (oldest frame first; absent when
     ``image_size`` is None), ``effector`` and ``effector_target`` float32 (2,), ``instruction``
@@ -63,6 +64,7 @@ class TabletopEnv(gym.Env):
         pusher_mass: float = 0.1,
         success_reward: float = 1.0,
         render_mode: str | None = None,
+        phrasing: str = "template",
     ) -> None:
         if task not in tasks_mod.TASK_FAMILIES:
             raise ConfigError(f"unknown task {task!r}; valid tasks: {', '.join(tasks_mod.TASK_FAMILIES)}")
@@ -70,6 +72,9 @@ class TabletopEnv(gym.Env):
         tasks_mod.check_block_mode(task, block_mode)
         if render_frames < 1 or physics_substeps < 1 or max_episode_steps < 1:
             raise ConfigError("render_frames, physics_substeps and max_episode_steps must be >= 1")
+        if phrasing not in tasks_mod.PHRASINGS:
+            raise ConfigError(f"env.kwargs.phrasing {phrasing!r}: choose one of {list(tasks_mod.PHRASINGS)}")
+        self.phrasing = phrasing
         self.task_family = task
         self.block_mode = block_mode
         self.block_names: tuple[str, ...] = BLOCK_MODES[block_mode]
@@ -125,7 +130,11 @@ class TabletopEnv(gym.Env):
 
     @property
     def instruction(self) -> str:
-        return self._task.instruction if self._task is not None else ""
+        """The task in words: the original's templates, or with ``phrasing = "paraphrase"`` words outside them
+        (the same task, board and success test)."""
+        if self._task is None:
+            return ""
+        return tasks_mod.paraphrase(self._task) if self.phrasing == "paraphrase" else self._task.instruction
 
     @property
     def effector(self) -> np.ndarray:
@@ -223,7 +232,7 @@ class TabletopEnv(gym.Env):
         self._task = task
         self._start_positions = positions
         self._steps = 0
-        return task.instruction
+        return self.instruction
 
     def observe(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The current observation and info without stepping (after ``new_task``)."""
