@@ -421,4 +421,9 @@ class FiLM(nn.Module):
             raise ValueError(f"FiLM built for {self.channels} channels, got {x.shape[1]}")
         gamma, beta = self.proj(cond).chunk(2, dim=-1)
         shape = (x.shape[0], self.channels) + (1,) * (x.dim() - 2)
-        return torch.addcmul(beta.reshape(shape), x, 1.0 + gamma.reshape(shape))  # one pass over x
+        beta = beta.reshape(shape)
+        if x.is_contiguous() and beta.dtype == x.dtype:
+            # addcmul runs its vectorised loop only with at most one broadcast operand (with two it
+            # goes element by element: 5x slower in bfloat16); the same values, bit for bit
+            beta = beta.expand_as(x).contiguous()
+        return torch.addcmul(beta, x, 1.0 + gamma.reshape(shape))  # one pass over x
