@@ -1,17 +1,24 @@
 """Throughput of the pipeline's hot loops on this machine, for a preset (default: point mass).
 
-Prints a table of SFT samples/s (float32 with 1 and 2 torch threads; bfloat16 autocast with 1 thread
-when the CPU computes bfloat16 natively, see ``precision``), the cost of the preset's SFT
-augmentations per batch, fleet env-steps/s with batched policy +
-reward-model inference (for 1, 4, 16 robots), the REINFORCE update rate, and one Self-Improvement
-iteration's split between collecting and updating; the last line is one JSON object with every
-figure. Usage: ``python bench/throughput.py [--preset language-table] [--quick] [--set section.field=value ...]``.
+Prints a table of SFT samples/s, the cost of the preset's SFT augmentations per batch, fleet env-steps/s
+with batched policy + reward-model inference (for 1, 4, 16 robots), the REINFORCE update rate, and one
+Self-Improvement iteration's split between collecting and updating; the last line is one JSON object
+with every figure. Every SFT row times ``SFTStep``, the step ``sft()`` itself runs: drawing the batch,
+the preset's augmentations and mismatched-instruction negatives, the losses and the optimiser step
+(samples/s counts the batch's demo frames, ``sft.batch_size`` per step, not the negatives). The
+float32 rows (1 and 2 torch threads) and the bfloat16 row (where the CPU computes bfloat16 natively,
+see ``precision``) use the preset's action decoder; the decoder table runs the preset's precision with
+``model.action_decoder`` "independent" and "autoregressive" on 1 and 2 threads, alternating short
+blocks of the two decoders and reporting the median block. Usage:
+``python bench/throughput.py [--preset language-table] [--quick] [--set section.field=value ...]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -28,26 +35,46 @@ from selfimprove.reward import StepsToGoReward
 from selfimprove.train.improve import reinforce_batch
 from selfimprove.train.objectives import policy_update
 from selfimprove.train.precision import autocast, native_bf16_cpu, resolve_precision
-from selfimprove.train.sft import FrameBatches, sft_losses
+from selfimprove.train.allocator import retain_freed_memory
+from selfimprove.train.sft import FrameBatches, SFTStep
+
+
+def sft_step(config, frames, precision: str | None = None, decoder: str | None = None) -> SFTStep:
+    """The training loop's step for ``config`` (optionally another precision or action decoder), as sft() builds it."""
+    config = dataclasses.replace(config, precision=precision or config.precision)
+    if decoder is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, action_decoder=decoder))
+    torch.manual_seed(config.seed)
+    model = EmbodiedModel(model_spec(config, make_env(config)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft.lr, weight_decay=config.sft.weight_decay,
+                                  fused=True)  # as train/sft.py
+    model.train()
+    return SFTStep(config, model, optimizer, FrameBatches(frames, model), frames.instructions)
+
+
+def bench_sft_steps(steps: dict[str, SFTStep], threads: int, seconds: float, block: float = 0.5) -> dict[str, float]:
+    """Samples/s of each step, timed in alternating blocks of ``block`` seconds (``seconds`` each in all):
+    the median block's rate, so that other load on the machine falls on every step alike."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    for step in steps.values():  # warm-up: first calls allocate and pick kernels
+        for _ in range(3):
+            step(generator)
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(max(1, round(seconds / block))):
+        for name, step in steps.items():
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < block or n == 0:
+                losses = step(generator)
+                for value in losses.values():  # as the training loop reads its losses every step
+                    float(value)
+                n += 1
+            rates[name].append(n * step.batch_size / (time.perf_counter() - t0))
+    return {name: statistics.median(r) for name, r in rates.items()}
 
 
 def bench_sft(config, frames, threads: int, seconds: float, precision: str = "float32") -> float:
-    torch.set_num_threads(threads)
-    env = make_env(config)
-    model = EmbodiedModel(model_spec(config, env))
-    data = FrameBatches(frames, model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)  # as train/sft.py
-    g = torch.Generator().manual_seed(0)
-    steps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        idx = torch.randint(0, data.size, (config.sft.batch_size,), generator=g)
-        with autocast(precision):
-            losses = sft_losses(model, *data.batch(idx))
-        opt.zero_grad()
-        (losses["bc"] + losses["stg"]).backward()
-        opt.step()
-        steps += 1
-    return steps * config.sft.batch_size / (time.perf_counter() - t0)
+    return bench_sft_steps({"sft": sft_step(config, frames, precision)}, threads, seconds)["sft"]
 
 
 def bench_augment(config, frames, seconds: float) -> float:
@@ -92,6 +119,7 @@ def main() -> int:
                         help="override a config field of the preset (repeatable)")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 6.0
+    retain_freed_memory()  # as sft() does
     fleet_steps = 2048 if args.quick else 8192
     with tempfile.TemporaryDirectory() as tmp:
         config = load_config(args.preset, [f"runs_dir={tmp}", "data.episodes=300", "data.collect_workers=1",
@@ -99,21 +127,32 @@ def main() -> int:
         collect_demos(config, progress=False)
         frames = EpisodeStore(config.dataset_path).frames()
         rows, figures = [], {}
+        extras = (f" + {', '.join(config.sft.augment)}" if config.sft.augment else "") + (
+            f" + {round(config.sft.negatives * config.sft.batch_size)} negatives" if config.sft.negatives else "")
         for threads in (1, 2):
             rate = bench_sft(config, frames, threads, seconds)
-            rows.append((f"SFT, batch {config.sft.batch_size}, {threads} torch thread(s)", f"{rate:,.0f} samples/s"))
+            rows.append((f"SFT, batch {config.sft.batch_size}{extras}, {threads} torch thread(s), float32",
+                         f"{rate:,.0f} samples/s"))
             figures[f"sft_samples_per_s_threads{threads}"] = round(rate, 1)
         if native_bf16_cpu():
             rate = bench_sft(config, frames, 1, seconds, "bfloat16")
-            rows.append((f"SFT, batch {config.sft.batch_size}, 1 thread, bfloat16 autocast", f"{rate:,.0f} samples/s"))
+            rows.append((f"SFT, batch {config.sft.batch_size}{extras}, 1 thread, bfloat16 autocast",
+                         f"{rate:,.0f} samples/s"))
             figures["sft_samples_per_s_bf16_threads1"] = round(rate, 1)
             figures["sft_speedup_bf16_vs_fp32"] = round(rate / figures["sft_samples_per_s_threads1"], 2)
+        precision = resolve_precision(config.precision)
+        for threads in (1, 2):
+            steps = {d: sft_step(config, frames, decoder=d) for d in ("independent", "autoregressive")}
+            for decoder, rate in bench_sft_steps(steps, threads, 2 * seconds).items():
+                rows.append((f"SFT step, {decoder} decoder, {threads} torch thread(s), {precision}",
+                             f"{rate:,.0f} samples/s"))
+                figures[f"sft_{decoder}_samples_per_s_threads{threads}"] = round(rate, 1)
         if config.sft.augment:
             ms = bench_augment(config, frames, seconds)
             step_ms = 1000 * config.sft.batch_size / figures.get("sft_samples_per_s_bf16_threads1",
                                                                 figures["sft_samples_per_s_threads1"])
             rows.append((f"SFT augmentation ({', '.join(config.sft.augment)}), batch {config.sft.batch_size}",
-                         f"{ms:.1f} ms per batch (+{ms / step_ms:.0%} on a 1-thread step)"))
+                         f"{ms:.1f} ms per batch ({ms / step_ms:.0%} of a 1-thread step)"))
             figures["sft_augment_ms_per_batch"] = round(ms, 2)
             figures["sft_augment_share_of_step"] = round(ms / step_ms, 3)
         figures["precision"] = resolve_precision(config.precision)  # what the update rows below use

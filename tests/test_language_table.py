@@ -218,3 +218,20 @@ def test_shift_augmentation_moves_image_and_coordinates_together():
         assert torch.allclose(d_m * torch.tensor([32 / 0.5, 32 / 0.6596]), d_pix, atol=0.6)
         moved += int(d_pix.abs().sum() > 0)
     assert moved > 40
+
+
+def test_shift_augmentation_is_a_crop_of_the_edge_padded_frames():
+    import torch
+
+    from selfimprove.domains.tabletop import shift_tabletop
+
+    image = torch.randint(0, 256, (12, 2, 9, 7, 3), dtype=torch.uint8)
+    rows = torch.arange(12) % 3 != 0
+    out, _ = shift_tabletop({"image": image}, torch.zeros(12, 2, dtype=torch.long), 41, rows, max_pixels=3,
+                            generator=torch.Generator().manual_seed(1))
+    offsets = torch.randint(-3, 4, (12, 2), generator=torch.Generator().manual_seed(1))  # the same draws
+    offsets[~rows] = 0
+    for i, (dr, dc) in enumerate(offsets.tolist()):
+        r = (torch.arange(9) + dr).clamp(0, 8)
+        c = (torch.arange(7) + dc).clamp(0, 6)
+        assert torch.equal(out["image"][i], image[i][:, r][:, :, c])

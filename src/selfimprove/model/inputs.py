@@ -150,10 +150,11 @@ class FrameSource:
             if key in image_keys:
                 offsets = torch.arange(self.spec.frames - 1, -1, -1)
                 back = torch.minimum(offsets[None, :], self.frame_index[idx][:, None])
-                out[key] = values[idx[:, None] - back]
+                rows = (idx[:, None] - back).reshape(-1)  # index_select copies whole frames: ~2x advanced indexing
+                out[key] = values.index_select(0, rows).view(len(idx), self.spec.frames, *values.shape[1:])
             else:
                 out[key] = values[idx]
-        out["instruction"] = [self.instructions[int(t)] for t in self.task_index[idx]]
+        out["instruction"] = [self.instructions[t] for t in self.task_index[idx].tolist()]
         return out
 
 

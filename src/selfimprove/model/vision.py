@@ -421,4 +421,31 @@ class FiLM(nn.Module):
             raise ValueError(f"FiLM built for {self.channels} channels, got {x.shape[1]}")
         gamma, beta = self.proj(cond).chunk(2, dim=-1)
         shape = (x.shape[0], self.channels) + (1,) * (x.dim() - 2)
-        return torch.addcmul(beta.reshape(shape), x, 1.0 + gamma.reshape(shape))  # one pass over x
+        beta, scale = beta.reshape(shape), 1.0 + gamma.reshape(shape)
+        if x.is_contiguous() and beta.dtype == x.dtype == scale.dtype:
+            return _Modulate.apply(x, scale, beta)
+        return torch.addcmul(beta, x, scale)  # one pass over x
+
+
+class _Modulate(torch.autograd.Function):
+    """``torch.addcmul(beta, x, scale)`` for a contiguous ``x`` and per-row, per-channel ``scale`` and
+    ``beta``, with the same values and gradients bit for bit, faster.
+
+    addcmul runs its vectorised loop only with at most one broadcast operand (with two it goes
+    element by element: 5x slower in bfloat16), so ``beta`` is expanded first; its gradient skips
+    autograd's product of ``x`` with the scalar 1, a pass over ``x`` that changes nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, scale)
+        return torch.addcmul(beta.expand_as(x).contiguous(), x, scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, scale = ctx.saved_tensors
+        dims = tuple(range(2, x.dim()))
+        grad_x = grad * scale if ctx.needs_input_grad[0] else None
+        grad_scale = (grad * x).sum(dims, keepdim=True) if ctx.needs_input_grad[1] else None
+        grad_beta = grad.sum(dims, keepdim=True) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_scale, grad_beta

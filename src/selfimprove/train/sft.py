@@ -25,6 +25,7 @@ from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import MismatchedInstructions
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator
+from selfimprove.train.allocator import retain_freed_memory
 from selfimprove.train.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def with_negatives(obs: dict, tokens: torch.Tensor, has_action: torch.Tensor, st
     """The batch plus ``count`` rows: its first rows again (cycled), each with a mismatched
     instruction, no BC target and the steps-to-go label ``never``."""
     rows = torch.arange(count) % len(stg)
-    texts = mismatched.draw([obs["instruction"][int(r)] for r in rows], generator)
+    texts = mismatched.draw([obs["instruction"][r] for r in rows.tolist()], generator)
     out = {k: torch.cat([v, v[rows]]) for k, v in obs.items() if k != "instruction"}
     out["instruction"] = list(obs["instruction"]) + texts
     return (out, torch.cat([tokens, tokens[rows]]), torch.cat([has_action, torch.zeros(count, dtype=torch.bool)]),
@@ -87,6 +88,50 @@ def sft_losses(model: EmbodiedModel, obs: dict[str, torch.Tensor], tokens: torch
         if model.never_class is not None and bool((~positive).any()):
             out["never_p"] = probs[~positive, model.never_class].mean()
     return out
+
+
+class SFTStep:
+    """One Stage-1 gradient step of a run's recipe, shared by :func:`sft` and ``bench/throughput.py``.
+
+    :meth:`batch` draws ``sft.batch_size`` frames with ``generator``, applies the ``sft.augment``
+    augmentations (each to a random half of the rows) and appends the mismatched-instruction
+    negatives (``sft.negatives``); calling the step trains on such a batch (losses under the run's
+    ``precision``, ``bc + stg_weight * stg``, one optimiser step) and returns the detached losses.
+    """
+
+    def __init__(self, config: RunConfig, model: EmbodiedModel, optimizer: torch.optim.Optimizer,
+                 data: FrameBatches, instructions: list[str]) -> None:
+        cfg = config.sft
+        self.model, self.optimizer, self.data = model, optimizer, data
+        self.batch_size, self.stg_weight, self.precision = cfg.batch_size, cfg.stg_weight, config.precision
+        self.augments = [augmentation(config.domain, name) for name in cfg.augment]
+        self.n_negatives = int(round(cfg.negatives * cfg.batch_size))
+        self.mismatched = (MismatchedInstructions(instructions, goal_key_for(config.domain))
+                           if self.n_negatives else None)
+
+    def batch(self, generator: torch.Generator) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(obs, tokens, has_action, steps-to-go) of one training batch, negatives included."""
+        idx = torch.randint(0, self.data.size, (self.batch_size,), generator=generator)
+        obs, tokens, has_action, stg = self.data.batch(idx)
+        bins = self.model.spec.action_bins
+        for augment in self.augments:
+            rows = torch.rand(len(idx), generator=generator) < 0.5
+            obs, tokens = augment(obs, tokens, bins, rows)
+        if self.mismatched is not None:
+            obs, tokens, has_action, stg = with_negatives(obs, tokens, has_action, stg, self.n_negatives,
+                                                          self.mismatched, self.model.never_class, generator)
+        return obs, tokens, has_action, stg
+
+    def __call__(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Draw a batch and take one gradient step on it; the losses, detached."""
+        obs, tokens, has_action, stg = self.batch(generator)
+        with autocast(self.precision):
+            losses = sft_losses(self.model, obs, tokens, has_action, stg)
+        loss = losses["bc"] + self.stg_weight * losses["stg"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {k: v.detach() for k, v in losses.items()}
 
 
 FEW_EPISODES = 10  # fewer training episodes than this gets a warning
@@ -131,6 +176,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     train, val, store = _load_split(config)  # a missing or bad dataset fails before the run folder is made
     prepare_run(config)
     seed_everything(config.seed, config.torch_threads)
+    retain_freed_memory()  # no page faults on the step's large tensors
     env = make_env(config)
     spec = model_spec(config, env)
     env.close()
@@ -162,9 +208,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
         log.info("resuming stage 1 at step %d", start)
     else:
         metrics.keep(lambda r: r.get("stage") != "sft")
-    augments = [augmentation(config.domain, name) for name in cfg.augment]
-    n_negatives = int(round(cfg.negatives * cfg.batch_size))
-    mismatched = MismatchedInstructions(train.instructions, goal_key_for(config.domain)) if n_negatives else None
+    step_fn = SFTStep(config, model, optimizer, data, train.instructions)
     log.info("stage 1: %d train frames (%d episodes), %d held-out frames, %s gradient steps", data.size,
              len(train.episode_lengths), held_out.size, resolve_precision(config.precision))
     block = max(1, cfg.checkpoint_every)
@@ -175,22 +219,9 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     for step in bar:
         if step % block == 0:
             generator = torch_generator(config.seed, 1, step // block)
-        idx = torch.randint(0, data.size, (cfg.batch_size,), generator=generator)
-        obs, tokens, has_action, stg = data.batch(idx)
-        for augment in augments:
-            rows = torch.rand(len(idx), generator=generator) < 0.5
-            obs, tokens = augment(obs, tokens, spec.action_bins, rows)
-        if mismatched is not None:
-            obs, tokens, has_action, stg = with_negatives(obs, tokens, has_action, stg, n_negatives, mismatched,
-                                                          model.never_class, generator)
-        with autocast(config.precision):
-            losses = sft_losses(model, obs, tokens, has_action, stg)
-        loss = losses["bc"] + cfg.stg_weight * losses["stg"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        losses = step_fn(generator)
         for k, v in losses.items():
-            value = float(v.detach())
+            value = float(v)
             running[k] = running[k] * 0.98 + value * 0.02 if k in running else value
         done = step + 1
         if done % 50 == 0:
