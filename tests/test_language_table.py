@@ -235,3 +235,27 @@ def test_shift_augmentation_is_a_crop_of_the_edge_padded_frames():
         r = (torch.arange(9) + dr).clamp(0, 8)
         c = (torch.arange(7) + dc).clamp(0, 6)
         assert torch.equal(out["image"][i], image[i][:, r][:, :, c])
+
+
+def test_sft_batches_depend_only_on_the_runs_generator(quick_run):
+    """Augmentations draw from the step's generator, not torch's global one: a resumed run (whose
+    global state differs) trains on the same batches as an uninterrupted one."""
+    import torch
+
+    from selfimprove.domains import make_env, model_spec
+    from selfimprove.model.policy import EmbodiedModel
+    from selfimprove.train.sft import FrameBatches, SFTStep
+
+    config, _ = quick_run
+    store = EpisodeStore(config.dataset_path)
+    frames = store.frames()
+    model = EmbodiedModel(model_spec(config, make_env(config)))
+    step = SFTStep(config, model, torch.optim.SGD(model.parameters(), lr=0.0), FrameBatches(frames, model),
+                   frames.instructions)
+    batches = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        batches.append(step.batch(torch.Generator().manual_seed(0)))
+    (a, ta, _, _), (b, tb, _, _) = batches
+    assert torch.equal(ta, tb) and a["instruction"] == b["instruction"]
+    assert all(torch.equal(a[k], b[k]) for k in a if k != "instruction")

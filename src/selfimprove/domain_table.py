@@ -31,7 +31,7 @@ class Domain:
     expert: str = ""  # "module:function": (config) -> Expert that collects its demos; "" = none (import demos)
     instruction_parser: str = ""  # "module:function": (text) -> task, raising ConfigError; "" = any non-empty text
     goal_key: str = ""  # "module:function": (text) -> what the instruction asks for; "" = its words
-    augmentations: dict[str, str] = field(default_factory=dict)  # SFT augmentation name -> "module:function"
+    augmentations: dict[str, str] = field(default_factory=dict)  # SFT augmentation name -> "module:function" (obs, tokens, bins, rows, generator=) -> (obs, tokens)
     views: str = ""  # "module:attribute": the guard's DomainViews (domains/__init__.py); "" = none
     draw_states: str = ""  # "module:function": (observations, config, size) -> RGB frames, for videos of
     #                        episodes without camera frames; "" = no video for those

@@ -30,7 +30,8 @@ def mirror_instruction(text: str) -> str:
     return " ".join(_LEFT_RIGHT.get(w, w) for w in text.split(" "))
 
 
-def mirror_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def mirror_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor,
+                    generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor]:
     """Mirror the board left-right for the chosen batch ``rows``: image columns, y coordinates, dy.
 
     The board is symmetric about y = 0 and image columns run along y, so the mirrored sample is
@@ -114,7 +115,8 @@ _LOCATION_WORDS = frozenset({"top", "bottom", "upper", "lower", "base", "center"
                              "side", "corner"})
 
 
-def flip_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor) -> tuple[dict, torch.Tensor]:
+def flip_tabletop(obs: dict, tokens: torch.Tensor, bins: int, rows: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor]:
     """Flip the board top-bottom for the chosen ``rows``: image rows, x coordinates, dx.
 
     Walls, spawn region and physics are symmetric about the board's centre line in x, so for a task

@@ -116,7 +116,7 @@ class SFTStep:
         bins = self.model.spec.action_bins
         for augment in self.augments:
             rows = torch.rand(len(idx), generator=generator) < 0.5
-            obs, tokens = augment(obs, tokens, bins, rows)
+            obs, tokens = augment(obs, tokens, bins, rows, generator=generator)  # the run's stream: exact resume
         if self.mismatched is not None:
             obs, tokens, has_action, stg = with_negatives(obs, tokens, has_action, stg, self.n_negatives,
                                                           self.mismatched, self.model.never_class, generator)
