@@ -109,3 +109,22 @@ def test_demos_hold_the_goal_and_label_it_zero_steps_to_go(tmp_path):
     frames = EpisodeStore(tmp_path / "store").frames()
     assert frames.steps_to_go[-5:].tolist() == [1, 0, 0, 0, 0] and frames.goal_reached.sum() == 4
     assert frames.steps_to_go[0] == episode.length - 3
+
+
+def test_without_bc_at_the_goal_the_hold_trains_only_the_steps_to_go_head(tmp_path):
+    from selfimprove.domains import make_env, model_spec
+    from selfimprove.model.policy import EmbodiedModel
+    from selfimprove.train.sft import FrameBatches
+
+    config = load_config("language-table-quick", [f"runs_dir={tmp_path}", "data.hold_steps=3"])
+    writer = EpisodeWriter(tmp_path / "store", hold_steps=3)
+    writer.add(demo_episode(config, seed=3))
+    writer.close()
+    frames = EpisodeStore(tmp_path / "store").frames()
+    model = EmbodiedModel(model_spec(config, make_env(config)))
+    with_hold, without = FrameBatches(frames, model), FrameBatches(frames, model, bc_at_goal=False)
+    # the three still actions at the goal lose their BC target; every other action keeps it
+    assert with_hold.has_action[-5:].tolist() == [True, True, True, True, False]
+    assert without.has_action[-5:].tolist() == [True, False, False, False, False]
+    assert int(with_hold.has_action.sum()) - int(without.has_action.sum()) == 3
+    assert torch.equal(with_hold.stg, without.stg)

@@ -89,6 +89,7 @@ class SFTConfig:
     lr: float = 3e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW weight decay
     stg_weight: float = 1.0  # weight of the steps-to-go loss in the sum
+    bc_at_goal: bool = True  # False: no BC loss on demo frames at or past the goal (data.hold_steps' still steps; the policy learns to reach the goal, not to stop near it); the steps-to-go head still learns them
     negatives: float = 0.0  # mismatched-instruction negatives per batch row (0.25: 16 more rows per 64), trained to a "never" steps-to-go class; 0: none
     augment: list[str] = field(default_factory=list)  # tabletop: "mirror", "shift", "flip", "recolour" (each on half of a batch)
     keep_best: bool = True  # the final checkpoint is the eval point with the lowest held-out loss

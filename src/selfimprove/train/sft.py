@@ -38,11 +38,14 @@ def sft_checkpoint(config: RunConfig) -> Path:
 class FrameBatches:
     """Frames as torch tensors, with BC targets (tokens) and steps-to-go labels, for fast batching."""
 
-    def __init__(self, frames: Frames, model: EmbodiedModel) -> None:
+    def __init__(self, frames: Frames, model: EmbodiedModel, bc_at_goal: bool = True) -> None:
+        """``bc_at_goal = False``: frames at or past the demo's goal (its still hold steps) get no BC
+        target; the steps-to-go head still learns them (``sft.bc_at_goal``)."""
         spec = model.spec
         self.source = frame_source(frames, spec)
         self.tokens = torch.as_tensor(model.tokenizer.tokenize(frames.actions))
-        self.has_action = torch.as_tensor(~frames.is_terminal)
+        has_action = ~frames.is_terminal if bc_at_goal else ~frames.is_terminal & ~frames.goal_reached
+        self.has_action = torch.as_tensor(has_action)
         self.stg = torch.as_tensor(np.minimum(frames.steps_to_go, spec.max_steps))
         self.size = len(self.stg)
 
@@ -182,7 +185,7 @@ def sft(config: RunConfig, resume: bool = False, progress: bool = True) -> Path:
     env.close()
     model = EmbodiedModel(spec)
     # first: it checks the store's observation shapes against the model's, before any tensor maths
-    data, held_out = FrameBatches(train, model), FrameBatches(val, model)
+    data, held_out = (FrameBatches(f, model, config.sft.bc_at_goal) for f in (train, val))
     vectors = {k: torch.as_tensor(v) for k, v in train.observations.items() if k in spec.vector_keys}
     if vectors:
         obs_all = model.encoder.flatten(vectors).numpy()
