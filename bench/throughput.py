@@ -8,8 +8,8 @@ the preset's augmentations and mismatched-instruction negatives, the losses and 
 (samples/s counts the batch's demo frames, ``sft.batch_size`` per step, not the negatives). The
 float32 rows (1 and 2 torch threads) and the bfloat16 row (where the CPU computes bfloat16 natively,
 see ``precision``) use the preset's action decoder; the decoder table runs the preset's precision with
-``model.action_decoder`` "independent" and "autoregressive" on 1 and 2 threads, alternating short
-blocks of the two decoders and reporting the median block. Usage:
+``model.action_decoder`` "independent", "autoregressive" and (where the action space is small enough)
+"joint" on 1 and 2 threads, alternating short blocks of the decoders and reporting the median block. Usage:
 ``python bench/throughput.py [--preset language-table] [--quick] [--set section.field=value ...]``.
 """
 
@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from selfimprove.config import load_config
@@ -30,6 +31,7 @@ from selfimprove.data.collect import collect_demos
 from selfimprove.data.store import EpisodeStore
 from selfimprove.domains import augmentation, make_env, model_spec
 from selfimprove.fleet.local import LocalFleet, seed_stream
+from selfimprove.model.decoders import MAX_JOINT_CLASSES
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward
 from selfimprove.train.improve import reinforce_batch
@@ -37,6 +39,15 @@ from selfimprove.train.objectives import policy_update
 from selfimprove.train.precision import autocast, native_bf16_cpu, resolve_precision
 from selfimprove.train.allocator import retain_freed_memory
 from selfimprove.train.sft import FrameBatches, SFTStep
+
+
+def decoders(config) -> list[str]:
+    """The action decoders the bench compares: the joint one only where its classes fit."""
+    env = make_env(config)
+    dim = int(np.prod(env.action_space.shape))
+    env.close()
+    joint = config.model.action_bins ** dim <= MAX_JOINT_CLASSES
+    return ["independent", "autoregressive"] + (["joint"] if joint else [])
 
 
 def sft_step(config, frames, precision: str | None = None, decoder: str | None = None) -> SFTStep:
@@ -142,7 +153,7 @@ def main() -> int:
             figures["sft_speedup_bf16_vs_fp32"] = round(rate / figures["sft_samples_per_s_threads1"], 2)
         precision = resolve_precision(config.precision)
         for threads in (1, 2):
-            steps = {d: sft_step(config, frames, decoder=d) for d in ("independent", "autoregressive")}
+            steps = {d: sft_step(config, frames, decoder=d) for d in decoders(config)}
             for decoder, rate in bench_sft_steps(steps, threads, 2 * seconds).items():
                 rows.append((f"SFT step, {decoder} decoder, {threads} torch thread(s), {precision}",
                              f"{rate:,.0f} samples/s"))
