@@ -41,6 +41,21 @@ from selfimprove.train.allocator import retain_freed_memory
 from selfimprove.train.sft import FrameBatches, SFTStep
 
 
+def bench_update(config, spec, episodes) -> tuple[float, int]:
+    """Seconds of one Stage-2 update at ``config.improve`` on ``episodes``, and the batch's env steps."""
+    torch.manual_seed(config.seed)
+    policy = EmbodiedModel(spec)
+    source, acting, tokens, returns = reinforce_batch(episodes, policy, 0.9)
+    params = policy.fusion_parameters() if config.improve.train == "fusion" else list(policy.parameters())
+    opt = torch.optim.Adam(params, lr=3e-4)
+    reference = EmbodiedModel(spec).eval().requires_grad_(False) if config.improve.kl_coef > 0 else None
+    if reference is not None:
+        reference.load_state_dict(policy.state_dict())  # as in Stage 2: the reference is the starting policy
+    t0 = time.perf_counter()
+    policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0), reference)
+    return time.perf_counter() - t0, int(len(returns))
+
+
 def decoders(config) -> list[str]:
     """The action decoders the bench compares: the joint one only where its classes fit."""
     env = make_env(config)
@@ -173,25 +188,22 @@ def main() -> int:
             rows.append((f"fleet, {robots} robot(s), policy + reward inference", f"{rate:,.0f} env-steps/s"))
             figures[f"fleet_env_steps_per_s_robots{robots}"] = round(rate, 1)
         spec = model_spec(config, make_env(config))
-        policy = EmbodiedModel(spec)
-        source, acting, tokens, returns = reinforce_batch(episodes, policy, 0.9)
-        opt = torch.optim.Adam(policy.parameters(), lr=3e-4)
-        t0 = time.perf_counter()
-        reference = EmbodiedModel(spec).eval().requires_grad_(False) if config.improve.kl_coef > 0 else None
-        policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0), reference)
-        update_s = time.perf_counter() - t0
-        rate = len(returns) / update_s
         imp = config.improve
         learner = (f"{imp.objective}, {'full batch' if imp.minibatch_size <= 0 else f'minibatch {imp.minibatch_size}'}"
                    f" x {imp.epochs or 1} epoch(s){', KL' if imp.kl_coef > 0 else ''}")
-        rows.append((f"Stage-2 update ({learner}), {figures['precision']}", f"{rate:,.0f} samples/s"))
-        figures["reinforce_samples_per_s"] = round(rate, 1)
-        steps = int(len(returns))
-        figures["si_env_steps_per_s_with_update"] = round(steps / (collect_s + update_s), 1)
-        figures["si_update_share"] = round(update_s / (collect_s + update_s), 3)
-        rows.append(("Self-Improvement iteration, 16 robots, collect + update",
-                     f"{figures['si_env_steps_per_s_with_update']:,.0f} env-steps/s "
-                     f"({figures['si_update_share']:.0%} of the time in the update)"))
+        trains = ["all", "fusion"] if config.model.encoder in ("film", "late_fusion") else ["all"]
+        for train in trains:  # improve.train: the whole policy, or the fusion MLP + decoder on cached conv features
+            update_s, steps = bench_update(dataclasses.replace(config, improve=dataclasses.replace(imp, train=train)),
+                                           spec, episodes)
+            suffix = "" if train == "all" else "_fusion"
+            rows.append((f"Stage-2 update ({learner}), improve.train = {train}, {figures['precision']}",
+                         f"{steps / update_s:,.0f} samples/s"))
+            figures[f"reinforce{suffix}_samples_per_s"] = round(steps / update_s, 1)
+            figures[f"si_env_steps_per_s_with_update{suffix}"] = round(steps / (collect_s + update_s), 1)
+            figures[f"si_update_share{suffix}"] = round(update_s / (collect_s + update_s), 3)
+            rows.append((f"Self-Improvement iteration, 16 robots, collect + update, improve.train = {train}",
+                         f"{figures[f'si_env_steps_per_s_with_update{suffix}']:,.0f} env-steps/s "
+                         f"({figures[f'si_update_share{suffix}']:.0%} of the time in the update)"))
         figures["preset"] = args.preset
         figures["fleet_speedup_16_vs_1_robot"] = round(
             figures["fleet_env_steps_per_s_robots16"] / figures["fleet_env_steps_per_s_robots1"], 2)

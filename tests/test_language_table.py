@@ -69,6 +69,46 @@ def test_a_tabletop_model_is_evaluated_on_paraphrases_and_trains_on_free_form_in
     assert f"{len(tasks)} of its {len(tasks)} instructions" in caplog.text
 
 
+def test_practice_may_train_only_the_fusion_mlp_and_action_decoder_and_resumes(quick_run, tmp_path):
+    """improve.train = "fusion": the convs and text projection stay at SFT (their features are computed
+    once per frame), the fusion MLP and the action decoder learn, and --resume continues the run."""
+    import torch
+
+    from selfimprove.model.checkpoint import load_checkpoint
+    from selfimprove.model.inputs import from_histories
+    from selfimprove.train.improve import improve
+
+    config, _ = quick_run
+    sft_model, _ = load_checkpoint(sft_checkpoint(config))
+    demo = EpisodeStore(config.dataset_path).episodes([0])[0]
+    frames = [{k: v[t] for k, v in demo.observations.items()} for t in range(3)]
+    batch = from_histories([frames[:1], frames[:2], frames], [demo.instruction] * 3, sft_model.spec)
+    with torch.no_grad():
+        assert torch.equal(sft_model.action_logits_from_fusion(sft_model.fusion_inputs(batch)), sft_model(batch)[0])
+
+    def run(iterations: int) -> dict:
+        practice = load_config("language-table-quick", [f"runs_dir={tmp_path}", "name=fusion",
+                                                        f"data.path={config.dataset_path}", "improve.train=fusion",
+                                                        f"improve.iterations={iterations}", "improve.eval_every=0",
+                                                        "improve.guard=false", "improve.objective=ppo",
+                                                        "improve.kl_coef=0.1"])
+        improve(practice, sft_checkpoint(config), resume=iterations > 1, progress=False)
+        return load_checkpoint(practice.run_dir / "checkpoints/improve")[0].state_dict()
+
+    run(1)
+    after = run(2)
+    before = sft_model.state_dict()
+    trained = {name for name in before if name.startswith(("encoder.mlp.", "action_head."))}
+    assert trained and all(torch.equal(before[n], after[n]) for n in before if n not in trained)
+    assert any(not torch.equal(before[n], after[n]) for n in trained)
+    lines = (tmp_path / "fusion/metrics.jsonl").read_text().splitlines()
+    assert [r["iteration"] for r in map(json.loads, lines) if r.get("stage") == "improve" and r["iteration"]] == [1, 2]
+    with pytest.raises(ConfigError, match="needs model.encoder 'film' or 'late_fusion'"):
+        load_config("pointmass-quick", ["improve.train=fusion"])
+    with pytest.raises(ConfigError, match="improve.train must be one of"):
+        load_config("language-table-quick", ["improve.train=convs"])
+
+
 def test_a_pointmass_checkpoint_is_refused_by_the_tabletop(quick_run, tmp_path, capsys):
     config, _ = quick_run
     assert main(["eval", "pointmass-quick", "--checkpoint", str(sft_checkpoint(config)),

@@ -112,6 +112,7 @@ class ImproveConfig:
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
     advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std; "group": the episode's total reward minus the mean of the other attempts at the same start board (leave-one-out over improve.group_size attempts)
     group_size: int = 1  # attempts at each start board (the same seed, reset to the same layout); > 1 with advantage "group"
+    train: str = "all"  # what practice trains: "all" the policy, or "fusion": the fusion MLP and the action decoder only (the instruction-conditioned convs stay at SFT, so their features are computed once per frame: a far cheaper update)
     reward_clip: float = 0.0  # clip each r_t to [-reward_clip, reward_clip] before the returns; 0: no clip
     reward_steps: str = "expected"  # d of the reward r_t: "expected" (the detector's d) or "reachable" (without the "never" class: it flickers between frames)
     baseline: str = "none"  # "none", or "reward_model": subtract d(o_t) minus its past average from R_t (less noise, no bias; docs/self_improvement.md)

@@ -29,6 +29,9 @@ DECODER_NAMES = ("independent", "autoregressive", "joint")
 REWARDS = ("steps_to_go", "constant", "true_success")
 #: improve.advantage: train/objectives.advantages (the model and train layers sit above the config)
 ADVANTAGES = ("return", "normalized", "group")
+#: improve.train: what Stage 2 trains ("fusion": the fusion MLP and the action decoder, on the
+#: conv features computed once per frame; needs an encoder with a fusion MLP)
+STAGE2_TRAIN = ("all", "fusion")
 
 
 def check_config(config: RunConfig) -> None:
@@ -91,6 +94,9 @@ def check_config(config: RunConfig) -> None:
         (config.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
         (config.improve.advantage in ADVANTAGES, f"improve.advantage must be one of {', '.join(map(repr, ADVANTAGES))}"),
         (config.improve.group_size >= 1, "improve.group_size must be >= 1"),
+        (config.improve.train in STAGE2_TRAIN, f"improve.train must be one of {', '.join(map(repr, STAGE2_TRAIN))}"),
+        (config.improve.train == "all" or config.model.encoder in ("film", "late_fusion"),
+         "improve.train = 'fusion' needs model.encoder 'film' or 'late_fusion' (a trunk with a fusion MLP)"),
         ((config.improve.advantage == "group") == (config.improve.group_size > 1),
          "improve.advantage = 'group' and improve.group_size > 1 go together (several attempts per start board)"),
         (config.improve.group_size == 1 or not config.fleet.reset_free,

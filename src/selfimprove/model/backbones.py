@@ -115,6 +115,16 @@ class FiLMTrunk(nn.Module):
         return torch.cat([obs[k].reshape(obs[k].shape[0], -1).float() for k in self.vector_keys], dim=-1)
 
     def forward(self, obs: dict) -> torch.Tensor:
+        return self.fuse(self.fusion_inputs(obs))
+
+    def fuse(self, z: torch.Tensor) -> torch.Tensor:
+        """The fusion MLP: the trunk's features from :meth:`fusion_inputs`."""
+        return self.mlp(z)
+
+    def fusion_inputs(self, obs: dict) -> torch.Tensor:
+        """What the fusion MLP reads [B, Z]: image keypoints (from the instruction-conditioned convs),
+        the normalised proprioception and the instruction's projection. Stage 2 with
+        ``improve.train = "fusion"`` keeps everything up to here at SFT and computes it once per frame."""
         images = obs[self.image_key]
         if images.dim() == 4:
             images = images.unsqueeze(1)
@@ -128,4 +138,4 @@ class FiLMTrunk(nn.Module):
             x = x.div_(255.0).sub_(self.pixel_mean)
         features = self.keypoints(self.convs(x, cond))
         vector = (self.flatten(obs) - self.obs_mean) / self.obs_std
-        return self.mlp(torch.cat([features, vector, cond], dim=-1))
+        return torch.cat([features, vector, cond], dim=-1)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from selfimprove.errors import ConfigError
 from selfimprove.model.decoders import DECODERS, make_decoder
 from selfimprove.model.inputs import check_inputs
 from selfimprove.model.tokens import ActionTokenizer
@@ -165,6 +166,28 @@ class EmbodiedModel(nn.Module):
         """
         h = self.features(obs)
         return self.action_head.logits(h, tokens), self.stg_head(h)
+
+    @property
+    def splits_at_fusion(self) -> bool:
+        """Whether the trunk exposes its fusion MLP's inputs (the FiLM and late-fusion trunks), so
+        Stage 2 can train the fusion MLP and the action decoder on features computed once per frame."""
+        return hasattr(self.encoder, "fusion_inputs")
+
+    def fusion_inputs(self, obs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The inputs of the trunk's fusion MLP [B, Z] (see :meth:`splits_at_fusion`)."""
+        if not self.splits_at_fusion:
+            raise ConfigError(f"the {self.spec.encoder!r} encoder has no fusion MLP to train on its own; "
+                              "improve.train = 'fusion' needs the 'film' or 'late_fusion' encoder")
+        check_inputs(self.spec, obs)
+        return self.encoder.fusion_inputs(obs)
+
+    def action_logits_from_fusion(self, z: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The action logits of :meth:`forward` from :meth:`fusion_inputs` (the same values)."""
+        return self.action_head.logits(self.encoder.fuse(z), tokens)
+
+    def fusion_parameters(self) -> list[nn.Parameter]:
+        """The weights ``improve.train = "fusion"`` trains: the fusion MLP and the action decoder."""
+        return [*self.encoder.mlp.parameters(), *self.action_head.parameters()]
 
     @property
     def never_class(self) -> int | None:

@@ -233,7 +233,13 @@ class Stage2:
         self.bar = None
 
     def _optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.policy.parameters(), lr=self.config.improve.lr, fused=True)  # as in SFT
+        params = list(self.policy.parameters())
+        if self.config.improve.train == "fusion":  # the rest stays at SFT (and shared with the reference)
+            trained = {id(p) for p in self.policy.fusion_parameters()}
+            for p in params:
+                p.requires_grad_(id(p) in trained)
+            params = [p for p in params if id(p) in trained]
+        return torch.optim.Adam(params, lr=self.config.improve.lr, fused=True)  # as in SFT
 
     def _collect_args(self, it: int) -> dict[str, Any]:
         cfg, seed = self.config.improve, self.config.seed

@@ -17,6 +17,10 @@ Either loss may add ``kl_coef * KL(pi || pi_ref)`` on the batch's states, where 
 frozen SFT policy: it bounds how far a few hundred episodes can move the policy; with
 ``improve.kl_target`` the coefficient adapts per batch (:func:`adapt_kl_coef`).
 
+``improve.train = "fusion"`` trains only the fusion MLP and the action decoder: the convs below them
+are SFT's in the policy and the reference alike, so their output is computed once per frame
+(:class:`BatchRows`) and the epochs cost a fraction of a full forward and backward pass.
+
 The shuffled batch is cut into minibatches of ``improve.minibatch_size`` rows (:func:`minibatches`);
 ``minibatch_size = 0`` takes one full-batch step per epoch, its gradient accumulated over chunks.
 """
@@ -121,26 +125,57 @@ def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, temperature:
     return (logp.exp() * (logp - ref)).sum(-1).sum(-1).mean()
 
 
-@torch.no_grad()
-def _logits(model: EmbodiedModel, source: FrameSource, rows: torch.Tensor, tokens: torch.Tensor,
-            precision: str) -> torch.Tensor:
-    """Action logits of ``rows`` (conditioned on their ``tokens``) in eval mode (chunked), float32,
-    under the learner's autocast."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for part, part_tokens in zip(torch.split(rows, 4 * CHUNK), torch.split(tokens, 4 * CHUNK)):
-        with autocast(precision):
-            logits, _ = model(source.obs(part), part_tokens)
-        out.append(logits.float())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+class BatchRows:
+    """How the learner reaches the action logits of a batch's rows (``acting``: rows of ``source``).
+
+    With ``improve.train = "fusion"`` the part of the model below the fusion MLP stays at SFT, in
+    the policy and in the frozen reference alike, so its output is computed once per row
+    (:meth:`precompute_fusion`) and every epoch, the behaviour log-probs and the KL's reference run
+    only the fusion MLP and the action decoder: most of an update's cost is the convs.
+    """
+
+    def __init__(self, source: FrameSource, acting: torch.Tensor, precision: str) -> None:
+        self.source, self.acting, self.precision = source, acting, precision
+        self.fused: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def precompute_fusion(self, model: EmbodiedModel) -> None:
+        was_training = model.training
+        model.eval()
+        out = []
+        for part in torch.split(self.acting, 4 * CHUNK):
+            with autocast(self.precision):
+                out.append(model.fusion_inputs(self.source.obs(part)).float())
+        model.train(was_training)
+        self.fused = torch.cat(out)
+
+    def logits(self, model: EmbodiedModel, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Action logits of rows ``idx`` of the batch (conditioned on their ``tokens``), float32,
+        under the learner's autocast; gradients flow unless the caller turns them off."""
+        with autocast(self.precision):
+            if self.fused is not None:
+                logits = model.action_logits_from_fusion(self.fused[idx], tokens)
+            else:
+                logits, _ = model(self.source.obs(self.acting[idx]), tokens)
+        return logits.float()
+
+    @torch.no_grad()
+    def all_logits(self, model: EmbodiedModel, tokens: torch.Tensor) -> torch.Tensor:
+        """Action logits of every row in eval mode (chunked)."""
+        was_training = model.training
+        model.eval()
+        index = torch.arange(len(self.acting))
+        out = [self.logits(model, part, tokens[part]) for part in torch.split(index, 4 * CHUNK)]
+        model.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0)
 
 
 def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torch.Tensor, tokens: torch.Tensor,
-                        temperature: float, precision: str = "float32") -> torch.Tensor:
+                        temperature: float, precision: str = "float32", rows: BatchRows | None = None
+                        ) -> torch.Tensor:
     """log pi_old(a_t | o_t, g) of the batch under the current (not yet updated) weights, in eval mode."""
-    return policy.token_log_prob(_logits(policy, source, acting, tokens, precision) / temperature, tokens)
+    rows = rows or BatchRows(source, acting, precision)
+    return policy.token_log_prob(rows.all_logits(policy, tokens) / temperature, tokens)
 
 
 def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -172,8 +207,12 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
     if kl_coef > 0 and reference is None:
         raise ValueError("improve.kl_coef > 0 needs the reference (SFT) policy")
     adv = advantages(returns, cfg.advantage)
-    old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision) if needs_old else None
-    ref_logits = _logits(reference, source, acting, tokens, config.precision) if kl_coef > 0 else None
+    batch = BatchRows(source, acting, config.precision)
+    if cfg.train == "fusion":  # the convs are SFT's in the policy and the reference: run them once
+        batch.precompute_fusion(policy)
+    old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision,
+                                   batch) if needs_old else None
+    ref_logits = batch.all_logits(reference, tokens) if kl_coef > 0 else None
     policy.train()
     sums: dict[str, list[float]] = {}
     for _ in range(update_epochs(cfg)):
@@ -181,9 +220,7 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
             optimizer.zero_grad(set_to_none=True)
             step: dict[str, float] = {}
             for part in torch.split(rows, CHUNK) if cfg.minibatch_size <= 0 else (rows,):
-                with autocast(config.precision):
-                    logits, _ = policy(source.obs(acting[part]), tokens[part])
-                logits = logits.float()
+                logits = batch.logits(policy, part, tokens[part])
                 logp = policy.token_log_prob(logits / cfg.temperature, tokens[part])
                 pg, stats = loss_fn(logp, old_logp[part] if old_logp is not None else None, adv[part], cfg)
                 loss = cfg.loss_scale * pg
