@@ -9,7 +9,7 @@ from selfimprove.config import load_config
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore
 from selfimprove.errors import ConfigError
-from selfimprove.train.improve import episodes_dir, group_advantages, grouped, improve
+from selfimprove.train.improve import episode_weights, episodes_dir, group_advantages, grouped, improve
 from selfimprove.train.objectives import adapt_kl_coef
 from selfimprove.train.sft import sft_checkpoint
 
@@ -37,6 +37,17 @@ def test_leave_one_out_advantages_rank_attempts_at_the_same_board_and_drop_board
     near.stg, far.stg = np.array([9.0, 7, 5, 3, 1]), np.array([9.0, 8, 9, 8, 7])
     kept, adv = group_advantages([near, far])
     assert kept == [0, 1] and adv.tolist() == pytest.approx([6.0, -6.0])
+
+
+def test_episode_weighting_balances_a_long_failure_against_short_successes():
+    lengths = np.array([50, 50, 50, 200])
+    adv = np.array([0.25, 0.25, 0.25, -0.75])
+    per_frame = np.repeat(adv * episode_weights(lengths, "frame"), lengths)
+    assert per_frame.sum() < -100  # the failure's 200 frames dominate: mostly "push the taken actions down"
+    balanced = adv * episode_weights(lengths, "episode") * lengths
+    assert balanced.sum() == pytest.approx(0.0, abs=1e-4)  # each attempt weighs one episode: the board sums to 0
+    with pytest.raises(ConfigError, match="group_weighting"):
+        load_config("pointmass-quick", ["improve.group_weighting=step"])
 
 
 def test_attempts_come_in_groups_of_the_same_seed():

@@ -126,6 +126,21 @@ def group_advantages(episodes: list[Episode], reward: str = "steps_to_go", clip:
     return [kept[i] for i in order], np.asarray(adv, dtype=np.float32)[order]
 
 
+def episode_weights(lengths: np.ndarray, kind: str) -> np.ndarray:
+    """Per-frame weight of each episode's advantage (``improve.group_weighting``).
+
+    ``"frame"``: every frame counts once, so a 200-step failure outweighs a 60-step success of the
+    same board; ``"episode"``: each episode's frames share one episode's weight (``mean length /
+    length``), so the attempts at a board balance as their leave-one-out advantages do (zero sum).
+    """
+    lengths = np.asarray(lengths, dtype=np.float32)
+    if kind == "frame":
+        return np.ones_like(lengths)
+    if kind == "episode":
+        return lengths.mean() / lengths
+    raise ValueError(f"unknown group weighting {kind!r}; use 'frame' or 'episode'")
+
+
 def grouped(seeds: Iterator[int], size: int) -> Iterator[int]:
     """Each seed of ``seeds`` ``size`` times in a row: that many attempts at each start board."""
     for seed in seeds:
@@ -309,7 +324,8 @@ class Stage2:
             if not kept:  # every board's attempts scored alike: nothing to learn from this batch
                 return {"mean_return": 0.0, "updates": 0, "kl_coef": self.kl_coef, **extra}
             fresh = [fresh[i] for i in kept]
-            returns = torch.as_tensor(np.repeat(adv, [e.length for e in fresh]))
+            lengths = np.array([e.length for e in fresh])
+            returns = torch.as_tensor(np.repeat(adv * episode_weights(lengths, cfg.group_weighting), lengths))
             source, acting, tokens, _ = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward, cfg.reward_clip)
         else:
             source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward,
