@@ -122,12 +122,17 @@ def bench_augment(config, frames, seconds: float) -> float:
     return spent / batches * 1000
 
 
-def bench_fleet(config, robots: int, steps: int) -> tuple[float, float, list]:
+def bench_fleet(config, robots: int, steps: int, shared: bool = False) -> tuple[float, float, list]:
+    """env-steps/s of a collection; ``shared``: the reward model is the policy's own weights (Stage 2
+    with improve.train = "fusion" at its start), so one conv pass per frame serves both."""
     torch.set_num_threads(1)
     env = make_env(config)
     spec = model_spec(config, env)
     policy = EmbodiedModel(spec)
-    reward = StepsToGoReward(EmbodiedModel(spec), threshold=-1.0)  # never fires: full-length episodes
+    reward_model = EmbodiedModel(spec)
+    if shared:
+        reward_model.load_state_dict(policy.state_dict())
+    reward = StepsToGoReward(reward_model, threshold=-1.0)  # never fires: full-length episodes
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), spec, robots, reward)
     fleet.collect(policy.state_dict(), 0, seeds=seed_stream(0), n_steps=robots * 10)  # warm-up
     t0 = time.perf_counter()
@@ -193,6 +198,10 @@ def main() -> int:
                    f" x {imp.epochs or 1} epoch(s){', KL' if imp.kl_coef > 0 else ''}")
         trains = ["all", "fusion"] if config.model.encoder in ("film", "late_fusion") else ["all"]
         for train in trains:  # improve.train: the whole policy, or the fusion MLP + decoder on cached conv features
+            if train == "fusion":  # the fleet shares one conv pass between the policy and the reward model
+                rate, collect_s, episodes = bench_fleet(config, 16, min(fleet_steps, 512 * 16), shared=True)
+                rows.append(("fleet, 16 robots, policy + reward inference sharing the convs", f"{rate:,.0f} env-steps/s"))
+                figures["fleet_env_steps_per_s_robots16_shared"] = round(rate, 1)
             update_s, steps = bench_update(dataclasses.replace(config, improve=dataclasses.replace(imp, train=train)),
                                            spec, episodes)
             suffix = "" if train == "all" else "_fusion"

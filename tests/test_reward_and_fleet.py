@@ -123,3 +123,39 @@ def test_constant_reward_control_ignores_the_reward_model():
     assert episode_rewards(ep, "true_success").tolist() == [0.0, 1.0, 0.0]
     ep.info = {"is_success": np.array([True, False, False, False])}  # a start already solved pays nothing
     assert episode_rewards(ep, "true_success").tolist() == [0.0, 0.0, 0.0]
+
+
+def test_one_conv_pass_serves_policy_and_reward_model_when_they_share_it():
+    """A policy practising above the convs (improve.train = "fusion") shares them with its SFT reward
+    model: the fleet runs them once per frame, and the episodes are those of two separate passes."""
+    from selfimprove.config import load_config
+    from selfimprove.domains import model_spec
+    from selfimprove.model.policy import EmbodiedModel
+
+    config = load_config("language-table-quick", ["env.max_episode_steps=12"])
+    spec = model_spec(config, make_env(config))
+    torch.manual_seed(0)
+    policy = EmbodiedModel(spec)
+    weights = policy.state_dict()
+
+    def collect(shared: bool | None, reward_weights) -> tuple[LocalFleet, list]:
+        model = EmbodiedModel(spec)
+        model.load_state_dict(reward_weights)
+        fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), spec, 3,
+                           StepsToGoReward(model, threshold=-1.0))
+        fleet.set_weights(weights, 0)
+        if shared is not None:
+            fleet.shared = shared
+        episodes = fleet.collect(weights, 0, seeds=seed_stream(5), n_episodes=4,
+                                 generator=torch.Generator().manual_seed(1))
+        return fleet, sorted(episodes, key=lambda e: e.meta["seed"])
+
+    fleet, together = collect(None, weights)
+    assert fleet.shared
+    _, apart = collect(False, weights)
+    for a, b in zip(together, apart):
+        assert np.array_equal(a.actions, b.actions)
+        np.testing.assert_allclose(a.stg, b.stg, rtol=1e-5, atol=1e-4)
+    other = {k: v + 0.01 if k.startswith("encoder.convs.") else v for k, v in weights.items()}
+    fleet, _ = collect(None, other)
+    assert not fleet.shared  # different convs: each model runs its own

@@ -63,6 +63,11 @@ class StepsToGoReward:
         :meth:`EmbodiedModel.expected_steps_to_go`)."""
         return self.model.expected_steps_to_go(obs, reachable).numpy().astype(np.float32)
 
+    @torch.no_grad()
+    def steps_to_go_from_fusion(self, z: torch.Tensor) -> np.ndarray:
+        """:meth:`steps_to_go` from the reward model's fusion inputs (computed once for the policy too)."""
+        return self.model.expected_steps_to_go_from_fusion(z).numpy().astype(np.float32)
+
     def steps_to_go_of(self, source: FrameSource, chunk: int = 1024, reachable: bool = False) -> np.ndarray:
         """d(o, g) on every row of ``source`` (stored frames with their history), in chunks."""
         n = len(source.frame_index)

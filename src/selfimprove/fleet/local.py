@@ -45,6 +45,7 @@ class _Slot:
     start: str = "episodic"
     reset_reason: str | None = None
     recorded: dict[str, list] = field(default_factory=dict)  # extra info keys, per frame (diagnostics)
+    fused: torch.Tensor | None = None  # the latest observation's fusion inputs, when policy and reward share them
 
 
 class LocalFleet:
@@ -82,11 +83,37 @@ class LocalFleet:
         self.failures: list[dict[str, Any]] = []  # in-process robots do not fail separately from the learner
         self._set_up = [False] * n_robots  # reset-free: has this robot's board been set up yet?
         self._since_reset = [0] * n_robots
+        self.shared = False  # one conv pass per frame serves the policy and the reward model
 
     def set_weights(self, weights: dict[str, torch.Tensor], version: int) -> None:
         if version != self.version:
             self.policy.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
             self.version = version
+            self.shared = self.reward is not None and self.policy.shares_fusion_inputs(self.reward.model)
+
+    @torch.no_grad()
+    def _fusion_inputs(self, slots: list[_Slot]) -> torch.Tensor:
+        return self.policy.fusion_inputs(from_histories([s.observations for s in slots],
+                                                        [s.instruction for s in slots], self.spec))
+
+    @torch.no_grad()
+    def _act(self, slots: list[_Slot], temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+        """Action tokens for the latest observation of each of ``slots``."""
+        if self.shared:
+            h = self.policy.encoder.fuse(torch.stack([s.fused for s in slots]))
+            return self.policy.action_head.sample(h, temperature, generator)
+        obs = from_histories([s.observations for s in slots], [s.instruction for s in slots], self.spec)
+        return self.policy.act(obs, temperature, generator)
+
+    def _steps_to_go(self, slots: list[_Slot]) -> np.ndarray:
+        """d of the latest observation of each of ``slots`` (kept for the next action when shared)."""
+        if self.shared:
+            z = self._fusion_inputs(slots)
+            for k, slot in enumerate(slots):
+                slot.fused = z[k]
+            return self.reward.steps_to_go_from_fusion(z)
+        return self.reward.steps_to_go(from_histories([s.observations for s in slots],
+                                                      [s.instruction for s in slots], self.reward.spec))
 
     def _board(self, i: int, seed: int) -> tuple[Any, dict[str, Any], str, str | None]:
         """The start of robot ``i``'s next episode: (obs, info, start kind, reset reason)."""
@@ -113,12 +140,13 @@ class LocalFleet:
             o = observation_dict(obs)
             slot.instruction = instruction_of(obs, info, self.envs[i])
             d0 = float("nan")
+            slot.observations = [o]
             if self.reward is not None:
-                d0 = float(self.reward.steps_to_go(from_histories([[o]], [slot.instruction], self.reward.spec))[0])
+                d0 = float(self._steps_to_go([slot])[0])
                 if self.reward.is_success(d0):
                     self.skipped_starts += 1
                     continue
-            slot.observations, slot.actions = [o], []
+            slot.actions = []
             slot.success, slot.stg = [bool(info.get("is_success", False))], [d0]
             slot.recorded = {k: [np.asarray(info[k])] for k in self.record_info if k in info}
             slot.active = True
@@ -154,9 +182,7 @@ class LocalFleet:
             live = [i for i, s in enumerate(slots) if s.active]
             if not live:
                 break
-            obs = from_histories([slots[i].observations for i in live], [slots[i].instruction for i in live],
-                                 self.spec)
-            tokens = self.policy.act(obs, temperature, generator)
+            tokens = self._act([slots[i] for i in live], temperature, generator)
             actions = self.policy.tokenizer.detokenize(tokens)
             results = []
             for k, i in enumerate(live):
@@ -165,9 +191,8 @@ class LocalFleet:
             steps += len(live)
             for k, i in enumerate(live):
                 slots[i].observations.append(results[k][0])
-            d_next = (self.reward.steps_to_go(from_histories([slots[i].observations for i in live],
-                                                             [slots[i].instruction for i in live], self.reward.spec))
-                      if self.reward is not None else np.full(len(live), np.nan, dtype=np.float32))
+            d_next = (self._steps_to_go([slots[i] for i in live]) if self.reward is not None
+                      else np.full(len(live), np.nan, dtype=np.float32))
             for k, i in enumerate(live):
                 slot = slots[i]
                 o, terminated, truncated, info = results[k]

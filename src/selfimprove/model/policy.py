@@ -185,6 +185,16 @@ class EmbodiedModel(nn.Module):
         """The action logits of :meth:`forward` from :meth:`fusion_inputs` (the same values)."""
         return self.action_head.logits(self.encoder.fuse(z), tokens)
 
+    def shares_fusion_inputs(self, other: "EmbodiedModel") -> bool:
+        """Whether ``other`` computes the same :meth:`fusion_inputs` as this model: the same spec and
+        the same weights below the fusion MLP (a policy practising with ``improve.train = "fusion"``
+        beside its SFT checkpoint as the reward model). Then one conv pass per frame serves both."""
+        if not (self.splits_at_fusion and other.splits_at_fusion and self.spec == other.spec):
+            return False
+        mine, theirs = self.encoder.state_dict(), other.encoder.state_dict()
+        return mine.keys() == theirs.keys() and all(
+            torch.equal(v, theirs[k]) for k, v in mine.items() if not k.startswith("mlp."))
+
     def fusion_parameters(self) -> list[nn.Parameter]:
         """The weights ``improve.train = "fusion"`` trains: the fusion MLP and the action decoder."""
         return [*self.encoder.mlp.parameters(), *self.action_head.parameters()]
@@ -204,7 +214,13 @@ class EmbodiedModel(nn.Module):
         ``reachable``: the expectation over 0..max_steps only (the "never" class left out and the rest
         renormalised), for a head that has that class; the full expectation otherwise.
         """
-        logits = self.steps_to_go_distribution(obs)
+        return self._expected(self.steps_to_go_distribution(obs), reachable)
+
+    def expected_steps_to_go_from_fusion(self, z: torch.Tensor, reachable: bool = False) -> torch.Tensor:
+        """:meth:`expected_steps_to_go` from :meth:`fusion_inputs` (the same values)."""
+        return self._expected(self.stg_head(self.encoder.fuse(z)), reachable)
+
+    def _expected(self, logits: torch.Tensor, reachable: bool) -> torch.Tensor:
         if reachable and self.spec.stg_never:
             return expected_steps(logits[:, :-1], self.stg_values[:-1])
         return expected_steps(logits, self.stg_values)
