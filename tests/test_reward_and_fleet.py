@@ -155,6 +155,7 @@ def test_one_conv_pass_serves_policy_and_reward_model_when_they_share_it():
     _, apart = collect(False, weights)
     for a, b in zip(together, apart):
         assert np.array_equal(a.actions, b.actions)
+        assert a.fused.shape[0] == a.length + 1 and b.fused is None  # the learner reuses them
         np.testing.assert_allclose(a.stg, b.stg, rtol=1e-5, atol=1e-4)
     other = {k: v + 0.01 if k.startswith("encoder.convs.") else v for k, v in weights.items()}
     fleet, _ = collect(None, other)

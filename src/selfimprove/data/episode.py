@@ -25,6 +25,8 @@ class Episode:
     meta: dict[str, Any] = field(default_factory=dict)
     info: dict[str, np.ndarray] = field(default_factory=dict)
     stg: np.ndarray | None = None  # [T+1] predicted steps-to-go, Stage 2 only
+    fused: np.ndarray | None = None  # [T+1, Z] the policy's fusion inputs, when the fleet computed them once for
+    # the policy and the reward model (practice above the convs); a cache for the learner, never stored
 
     @property
     def length(self) -> int:

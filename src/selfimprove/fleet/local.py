@@ -45,7 +45,7 @@ class _Slot:
     start: str = "episodic"
     reset_reason: str | None = None
     recorded: dict[str, list] = field(default_factory=dict)  # extra info keys, per frame (diagnostics)
-    fused: torch.Tensor | None = None  # the latest observation's fusion inputs, when policy and reward share them
+    fused: list[torch.Tensor] = field(default_factory=list)  # each observation's fusion inputs, when shared
 
 
 class LocalFleet:
@@ -100,7 +100,7 @@ class LocalFleet:
     def _act(self, slots: list[_Slot], temperature: float, generator: torch.Generator | None) -> torch.Tensor:
         """Action tokens for the latest observation of each of ``slots``."""
         if self.shared:
-            h = self.policy.encoder.fuse(torch.stack([s.fused for s in slots]))
+            h = self.policy.encoder.fuse(torch.stack([s.fused[-1] for s in slots]))
             return self.policy.action_head.sample(h, temperature, generator)
         obs = from_histories([s.observations for s in slots], [s.instruction for s in slots], self.spec)
         return self.policy.act(obs, temperature, generator)
@@ -110,7 +110,9 @@ class LocalFleet:
         if self.shared:
             z = self._fusion_inputs(slots)
             for k, slot in enumerate(slots):
-                slot.fused = z[k]
+                if len(slot.observations) == 1:  # a new episode's first observation
+                    slot.fused = []
+                slot.fused.append(z[k])
             return self.reward.steps_to_go_from_fusion(z)
         return self.reward.steps_to_go(from_histories([s.observations for s in slots],
                                                       [s.instruction for s in slots], self.reward.spec))
@@ -223,6 +225,7 @@ class LocalFleet:
                   "reset_reason": slot.reset_reason},
             info={"is_success": success, **{k: np.stack(v) for k, v in slot.recorded.items()}},
             stg=None if self.reward is None else np.asarray(slot.stg, dtype=np.float32),
+            fused=torch.stack(slot.fused).numpy() if self.shared and len(slot.fused) == len(slot.observations) else None,
         )
 
     def describe(self) -> dict[str, Any]:

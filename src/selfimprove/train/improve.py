@@ -331,8 +331,11 @@ class Stage2:
             source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward,
                                                               cfg.reward_clip, cfg.baseline, cfg.baseline_decay,
                                                               reward_d)
+        fused = None  # the fleet's conv features of the acting frames (o_0 .. o_{T-1} of each episode)
+        if cfg.train == "fusion" and fresh and all(e.fused is not None for e in fresh):
+            fused = torch.as_tensor(np.concatenate([e.fused[:-1] for e in fresh]))
         update = policy_update(self.policy, self.optimizer, source, acting, tokens, returns, self.config,
-                               torch_generator(self.config.seed, 3, it), self.reference, self.kl_coef)
+                               torch_generator(self.config.seed, 3, it), self.reference, self.kl_coef, fused)
         used, self.kl_coef = self.kl_coef, adapt_kl_coef(self.kl_coef, update.get("kl_ref"), cfg.kl_target)
         return {"mean_return": float(returns.mean()), **update, **extra,
                 **({"kl_coef": used} if cfg.kl_coef > 0 else {})}

@@ -195,11 +195,13 @@ def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
 def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, source: FrameSource,
                   acting: torch.Tensor, tokens: torch.Tensor, returns: torch.Tensor, config: RunConfig,
                   generator: torch.Generator, reference: EmbodiedModel | None = None,
-                  kl_coef: float | None = None) -> dict[str, float]:
+                  kl_coef: float | None = None, fused: torch.Tensor | None = None) -> dict[str, float]:
     """Train the policy on one on-policy batch with ``improve.objective``'s loss (module docstring).
 
     ``reference``: the frozen SFT policy of the KL term (needed when the KL coefficient is > 0);
-    ``kl_coef``: the coefficient of this batch (default ``improve.kl_coef``; adapted by the caller).
+    ``kl_coef``: the coefficient of this batch (default ``improve.kl_coef``; adapted by the caller);
+    ``fused``: with ``improve.train = "fusion"``, the acting rows' fusion inputs when the fleet already
+    computed them (else they are computed here).
     """
     cfg = config.improve
     kl_coef = cfg.kl_coef if kl_coef is None else kl_coef
@@ -209,7 +211,10 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
     adv = advantages(returns, cfg.advantage)
     batch = BatchRows(source, acting, config.precision)
     if cfg.train == "fusion":  # the convs are SFT's in the policy and the reference: run them once
-        batch.precompute_fusion(policy)
+        if fused is not None and len(fused) == len(acting):
+            batch.fused = fused.float()
+        else:
+            batch.precompute_fusion(policy)
     old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision,
                                    batch) if needs_old else None
     ref_logits = batch.all_logits(reference, tokens) if kl_coef > 0 else None
