@@ -1,5 +1,6 @@
 """Several attempts at the same start board with a leave-one-out baseline, and the adaptive KL anchor."""
 
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ from selfimprove.config import load_config
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore
 from selfimprove.errors import ConfigError
-from selfimprove.train.improve import episode_weights, episodes_dir, group_advantages, grouped, improve
+from selfimprove.train.improve import (episode_weights, episodes_dir, group_advantages, grouped, improve,
+                                      practice_board_base, practice_seeds)
 from selfimprove.train.objectives import adapt_kl_coef
 from selfimprove.train.sft import sft_checkpoint
 
@@ -53,6 +55,14 @@ def test_episode_weighting_balances_a_long_failure_against_short_successes():
 def test_attempts_come_in_groups_of_the_same_seed():
     stream = grouped(iter([10, 11]), 3)
     assert list(stream) == [10, 10, 10, 11, 11, 11]
+
+
+def test_practice_on_fixed_boards_cycles_over_them_and_fresh_practice_never_repeats():
+    base = practice_board_base(0)
+    fixed = [list(itertools.islice(practice_seeds(0, it, boards=10), 12)) for it in range(3)]
+    assert all(set(f) <= set(range(base, base + 10)) for f in fixed) and fixed[1][0] == base + 7
+    fresh = [set(itertools.islice(practice_seeds(0, it), 500)) for it in range(3)]
+    assert not (fresh[0] & fresh[1]) and not (fresh[1] & fresh[2]) and min(fresh[0]) == base
 
 
 def test_the_adaptive_kl_coefficient_follows_its_target():

@@ -94,6 +94,7 @@ def check_config(config: RunConfig) -> None:
         (config.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
         (config.improve.advantage in ADVANTAGES, f"improve.advantage must be one of {', '.join(map(repr, ADVANTAGES))}"),
         (config.improve.group_size >= 1, "improve.group_size must be >= 1"),
+        (config.improve.practice_boards >= 0, "improve.practice_boards must be >= 0 (0: a new board every time)"),
         (config.improve.group_weighting in ("frame", "episode"), "improve.group_weighting must be 'frame' or 'episode'"),
         (config.improve.train in STAGE2_TRAIN, f"improve.train must be one of {', '.join(map(repr, STAGE2_TRAIN))}"),
         (config.improve.train == "all" or config.model.encoder in ("film", "late_fusion"),

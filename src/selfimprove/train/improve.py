@@ -141,6 +141,26 @@ def episode_weights(lengths: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"unknown group weighting {kind!r}; use 'frame' or 'episode'")
 
 
+def practice_seeds(seed: int, it: int, boards: int = 0) -> Iterator[int]:
+    """The start boards of iteration ``it``: fresh ones (``boards = 0``), or a cycle over ``boards``
+    fixed boards (seeds ``base .. base + boards - 1`` of :func:`practice_board_base`), each iteration
+    starting 7 boards further on: practice on a fixed set of scenes, which tells a learner that cannot
+    learn from one that learns what does not carry over to new boards."""
+    base = practice_board_base(seed)
+    if boards <= 0:
+        yield from seed_stream(base + it * 100_000)
+        return
+    j = it * 7
+    while True:
+        yield base + j % boards
+        j += 1
+
+
+def practice_board_base(seed: int) -> int:
+    """The first practice seed of run seed ``seed`` (``eval.seed`` set to it evaluates on the fixed boards)."""
+    return IMPROVE_SEED_BASE + seed * 100_000_000
+
+
 def grouped(seeds: Iterator[int], size: int) -> Iterator[int]:
     """Each seed of ``seeds`` ``size`` times in a row: that many attempts at each start board."""
     for seed in seeds:
@@ -258,7 +278,7 @@ class Stage2:
 
     def _collect_args(self, it: int) -> dict[str, Any]:
         cfg, seed = self.config.improve, self.config.seed
-        return {"seeds": grouped(seed_stream(IMPROVE_SEED_BASE + seed * 100_000_000 + it * 100_000), cfg.group_size),
+        return {"seeds": grouped(practice_seeds(seed, it, cfg.practice_boards), cfg.group_size),
                 "n_steps": cfg.steps_per_iteration, "temperature": cfg.temperature,
                 "generator": torch_generator(seed, 2, it)}
 
