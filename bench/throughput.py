@@ -10,7 +10,7 @@ float32 rows (1 and 2 torch threads) and the bfloat16 row (where the CPU compute
 see ``precision``) use the preset's action decoder; the decoder table runs the preset's precision with
 ``model.action_decoder`` "independent", "autoregressive" and (where the action space is small enough)
 "joint" on 1 and 2 threads, alternating short blocks of the decoders and reporting the median block. Usage:
-``python bench/throughput.py [--preset language-table] [--quick] [--set section.field=value ...]``.
+``python bench/throughput.py [--preset language-table] [--quick] [--stage2] [--set section.field=value ...]``.
 """
 
 from __future__ import annotations
@@ -51,8 +51,12 @@ def bench_update(config, spec, episodes) -> tuple[float, int]:
     reference = EmbodiedModel(spec).eval().requires_grad_(False) if config.improve.kl_coef > 0 else None
     if reference is not None:
         reference.load_state_dict(policy.state_dict())  # as in Stage 2: the reference is the starting policy
+    fused = None  # as Stage 2 does: the fleet's conv features when it shared them
+    if config.improve.train == "fusion" and all(e.fused is not None for e in episodes):
+        fused = torch.as_tensor(np.concatenate([e.fused[:-1] for e in episodes]))
     t0 = time.perf_counter()
-    policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0), reference)
+    policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0), reference,
+                  fused=fused)
     return time.perf_counter() - t0, int(len(returns))
 
 
@@ -148,6 +152,8 @@ def main() -> int:
     parser.add_argument("--preset", default="pointmass", help="config preset to measure")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field of the preset (repeatable)")
+    parser.add_argument("--stage2", action="store_true",
+                        help="only the Stage-2 rows: a 16-robot collection and the update, per improve.train")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 6.0
     retain_freed_memory()  # as sft() does
@@ -160,25 +166,25 @@ def main() -> int:
         rows, figures = [], {}
         extras = (f" + {', '.join(config.sft.augment)}" if config.sft.augment else "") + (
             f" + {round(config.sft.negatives * config.sft.batch_size)} negatives" if config.sft.negatives else "")
-        for threads in (1, 2):
+        for threads in (() if args.stage2 else (1, 2)):
             rate = bench_sft(config, frames, threads, seconds)
             rows.append((f"SFT, batch {config.sft.batch_size}{extras}, {threads} torch thread(s), float32",
                          f"{rate:,.0f} samples/s"))
             figures[f"sft_samples_per_s_threads{threads}"] = round(rate, 1)
-        if native_bf16_cpu():
+        if native_bf16_cpu() and not args.stage2:
             rate = bench_sft(config, frames, 1, seconds, "bfloat16")
             rows.append((f"SFT, batch {config.sft.batch_size}{extras}, 1 thread, bfloat16 autocast",
                          f"{rate:,.0f} samples/s"))
             figures["sft_samples_per_s_bf16_threads1"] = round(rate, 1)
             figures["sft_speedup_bf16_vs_fp32"] = round(rate / figures["sft_samples_per_s_threads1"], 2)
         precision = resolve_precision(config.precision)
-        for threads in (1, 2):
+        for threads in (() if args.stage2 else (1, 2)):
             steps = {d: sft_step(config, frames, decoder=d) for d in decoders(config)}
             for decoder, rate in bench_sft_steps(steps, threads, 2 * seconds).items():
                 rows.append((f"SFT step, {decoder} decoder, {threads} torch thread(s), {precision}",
                              f"{rate:,.0f} samples/s"))
                 figures[f"sft_{decoder}_samples_per_s_threads{threads}"] = round(rate, 1)
-        if config.sft.augment:
+        if config.sft.augment and not args.stage2:
             ms = bench_augment(config, frames, seconds)
             step_ms = 1000 * config.sft.batch_size / figures.get("sft_samples_per_s_bf16_threads1",
                                                                 figures["sft_samples_per_s_threads1"])
@@ -188,7 +194,7 @@ def main() -> int:
             figures["sft_augment_share_of_step"] = round(ms / step_ms, 3)
         figures["precision"] = resolve_precision(config.precision)  # what the update rows below use
         episodes, collect_s = None, 0.0
-        for robots in (1, 4, 16):
+        for robots in ((16,) if args.stage2 else (1, 4, 16)):
             rate, collect_s, episodes = bench_fleet(config, robots, min(fleet_steps, 512 * robots))
             rows.append((f"fleet, {robots} robot(s), policy + reward inference", f"{rate:,.0f} env-steps/s"))
             figures[f"fleet_env_steps_per_s_robots{robots}"] = round(rate, 1)
@@ -214,16 +220,18 @@ def main() -> int:
                          f"{figures[f'si_env_steps_per_s_with_update{suffix}']:,.0f} env-steps/s "
                          f"({figures[f'si_update_share{suffix}']:.0%} of the time in the update)"))
         figures["preset"] = args.preset
-        figures["fleet_speedup_16_vs_1_robot"] = round(
-            figures["fleet_env_steps_per_s_robots16"] / figures["fleet_env_steps_per_s_robots1"], 2)
-        figures["sft_speedup_2_vs_1_thread"] = round(
-            figures["sft_samples_per_s_threads2"] / figures["sft_samples_per_s_threads1"], 2)
+        if not args.stage2:
+            figures["fleet_speedup_16_vs_1_robot"] = round(
+                figures["fleet_env_steps_per_s_robots16"] / figures["fleet_env_steps_per_s_robots1"], 2)
+            figures["sft_speedup_2_vs_1_thread"] = round(
+                figures["sft_samples_per_s_threads2"] / figures["sft_samples_per_s_threads1"], 2)
     width = max(len(r[0]) for r in rows)
     print(f"{'measurement'.ljust(width)}  rate")
     for name, value in rows:
         print(f"{name.ljust(width)}  {value}")
-    print(f"{'fleet speed-up, 16 robots vs 1'.ljust(width)}  {figures['fleet_speedup_16_vs_1_robot']}x")
-    print(f"{'SFT speed-up, 2 threads vs 1'.ljust(width)}  {figures['sft_speedup_2_vs_1_thread']}x")
+    if "fleet_speedup_16_vs_1_robot" in figures:
+        print(f"{'fleet speed-up, 16 robots vs 1'.ljust(width)}  {figures['fleet_speedup_16_vs_1_robot']}x")
+        print(f"{'SFT speed-up, 2 threads vs 1'.ljust(width)}  {figures['sft_speedup_2_vs_1_thread']}x")
     if "sft_speedup_bf16_vs_fp32" in figures:
         print(f"{'SFT speed-up, bfloat16 vs float32'.ljust(width)}  {figures['sft_speedup_bf16_vs_fp32']}x")
     print(json.dumps(figures))
