@@ -169,3 +169,37 @@ def test_reward_model_baseline_uses_no_frame_after_the_action_and_removes_the_fr
     assert corr(returns) > 0.5 and abs(corr(returns - b)) < corr(returns) / 2
     with pytest.raises(ConfigError, match="improve.baseline"):
         load_config("pointmass-quick", ["improve.baseline=critic"])
+
+
+def test_positive_only_ignores_the_rows_with_no_positive_advantage():
+    """improve.positive_only: a batch's failures change nothing; the update is the one on its successes."""
+    import dataclasses
+
+    from selfimprove.data.episode import Episode
+    from selfimprove.domains import make_env, model_spec
+    from selfimprove.model.inputs import from_episodes
+    from selfimprove.model.policy import EmbodiedModel
+    from selfimprove.train.objectives import policy_update
+
+    config = load_config("pointmass-quick", ["improve.positive_only=true", "improve.minibatch_size=0",
+                                             "improve.epochs=1", "improve.kl_coef=0"])
+    spec = model_spec(config, make_env(config))
+    rng = np.random.default_rng(0)
+    episodes = [Episode(observations={"state": rng.normal(size=(6, 6)).astype(np.float32)},
+                        actions=rng.uniform(-1, 1, size=(5, 2)).astype(np.float32), instruction="reach") for _ in range(4)]
+    advantage = torch.tensor([1.0, -1.0, 0.5, 0.0]).repeat_interleave(5)
+
+    def update(eps, adv, cfg):
+        torch.manual_seed(0)
+        policy = EmbodiedModel(spec)
+        source, acting = from_episodes(eps, spec)
+        tokens = torch.as_tensor(policy.tokenizer.tokenize(np.concatenate([e.actions for e in eps])))
+        optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+        stats = policy_update(policy, optimizer, source, acting, tokens, adv, cfg, torch.Generator().manual_seed(0))
+        return policy.state_dict(), stats
+
+    everything, stats = update(episodes, advantage, config)
+    successes, _ = update([episodes[0], episodes[2]], torch.tensor([1.0, 0.5]).repeat_interleave(5),
+                          dataclasses.replace(config, improve=dataclasses.replace(config.improve, positive_only=False)))
+    assert stats["positive_rows"] == 10
+    assert all(torch.allclose(everything[k], successes[k], atol=1e-6) for k in everything)

@@ -114,6 +114,7 @@ class ImproveConfig:
     group_weighting: str = "frame"  # advantage "group": "frame" (every frame's loss counts once, so long failures weigh most) or "episode" (each attempt weighs the same: its frames share mean length / length)
     practice_boards: int = 0  # 0: every start board is new; N > 0: practice cycles over N fixed boards (seeds 2e9 + seed * 1e8 on; a diagnostic of whether the learner learns at all)
     group_size: int = 1  # attempts at each start board (the same seed, reset to the same layout); > 1 with advantage "group"
+    positive_only: bool = False  # train only on rows whose advantage is > 0 (a failure's actions are not pushed down; train/objectives.py)
     train: str = "all"  # what practice trains: "all" the policy, or "fusion": the fusion MLP and the action decoder only (the instruction-conditioned convs stay at SFT, so their features are computed once per frame: a far cheaper update)
     reward_clip: float = 0.0  # clip each r_t to [-reward_clip, reward_clip] before the returns; 0: no clip
     reward_steps: str = "expected"  # d of the reward r_t: "expected" (the detector's d) or "reachable" (without the "never" class: it flickers between frames)

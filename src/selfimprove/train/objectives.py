@@ -17,6 +17,11 @@ Either loss may add ``kl_coef * KL(pi || pi_ref)`` on the batch's states, where 
 frozen SFT policy: it bounds how far a few hundred episodes can move the policy; with
 ``improve.kl_target`` the coefficient adapts per batch (:func:`adapt_kl_coef`).
 
+``improve.positive_only`` trains on the rows with a positive advantage alone: the failures' actions
+are not pushed down, which on a categorical over many classes (the joint decoder's 1,681) spreads
+their probability over every other action, most of them worse (success-filtered imitation, in the
+limit of a binary reward).
+
 ``improve.train = "fusion"`` trains only the fusion MLP and the action decoder: the convs below them
 are SFT's in the policy and the reference alike, so their output is computed once per frame
 (:class:`BatchRows`) and the epochs cost a fraction of a full forward and backward pass.
@@ -209,6 +214,12 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
     if kl_coef > 0 and reference is None:
         raise ValueError("improve.kl_coef > 0 needs the reference (SFT) policy")
     adv = advantages(returns, cfg.advantage)
+    if cfg.positive_only:  # only raise what went well: lowering a taken action spreads it over all others
+        keep = adv > 0
+        acting, tokens, adv = acting[keep], tokens[keep], adv[keep]
+        fused = fused[keep] if fused is not None and len(fused) == len(keep) else None
+        if not len(adv):
+            return {"updates": 0, "positive_rows": 0}
     batch = BatchRows(source, acting, config.precision)
     if cfg.train == "fusion":  # the convs are SFT's in the policy and the reference: run them once
         if fused is not None and len(fused) == len(acting):
@@ -221,7 +232,7 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
     policy.train()
     sums: dict[str, list[float]] = {}
     for _ in range(update_epochs(cfg)):
-        for rows in minibatches(torch.randperm(len(returns), generator=generator), cfg.minibatch_size):
+        for rows in minibatches(torch.randperm(len(adv), generator=generator), cfg.minibatch_size):
             optimizer.zero_grad(set_to_none=True)
             step: dict[str, float] = {}
             for part in torch.split(rows, CHUNK) if cfg.minibatch_size <= 0 else (rows,):
@@ -244,4 +255,6 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
     policy.eval()
     out = {k: float(np.mean(v)) for k, v in sums.items()}
     out["updates"] = len(sums.get("loss", []))
+    if cfg.positive_only:
+        out["positive_rows"] = int(len(adv))
     return out
