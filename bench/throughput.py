@@ -34,7 +34,7 @@ from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.decoders import MAX_JOINT_CLASSES
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward
-from selfimprove.train.improve import reinforce_batch
+from selfimprove.train.improve import fleet_features, reinforce_batch
 from selfimprove.train.objectives import policy_update
 from selfimprove.train.precision import autocast, native_bf16_cpu, resolve_precision
 from selfimprove.train.allocator import retain_freed_memory
@@ -51,9 +51,7 @@ def bench_update(config, spec, episodes) -> tuple[float, int]:
     reference = EmbodiedModel(spec).eval().requires_grad_(False) if config.improve.kl_coef > 0 else None
     if reference is not None:
         reference.load_state_dict(policy.state_dict())  # as in Stage 2: the reference is the starting policy
-    fused = None  # as Stage 2 does: the fleet's conv features when it shared them
-    if config.improve.train == "fusion" and all(e.fused is not None for e in episodes):
-        fused = torch.as_tensor(np.concatenate([e.fused[:-1] for e in episodes]))
+    fused = fleet_features(episodes) if config.improve.train == "fusion" else None  # as Stage 2 does
     t0 = time.perf_counter()
     policy_update(policy, opt, source, acting, tokens, returns, config, torch.Generator().manual_seed(0), reference,
                   fused=fused)

@@ -141,6 +141,14 @@ def episode_weights(lengths: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"unknown group weighting {kind!r}; use 'frame' or 'episode'")
 
 
+def fleet_features(episodes: list[Episode]) -> torch.Tensor | None:
+    """The fleet's fusion inputs of the acting frames (o_0 .. o_{T-1} of each episode, in order),
+    or None unless every episode carries them (:attr:`Episode.fused`)."""
+    if not episodes or any(e.fused is None for e in episodes):
+        return None
+    return torch.as_tensor(np.concatenate([e.fused[:-1] for e in episodes]))
+
+
 def practice_seeds(seed: int, it: int, boards: int = 0) -> Iterator[int]:
     """The start boards of iteration ``it``: fresh ones (``boards = 0``), or a cycle over ``boards``
     fixed boards (seeds ``base .. base + boards - 1`` of :func:`practice_board_base`), each iteration
@@ -351,9 +359,7 @@ class Stage2:
             source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward,
                                                               cfg.reward_clip, cfg.baseline, cfg.baseline_decay,
                                                               reward_d)
-        fused = None  # the fleet's conv features of the acting frames (o_0 .. o_{T-1} of each episode)
-        if cfg.train == "fusion" and fresh and all(e.fused is not None for e in fresh):
-            fused = torch.as_tensor(np.concatenate([e.fused[:-1] for e in fresh]))
+        fused = fleet_features(fresh) if cfg.train == "fusion" else None
         update = policy_update(self.policy, self.optimizer, source, acting, tokens, returns, self.config,
                                torch_generator(self.config.seed, 3, it), self.reference, self.kl_coef, fused)
         used, self.kl_coef = self.kl_coef, adapt_kl_coef(self.kl_coef, update.get("kl_ref"), cfg.kl_target)

@@ -32,7 +32,8 @@ The shuffled batch is cut into minibatches of ``improve.minibatch_size`` rows (:
 
 from __future__ import annotations
 
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -145,13 +146,11 @@ class BatchRows:
 
     @torch.no_grad()
     def precompute_fusion(self, model: EmbodiedModel) -> None:
-        was_training = model.training
-        model.eval()
-        out = []
-        for part in torch.split(self.acting, 4 * CHUNK):
-            with autocast(self.precision):
-                out.append(model.fusion_inputs(self.source.obs(part)).float())
-        model.train(was_training)
+        with _eval_mode(model):
+            out = []
+            for part in torch.split(self.acting, 4 * CHUNK):
+                with autocast(self.precision):
+                    out.append(model.fusion_inputs(self.source.obs(part)).float())
         self.fused = torch.cat(out)
 
     def logits(self, model: EmbodiedModel, idx: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -167,12 +166,21 @@ class BatchRows:
     @torch.no_grad()
     def all_logits(self, model: EmbodiedModel, tokens: torch.Tensor) -> torch.Tensor:
         """Action logits of every row in eval mode (chunked)."""
-        was_training = model.training
-        model.eval()
-        index = torch.arange(len(self.acting))
-        out = [self.logits(model, part, tokens[part]) for part in torch.split(index, 4 * CHUNK)]
-        model.train(was_training)
+        with _eval_mode(model):
+            index = torch.arange(len(self.acting))
+            out = [self.logits(model, part, tokens[part]) for part in torch.split(index, 4 * CHUNK)]
         return torch.cat(out) if out else torch.zeros(0)
+
+
+@contextmanager
+def _eval_mode(model: EmbodiedModel) -> Iterator[None]:
+    """``model`` in eval mode inside, its own mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torch.Tensor, tokens: torch.Tensor,
@@ -213,16 +221,18 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
     loss_fn, needs_old = OBJECTIVES[cfg.objective]
     if kl_coef > 0 and reference is None:
         raise ValueError("improve.kl_coef > 0 needs the reference (SFT) policy")
+    if fused is not None and len(fused) != len(acting):
+        raise ValueError(f"{len(fused)} rows of fusion inputs for {len(acting)} acting rows")
     adv = advantages(returns, cfg.advantage)
     if cfg.positive_only:  # only raise what went well: lowering a taken action spreads it over all others
         keep = adv > 0
         acting, tokens, adv = acting[keep], tokens[keep], adv[keep]
-        fused = fused[keep] if fused is not None and len(fused) == len(keep) else None
+        fused = fused[keep] if fused is not None else None
         if not len(adv):
             return {"updates": 0, "positive_rows": 0}
     batch = BatchRows(source, acting, config.precision)
     if cfg.train == "fusion":  # the convs are SFT's in the policy and the reference: run them once
-        if fused is not None and len(fused) == len(acting):
+        if fused is not None:
             batch.fused = fused.float()
         else:
             batch.precompute_fusion(policy)
