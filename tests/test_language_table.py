@@ -109,6 +109,27 @@ def test_practice_may_train_only_the_fusion_mlp_and_action_decoder_and_resumes(q
         load_config("language-table-quick", ["improve.train=convs"])
 
 
+def test_true_progress_control_pays_the_distance_covered_and_ends_on_success(quick_run, tmp_path):
+    """improve.reward = "true_progress": the fleet records the simulator's distance to the goal per frame
+    and the simulator, not the detector, ends episodes; domains without that distance are refused."""
+    from selfimprove.train.improve import episode_rewards, episodes_dir, improve
+
+    config, _ = quick_run
+    practice = load_config("language-table-quick", [f"runs_dir={tmp_path}", "name=progress",
+                                                    f"data.path={config.dataset_path}", "improve.reward=true_progress",
+                                                    "improve.iterations=1", "improve.eval_every=0",
+                                                    "improve.guard=false", "improve.steps_per_iteration=256"])
+    improve(practice, sft_checkpoint(config), progress=False)
+    episodes = EpisodeStore(episodes_dir(practice)).episodes()
+    assert episodes and {e.meta["ended_by"] for e in episodes} <= {"success", "timeout"}
+    for e in episodes:
+        g = e.info["goal_distance"]
+        assert g.shape == (e.length + 1,)
+        assert episode_rewards(e, "true_progress").sum() == pytest.approx(1 - g[-1] / g[0] + e.true_success, abs=1e-4)
+    with pytest.raises(ConfigError, match="reports its distance to the goal; domain 'pointmass'"):
+        load_config("pointmass-quick", ["improve.reward=true_progress"])
+
+
 def test_a_pointmass_checkpoint_is_refused_by_the_tabletop(quick_run, tmp_path, capsys):
     config, _ = quick_run
     assert main(["eval", "pointmass-quick", "--checkpoint", str(sft_checkpoint(config)),

@@ -123,6 +123,13 @@ def test_constant_reward_control_ignores_the_reward_model():
     assert episode_rewards(ep, "true_success").tolist() == [0.0, 1.0, 0.0]
     ep.info = {"is_success": np.array([True, False, False, False])}  # a start already solved pays nothing
     assert episode_rewards(ep, "true_success").tolist() == [0.0, 0.0, 0.0]
+    # the true-progress control adds the distance covered as a fraction of the start's: its total is
+    # the fraction of the way covered plus 1 on success
+    ep.info = {"is_success": np.array([False, False, False, True]), "goal_distance": np.array([0.4, 0.3, 0.35, 0.0])}
+    assert np.allclose(episode_rewards(ep, "true_progress"), [0.25, -0.125, 1.875])
+    ep.info = {"is_success": np.array([False] * 4)}
+    with pytest.raises(ValueError, match="needs info\\['goal_distance'\\]"):
+        episode_rewards(ep, "true_progress")
 
 
 def test_one_conv_pass_serves_policy_and_reward_model_when_they_share_it():

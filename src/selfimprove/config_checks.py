@@ -25,8 +25,9 @@ FLEET_BACKENDS = ("local", "ray")
 ENCODER_NAMES = ("mlp", "film", "late_fusion", "hf")
 #: the action decoders of model/decoders.DECODERS (kept equal by the same test)
 DECODER_NAMES = ("independent", "autoregressive", "joint")
-# Stage 2's reward: the learned one, and two controls (a constant, and the simulator's success as the ceiling)
-REWARDS = ("steps_to_go", "constant", "true_success")
+# Stage 2's reward: the learned one, and three controls (a constant; the simulator's success as the
+# ceiling; and the simulator's success plus its dense progress to the goal, a ceiling with per-step credit)
+REWARDS = ("steps_to_go", "constant", "true_success", "true_progress")
 #: improve.advantage: train/objectives.advantages (the model and train layers sit above the config)
 ADVANTAGES = ("return", "normalized", "group")
 #: improve.train: what Stage 2 trains ("fusion": the fusion MLP and the action decoder, on the
@@ -143,6 +144,10 @@ def check_config(config: RunConfig) -> None:
         (set(config.sft.augment) <= set(AUGMENTATION_NAMES),
          f"sft.augment may hold {', '.join(map(repr, AUGMENTATION_NAMES))}, got {config.sft.augment}"),
         (config.improve.reward in REWARDS, f"improve.reward must be one of {', '.join(REWARDS)}"),
+        (config.improve.reward != "true_progress" or getattr(DOMAINS.get(config.domain), "goal_distance", False),
+         f"improve.reward = 'true_progress' needs an env that reports its distance to the goal; domain "
+         f"{config.domain!r} does not (the built-in ones that do: "
+         f"{', '.join(d.name for d in DOMAINS.values() if d.goal_distance)})"),
         (config.improve.objective in ("reinforce", "ppo"),
          f"improve.objective must be 'reinforce' or 'ppo', got {config.improve.objective!r}"),
         (0 < config.improve.ppo_clip < 1, f"improve.ppo_clip must be in (0, 1) (e.g. 0.2), got {config.improve.ppo_clip}"),

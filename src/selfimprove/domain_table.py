@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+#: the env info key of the distance left to the goal (domains with ``goal_distance``)
+GOAL_DISTANCE = "goal_distance"
+
+
 @dataclass(frozen=True)
 class Domain:
     name: str
@@ -38,6 +42,8 @@ class Domain:
     setback: str = ""  # "module:function": (episode) -> the frame the task fell back at (the peg dropped), or
     #                    None; the diagnostics plot the steps-to-go distribution through it; "" = none
     setback_info: tuple[str, ...] = ()  # the env info keys ``setback`` reads, kept per frame in rollouts
+    goal_distance: bool = False  # its env reports info[GOAL_DISTANCE], the distance left to the goal, which the
+    #                              dense true-progress control reward reads (``improve.reward = "true_progress"``)
 
 
 DOMAINS: dict[str, Domain] = {
@@ -55,7 +61,7 @@ DOMAINS: dict[str, Domain] = {
         goal_key="selfimprove.envs.tabletop.tasks:goal_key",
         augmentations={name: f"selfimprove.domains.tabletop:{name}_tabletop"
                        for name in ("mirror", "shift", "flip", "recolour")},
-        views="selfimprove.domains.tabletop:VIEWS"),
+        views="selfimprove.domains.tabletop:VIEWS", goal_distance=True),
     "aloha": Domain(
         name="aloha", env_prefix="selfimprove/Aloha", preset="aloha",
         observations={"joints": (14,)},

@@ -110,7 +110,7 @@ class RobotHost:
 
     def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int, robot_offset: int,
                  reward_state: dict[str, np.ndarray] | None, detector: dict[str, Any], reset_free: bool,
-                 reset_every: int) -> None:
+                 reset_every: int, record_info: tuple[str, ...] = ()) -> None:
         from selfimprove.fleet.local import LocalFleet
 
         torch.set_num_threads(1)
@@ -120,7 +120,7 @@ class RobotHost:
             model.load_state_dict({k: torch.as_tensor(v) for k, v in reward_state.items()})
             reward = StepsToGoReward(model, detector["threshold"], detector["hold"])
         self.fleet = LocalFleet(make_env, spec, n_robots, reward, reset_free=reset_free, reset_every=reset_every,
-                                robot_offset=robot_offset)
+                                robot_offset=robot_offset, record_info=record_info)
 
     def pid(self) -> int:
         return os.getpid()
@@ -142,7 +142,8 @@ class RayFleet:
     def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int,
                  reward: StepsToGoReward | None = None, *, robots_per_actor: int = 0, address: str | None = None,
                  bind_host: str = "127.0.0.1", timeout_s: float = 600.0, max_restarts: int = 3,
-                 reset_free: bool = False, reset_every: int = 0, scheduling: str = "SPREAD") -> None:
+                 reset_free: bool = False, reset_every: int = 0, scheduling: str = "SPREAD",
+                 record_info: tuple[str, ...] = ()) -> None:
         rt = require_ray()
         if n_robots < 1:
             raise ValueError("a fleet needs at least one robot")
@@ -167,7 +168,7 @@ class RayFleet:
         while offset < n_robots:
             k = min(robots_per_actor, n_robots - offset)
             self.actors.append(remote.remote(make_env, spec, k, offset, self._reward_ref, detector, reset_free,
-                                             reset_every))
+                                             reset_every, tuple(record_info)))
             self.sizes.append(k)
             offset += k
         self.skipped_starts = 0

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from selfimprove.config import RunConfig
 from selfimprove.data.episode import Episode
 from selfimprove.data.store import EpisodeStore, EpisodeWriter, has_store, truncate_store
+from selfimprove.domain_table import GOAL_DISTANCE
 from selfimprove.domains import IMPROVE_SEED_BASE, make_env
 from selfimprove.folders import locks_run
 from selfimprove.errors import RunStateError
@@ -45,6 +46,10 @@ from selfimprove.train.sft import sft_checkpoint
 log = logging.getLogger(__name__)
 
 
+#: the controls that read the simulator: the simulator ends their episodes, never the detector
+ORACLE_REWARDS = ("true_success", "true_progress")
+
+
 def improve_checkpoint(config: RunConfig) -> Path:
     return RunDir(config.run_dir).improve_checkpoint
 
@@ -63,14 +68,22 @@ def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0
                     d: np.ndarray | None = None) -> np.ndarray:
     """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), 1
     everywhere for the constant-reward control, or 1 on the step that first reaches the simulator's success
-    for the true-success control. ``d`` defaults to the detector's, ``episode.stg``."""
+    for the true-success control; the true-progress control adds ``(g_t - g_{t+1}) / g_0`` for the
+    simulator's distance ``g`` left to the goal (:data:`GOAL_DISTANCE`), so an episode's total is its
+    fraction of the way covered plus 1 on success. ``d`` defaults to the detector's, ``episode.stg``."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
-    if kind == "true_success":
+    if kind in ("true_success", "true_progress"):
         rewards = np.zeros(episode.length, dtype=np.float32)
         reached = np.flatnonzero(np.asarray(episode.info["is_success"])[1:])
         if reached.size:
             rewards[reached[0]] = 1.0
+        if kind == "true_progress":
+            if GOAL_DISTANCE not in episode.info:
+                raise ValueError(f"the true-progress reward needs info[{GOAL_DISTANCE!r}] per frame; this episode "
+                                 f"has {sorted(episode.info)}")
+            g = np.asarray(episode.info[GOAL_DISTANCE], dtype=np.float64)
+            rewards += ((g[:-1] - g[1:]) / max(float(g[0]), 1e-6)).astype(np.float32)
         return rewards
     d = episode.stg if d is None else d
     rewards = StepsToGoReward.reward(d[:-1], d[1:])
@@ -256,7 +269,7 @@ class Stage2:
         self.metrics.keep(lambda r: r.get("stage") != "improve")
         for record in self.history:
             self.metrics.append(record)
-        oracle = cfg.reward == "true_success"  # the ceiling control: the simulator ends episodes, not the detector
+        oracle = cfg.reward in ORACLE_REWARDS  # the ceiling controls: the simulator ends episodes, not the detector
         self.reward = StepsToGoReward(reward_model, -np.inf if oracle else self.detector["threshold"],
                                       int(self.detector.get("hold", 1)))
         self.ahead = _collected_not_trained(config, self.counters)
@@ -468,6 +481,7 @@ def make_fleet(config: RunConfig, spec: ModelSpec, reward: StepsToGoReward | Non
     """The configured fleet backend for Stage 2 (episodes end on the detector, not on the simulator's
     success, except in the true-success control)."""
     f = config.fleet
+    record = (GOAL_DISTANCE,) if config.improve.reward == "true_progress" else ()
 
     def env_factory():
         return make_env(config, terminate_on_success=terminate_on_success)
@@ -477,8 +491,9 @@ def make_fleet(config: RunConfig, spec: ModelSpec, reward: StepsToGoReward | Non
 
         return RayFleet(env_factory, spec, f.robots, reward, robots_per_actor=f.robots_per_actor, address=f.address,
                         bind_host=f.bind_host, timeout_s=f.timeout_s, max_restarts=f.max_restarts,
-                        reset_free=f.reset_free, reset_every=f.reset_every)
-    return LocalFleet(env_factory, spec, f.robots, reward, reset_free=f.reset_free, reset_every=f.reset_every)
+                        reset_free=f.reset_free, reset_every=f.reset_every, record_info=record)
+    return LocalFleet(env_factory, spec, f.robots, reward, reset_free=f.reset_free, reset_every=f.reset_every,
+                      record_info=record)
 
 
 def _eval_point(result: dict[str, Any]) -> dict[str, Any]:
