@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from selfimprove.data.episode import Episode
+from selfimprove.domain_table import GOAL_DISTANCE
 from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, discounted_returns, held_firing, reward_model_baseline
@@ -75,7 +76,7 @@ def audit_demos(held_out: dict[str, np.ndarray], threshold: float, hold: int) ->
 
 def _cause(info: dict[str, np.ndarray], t: int) -> str:
     """Why a first firing at frame ``t`` was false, from the simulator's state (diagnostics only)."""
-    distance = float(info["goal_distance"][t]) if "goal_distance" in info else float("nan")
+    distance = float(info[GOAL_DISTANCE][t]) if GOAL_DISTANCE in info else float("nan")
     if distance <= FAR_APART:
         return "goal missed (named pair within 10 cm)"
     xy = info.get("block_positions")
@@ -106,13 +107,13 @@ def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: 
     firsts = first_firings(d, sizes, threshold, hold)
     fired = correct = near = far = 0
     causes: dict[str, int] = {}
-    has_distance = any("goal_distance" in e.info for e in episodes)
+    has_distance = any(GOAL_DISTANCE in e.info for e in episodes)
     for e, first in zip(episodes, firsts):
         if first is None:
             continue
         fired += 1
         success = np.asarray(e.info["is_success"], dtype=bool)
-        if "goal_distance" in e.info and float(e.info["goal_distance"][first]) > FAR_APART:
+        if GOAL_DISTANCE in e.info and float(e.info[GOAL_DISTANCE][first]) > FAR_APART:
             far += 1
         if success[first]:
             correct += 1
@@ -152,12 +153,12 @@ def reward_signal(episodes: list[Episode], gamma: float, clip: float = 0.0, deca
     ``d_per_episode`` replaces each episode's ``stg`` (e.g. the reward's ``d`` without the "never" class).
     None when the env reports no ``goal_distance``. 0 means the learner's signal is noise on these states.
     """
-    if not episodes or not all("goal_distance" in e.info for e in episodes):
+    if not episodes or not all(GOAL_DISTANCE in e.info for e in episodes):
         return None
     step, progress, returns, baselined, true_returns = [], [], [], [], []
     for i, e in enumerate(episodes):
         d = np.asarray(e.stg if d_per_episode is None else d_per_episode[i], dtype=np.float64)
-        distance = np.asarray(e.info["goal_distance"], dtype=np.float64)
+        distance = np.asarray(e.info[GOAL_DISTANCE], dtype=np.float64)
         r = d[:-1] - d[1:]
         if clip > 0:
             r = np.clip(r, -clip, clip)

@@ -24,6 +24,7 @@ import torch
 
 from selfimprove.config import RunConfig, _merge, config_from_dict, load_config, parse_override
 from selfimprove.data.store import EpisodeStore, has_store
+from selfimprove.domain_table import GOAL_DISTANCE
 from selfimprove.diagnose.audit import audit_demos, audit_rollouts, gate, reward_signal
 from selfimprove.diagnose.checks import FrameSet, _at, _section, alternatives
 from selfimprove.diagnose.plots import write_plots
@@ -204,7 +205,7 @@ def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[Fr
     """
     never = StepsToGoReward(model, threshold=-math.inf)
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec,
-                       min(config.eval.robots, n), never, record_info=("goal_distance", "block_positions", *recorded_info(config.domain)))
+                       min(config.eval.robots, n), never, record_info=(GOAL_DISTANCE, "block_positions", *recorded_info(config.domain)))
     try:
         episodes = fleet.collect(model.state_dict(), version=0, seeds=seed_stream(config.eval.seed), n_episodes=n,
                                  temperature=config.improve.temperature,

@@ -73,7 +73,7 @@ def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0
     fraction of the way covered plus 1 on success. ``d`` defaults to the detector's, ``episode.stg``."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
-    if kind in ("true_success", "true_progress"):
+    if kind in ORACLE_REWARDS:
         rewards = np.zeros(episode.length, dtype=np.float32)
         reached = np.flatnonzero(np.asarray(episode.info["is_success"])[1:])
         if reached.size:
@@ -479,7 +479,7 @@ def practice_stats(episodes: list[Episode]) -> dict[str, Any]:
 def make_fleet(config: RunConfig, spec: ModelSpec, reward: StepsToGoReward | None,
                terminate_on_success: bool = False) -> Fleet:
     """The configured fleet backend for Stage 2 (episodes end on the detector, not on the simulator's
-    success, except in the true-success control)."""
+    success, except in the ceiling controls; the true-progress one also records the goal distance)."""
     f = config.fleet
     record = (GOAL_DISTANCE,) if config.improve.reward == "true_progress" else ()
 
