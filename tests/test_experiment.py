@@ -14,7 +14,7 @@ from selfimprove.experiment import available_experiments, load_experiment, plan_
 from selfimprove.experiment import run as experiment_run
 from selfimprove.experiment import schedule
 from selfimprove.runlog import portable_path
-from selfimprove.stats import seed_interval, t_quantile_975
+from selfimprove.stats import demos_equivalent, exchange_rate, seed_interval, t_quantile_975
 from selfimprove.model.checkpoint import read_checkpoint_config
 
 from conftest import quick_config
@@ -315,6 +315,22 @@ def test_seed_interval_is_the_student_t_interval():
     assert s["ci95_t"] == pytest.approx([0.6 - half, 0.6 + half])
     assert seed_interval([0.2, 0.9])["ci95_t"] == [0.0, 1.0]  # clipped to rates
     assert seed_interval([0.4])["ci95_t"] is None
+
+
+def test_exchange_rate_reads_demos_off_the_sft_curve():
+    curve = [(1000, 0.4), (2000, 0.6), (4000, 0.7)]
+    assert demos_equivalent(curve, 0.5) == pytest.approx(1500)  # linear between measured points
+    assert demos_equivalent(curve, 0.2) == pytest.approx(500)  # from (0, 0)
+    assert demos_equivalent(curve, 0.75) is None  # beyond every point: no number of demos buys it
+    # a dip is never counted as fewer demos being better: the running maximum
+    assert demos_equivalent([(1000, 0.6), (2000, 0.5), (3000, 0.7)], 0.65) == pytest.approx(2500)
+    assert demos_equivalent([(1000, 0.6), (2000, 0.6)], 0.6) == pytest.approx(1000)
+    # practice from 1,000 demos reaching 0.5 after 500 episodes: 500 demos' worth, 1 per episode
+    assert exchange_rate(curve, 1000, 500, 0.5) == pytest.approx(1.0)
+    assert exchange_rate(curve, 2000, 500, 0.5) == pytest.approx(-1.0)  # practice that lowered success
+    assert exchange_rate(curve, 2000, 500, 0.9) is None
+    with pytest.raises(ValueError):
+        exchange_rate(curve, 1000, 0, 0.5)
 
 
 @pytest.mark.slow

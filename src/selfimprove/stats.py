@@ -1,6 +1,6 @@
 """Statistics the library reports, in one home: Wilson intervals of success rates, means over seeds
-with their Student t intervals, rank correlations (diagnostics, guard and audit), and how every
-report writes a number (:func:`fmt`)."""
+with their Student t intervals, rank correlations (diagnostics, guard and audit), the exchange rate
+of practice episodes against demonstrations, and how every report writes a number (:func:`fmt`)."""
 
 from __future__ import annotations
 
@@ -64,6 +64,33 @@ def seed_interval(values: list[float]) -> dict[str, Any]:
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = t_quantile_975(n - 1) * sd / math.sqrt(n)
     return {"n": n, "mean": mean, "sd": sd, "ci95_t": [max(0.0, mean - half), min(1.0, mean + half)]}
+
+
+def demos_equivalent(curve: list[tuple[float, float]], success: float) -> float | None:
+    """How many demonstrations SFT needs to reach ``success``, read off an SFT scaling curve.
+
+    ``curve`` holds (demos, success) points. More demos are never counted as worse (the curve's
+    running maximum), the curve starts at (0, 0) and is linear between points; ``None`` when no
+    point reaches ``success`` (no number of demos in the curve buys it)."""
+    best: list[tuple[float, float]] = [(0.0, 0.0)]
+    for demos, rate in sorted(curve):
+        best.append((float(demos), max(float(rate), best[-1][1])))
+    for (d0, s0), (d1, s1) in zip(best, best[1:]):
+        if s1 >= success:
+            return d1 if s1 == s0 else d0 + (success - s0) / (s1 - s0) * (d1 - d0)
+    return None
+
+
+def exchange_rate(curve: list[tuple[float, float]], demos: float, practice_episodes: float,
+                  success: float) -> float | None:
+    """Demonstrations one practice episode is worth: a policy trained on ``demos`` that reaches
+    ``success`` after ``practice_episodes`` of practice matches SFT on :func:`demos_equivalent`
+    demos, so each practice episode stood in for ``(that - demos) / practice_episodes`` of them
+    (negative when practice lowered success). ``None`` beyond the curve's best point."""
+    if practice_episodes <= 0:
+        raise ValueError("practice_episodes must be > 0")
+    equivalent = demos_equivalent(curve, success)
+    return None if equivalent is None else (equivalent - demos) / practice_episodes
 
 
 def fmt(x: Any, digits: int = 3) -> str:
