@@ -225,7 +225,7 @@ def test_large_batches_run_in_chunks_with_the_same_result(tiny_vlm):
 def test_sft_and_one_self_improvement_iteration_with_a_vlm_backbone(tmp_path):
     folder = save_tiny_idefics3(tmp_path / "smolvlm-tiny")
     config = load_config("language-table-quick", [
-        f"runs_dir={tmp_path}", "name=hf", "data.episodes=4", "data.val_fraction=0.25", "model.encoder=hf",
+        f"runs_dir={tmp_path}", "name=hf", "data.episodes=4", "data.val_fraction=0.25", "model.encoder=hf", "improve.train=all",
         f"model.hf_model={folder}", "model.hidden=32", "model.layers=1", "sft.steps=2", "sft.batch_size=8",
         "sft.eval_every=2", "sft.checkpoint_every=2", "sft.lr=1e-3", "improve.iterations=1",
         "improve.steps_per_iteration=16", "improve.minibatch_size=16", "improve.eval_every=0", "improve.lr=1e-3",
@@ -272,9 +272,12 @@ def changed(before: dict, after: dict) -> bool:
 
 def test_config_validation_and_load_errors_say_how_to_fix(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="needs model.hf_model"):
-        load_config("language-table-quick", ["model.encoder=hf"])
+        load_config("language-table-quick", ["model.encoder=hf", "improve.train=all"])
     with pytest.raises(ConfigError, match="model.hf_dtype must be"):
-        load_config("language-table-quick", ["model.encoder=hf", "model.hf_model=x/y", "model.hf_dtype=float16"])
+        load_config("language-table-quick", ["model.encoder=hf", "model.hf_model=x/y", "model.hf_dtype=float16", "improve.train=all"])
+    # the tabletop preset practises above the convs, which a VLM trunk has not: the error says what to set
+    with pytest.raises(ConfigError, match="add --set improve.train=all"):
+        load_config("language-table-quick", ["model.encoder=hf", "model.hf_model=x/y"])
     with pytest.raises(CheckpointError, match="no such folder"):
         EmbodiedModel(tabletop_spec(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()

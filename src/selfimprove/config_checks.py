@@ -99,7 +99,8 @@ def check_config(config: RunConfig) -> None:
         (config.improve.group_weighting in ("frame", "episode"), "improve.group_weighting must be 'frame' or 'episode'"),
         (config.improve.train in STAGE2_TRAIN, f"improve.train must be one of {', '.join(map(repr, STAGE2_TRAIN))}"),
         (config.improve.train == "all" or config.model.encoder in ("film", "late_fusion"),
-         "improve.train = 'fusion' needs model.encoder 'film' or 'late_fusion' (a trunk with a fusion MLP)"),
+         "improve.train = 'fusion' (the tabletop preset's) needs model.encoder 'film' or 'late_fusion' "
+         "(a trunk with a fusion MLP); with another encoder add --set improve.train=all"),
         ((config.improve.advantage == "group") == (config.improve.group_size > 1),
          "improve.advantage = 'group' and improve.group_size > 1 go together (several attempts per start board)"),
         (config.improve.group_size == 1 or not config.fleet.reset_free,
