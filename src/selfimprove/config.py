@@ -110,7 +110,9 @@ class ImproveConfig:
     lr: float = 3e-4  # Adam learning rate of the policy
     gamma: float = 0.9  # discount of the Monte Carlo return R_t
     loss_scale: float = 5e-2  # c in -c * R_t * log pi(a_t | o_t, g)
-    advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std; "group": the episode's total reward minus the mean of the other attempts at the same start board (leave-one-out over improve.group_size attempts)
+    advantage: str = "return"  # "return": R_t as is (the paper's); "normalized": (R_t - batch mean) / batch std; "gae": GAE(lambda) with a learned critic on the frozen reward model's features (train/critic.py); "group": the episode's total reward minus the mean of the other attempts at the same start board (leave-one-out over improve.group_size attempts)
+    gae_lambda: float = 0.95  # advantage "gae": lambda of GAE (1: Monte Carlo returns less V(o_t); 0: one-step TD errors)
+    value_lr: float = 1e-3  # advantage "gae": Adam learning rate of the critic (fitted for improve.epochs passes per batch)
     group_weighting: str = "frame"  # advantage "group": "frame" (every frame's loss counts once, so long failures weigh most) or "episode" (each attempt weighs the same: its frames share mean length / length)
     practice_boards: int = 0  # 0: every start board is new; N > 0: practice cycles over N fixed boards (seeds 2e9 + seed * 1e8 on; a diagnostic of whether the learner learns at all)
     group_size: int = 1  # attempts at each start board (the same seed, reset to the same layout); > 1 with advantage "group"

@@ -29,7 +29,7 @@ DECODER_NAMES = ("independent", "autoregressive", "joint")
 # ceiling; and the simulator's success plus its dense progress to the goal, a ceiling with per-step credit)
 REWARDS = ("steps_to_go", "constant", "true_success", "true_progress")
 #: improve.advantage: train/objectives.advantages (the model and train layers sit above the config)
-ADVANTAGES = ("return", "normalized", "group")
+ADVANTAGES = ("return", "normalized", "group", "gae")
 #: improve.train: what Stage 2 trains ("fusion": the fusion MLP and the action decoder, on the
 #: conv features computed once per frame; needs an encoder with a fusion MLP)
 STAGE2_TRAIN = ("all", "fusion")
@@ -95,6 +95,8 @@ def check_config(config: RunConfig) -> None:
         (config.improve.success_hold >= 1, "improve.success_hold must be >= 1 (consecutive steps with d <= s)"),
         (config.improve.advantage in ADVANTAGES, f"improve.advantage must be one of {', '.join(map(repr, ADVANTAGES))}"),
         (config.improve.group_size >= 1, "improve.group_size must be >= 1"),
+        (0 <= config.improve.gae_lambda <= 1 and config.improve.value_lr > 0,
+         "improve.gae_lambda must be in [0, 1] and improve.value_lr > 0"),
         (config.improve.practice_boards >= 0, "improve.practice_boards must be >= 0 (0: a new board every time)"),
         (config.improve.group_weighting in ("frame", "episode"), "improve.group_weighting must be 'frame' or 'episode'"),
         (config.improve.train in STAGE2_TRAIN, f"improve.train must be one of {', '.join(map(repr, STAGE2_TRAIN))}"),

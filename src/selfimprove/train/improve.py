@@ -39,7 +39,8 @@ from selfimprove.reward import (HELD_OUT_CACHE, StepsToGoReward, calibrate_detec
                                 reachable_steps_to_go, reward_model_baseline)
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
-from selfimprove.train.objectives import adapt_kl_coef, policy_update
+from selfimprove.train.critic import ValueBaseline, trunk_features
+from selfimprove.train.objectives import adapt_kl_coef, policy_update, update_epochs
 from selfimprove.train.guard import Guard
 from selfimprove.train.sft import sft_checkpoint
 
@@ -251,6 +252,8 @@ class Stage2:
         self.start, self.history = 0, []
         self.counters = {"robot_episodes": 0, "env_steps": 0, "files_written": 0}
         self.kl_coef = cfg.kl_coef  # adapted per batch when improve.kl_target > 0
+        # advantage "gae": a critic on the frozen reward model's trunk features (train/critic.py)
+        self.value = ValueBaseline(reward_model.encoder.out_dim, cfg, config.seed) if cfg.advantage == "gae" else None
         if resume and self.latest.exists():
             self.policy, _ = load_checkpoint(self.latest, expect_domain=config.domain)
             self.optimizer = self._optimizer()
@@ -258,6 +261,11 @@ class Stage2:
             restore_optimizer(self.optimizer, tensors, state)
             self.start, self.history, self.counters = int(state["iteration"]), state["history"], state["counters"]
             self.kl_coef = float(state.get("kl_coef", cfg.kl_coef))
+            if self.value is not None:
+                if "critic_opt" not in state:
+                    raise RunStateError(f"{self.latest} was made without improve.advantage = 'gae' (no critic to "
+                                        "resume); resume it with the advantage it was started with")
+                self.value.load(tensors, state["critic_opt"])
             self.detector = state["detector"]
             log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", self.start,
                      self.counters["robot_episodes"])
@@ -368,6 +376,15 @@ class Stage2:
             lengths = np.array([e.length for e in fresh])
             returns = torch.as_tensor(np.repeat(adv * episode_weights(lengths, cfg.group_weighting), lengths))
             source, acting, tokens, _ = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward, cfg.reward_clip)
+        elif cfg.advantage == "gae":
+            source, acting, tokens, _ = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward, cfg.reward_clip,
+                                                        reward_d=reward_d)
+            rewards = [episode_rewards(e, cfg.reward, cfg.reward_clip, None if reward_d is None else reward_d[i])
+                       for i, e in enumerate(fresh)]
+            returns, targets, features = self.value.advantages(trunk_features(self.reward.model, fresh),
+                                                               fresh, rewards)
+            extra = self.value.fit(features, targets, torch_generator(self.config.seed, 4, it), update_epochs(cfg),
+                                   cfg.minibatch_size)
         else:
             source, acting, tokens, returns = reinforce_batch(fresh, self.policy, cfg.gamma, cfg.reward,
                                                               cfg.reward_clip, cfg.baseline, cfg.baseline_decay,
@@ -423,11 +440,15 @@ class Stage2:
         """Save the policy with everything that continues the run, then log the record."""
         self.history.append(record)
         tensors, opt_meta = optimizer_state_tensors(self.optimizer)
+        critic: dict[str, Any] = {}
+        if self.value is not None:
+            value_tensors, critic["critic_opt"] = self.value.state()
+            tensors = {**tensors, **value_tensors}
         save_checkpoint(self.policy, self.latest,
                         meta={"stage": "improve", "iteration": it + 1, "seed": self.config.seed, **self.provenance},
                         train_state=tensors,
                         train_meta={**opt_meta, "iteration": it + 1, "history": self.history,
-                                    "counters": self.counters, "detector": self.detector, "kl_coef": self.kl_coef,
+                                    "counters": self.counters, "detector": self.detector, "kl_coef": self.kl_coef, **critic,
                                     **({"guard": self.guard.state} if self.guard is not None else {})},
                         precision=self.config.precision)
         self.metrics.append(record)

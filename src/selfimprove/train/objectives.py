@@ -11,7 +11,8 @@
 
 ``A_t`` is the Monte Carlo return ``R_t`` as it is (``improve.advantage = "return"``, the paper's)
 or normalised per batch (``"normalized"``: ``(R_t - mean R) / std R``, a constant baseline and
-scale), or the episode's leave-one-out advantage over several attempts at the same start board
+scale), or GAE(lambda) with a learned critic (``"gae"``, :mod:`selfimprove.train.critic`, then
+normalised the same way), or the episode's leave-one-out advantage over several attempts at the same start board
 (``"group"``, computed where the episodes are known: :func:`selfimprove.train.improve.group_advantages`).
 Either loss may add ``kl_coef * KL(pi || pi_ref)`` on the batch's states, where ``pi_ref`` is the
 frozen SFT policy: it bounds how far a few hundred episodes can move the policy; with
@@ -65,11 +66,11 @@ def advantages(returns: torch.Tensor, kind: str) -> torch.Tensor:
     """``improve.advantage``: the returns as they are (``"return"``) or normalised per batch."""
     if kind == "return":
         return returns.float()
-    if kind == "normalized":
+    if kind in ("normalized", "gae"):  # gae: the critic's GAE(lambda) advantages, normalised as PPO does
         return normalized_advantages(returns)
     if kind == "group":  # already per-episode leave-one-out advantages
         return returns.float()
-    raise ValueError(f"unknown advantage {kind!r}; use 'return', 'normalized' or 'group'")
+    raise ValueError(f"unknown advantage {kind!r}; use 'return', 'normalized', 'gae' or 'group'")
 
 
 def adapt_kl_coef(coef: float, kl: float | None, target: float) -> float:
