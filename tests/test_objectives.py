@@ -129,7 +129,30 @@ def test_advantages_and_the_loss_registry():
     returns = torch.tensor([1.0, 2.0, 3.0])
     assert torch.equal(advantages(returns, "return"), returns)
     assert float(advantages(returns, "normalized").mean()) == pytest.approx(0.0, abs=1e-6)
-    assert set(OBJECTIVES) == {"reinforce", "ppo"} and OBJECTIVES["ppo"][1] and not OBJECTIVES["reinforce"][1]
+    assert set(OBJECTIVES) == {"reinforce", "ppo", "ppo_token"}
+    assert OBJECTIVES["ppo"][1] and OBJECTIVES["ppo_token"][1] and not OBJECTIVES["reinforce"][1]
+    assert float(advantages(returns, "gae").mean()) == pytest.approx(0.0, abs=1e-6)  # the critic's, normalised
+
+
+def test_per_token_ppo_clips_each_token_and_matches_ppo_for_one_token():
+    """ppo_token: a 4-token action whose tokens each moved a little keeps its gradient where the whole
+    action's ratio (their product) has left the clip range; with one token it is ppo."""
+    from selfimprove.config import ImproveConfig
+    from selfimprove.train.objectives import ppo_loss, ppo_token_loss
+
+    cfg = ImproveConfig(objective="ppo_token", ppo_clip=0.2)
+    old = torch.zeros(3, 4)
+    new = torch.full((3, 4), 0.1, requires_grad=True)  # each token's ratio e^0.1 = 1.105: inside the range
+    adv = torch.tensor([1.0, -0.5, 2.0])
+    whole, whole_stats = ppo_loss(new.sum(-1), old.sum(-1), adv, cfg)  # e^0.4 = 1.49: clipped
+    per_token, token_stats = ppo_token_loss(new, old, adv, cfg)
+    assert whole_stats["clip_fraction"] == 1.0 and token_stats["clip_fraction"] == 0.0
+    per_token.backward()
+    assert new.grad.abs().min() > 0  # every token still learns
+    one = torch.randn(5, 1, requires_grad=True)
+    a, _ = ppo_token_loss(one, torch.zeros(5, 1), adv.repeat(2)[:5], cfg)
+    b, _ = ppo_loss(one.squeeze(-1), torch.zeros(5), adv.repeat(2)[:5], cfg)
+    assert float(a.detach()) == pytest.approx(float(b.detach()))
 
 
 def test_conservative_learner_stays_near_the_sft_policy(trained_quick, tmp_path):
@@ -203,3 +226,16 @@ def test_positive_only_ignores_the_rows_with_no_positive_advantage():
                           dataclasses.replace(config, improve=dataclasses.replace(config.improve, positive_only=False)))
     assert stats["positive_rows"] == 10
     assert all(torch.allclose(everything[k], successes[k], atol=1e-6) for k in everything)
+
+
+def test_per_token_ppo_practises_on_the_real_loop(trained_quick, tmp_path):
+    config = quick_config(tmp_path, "name=token", f"data.path={trained_quick.dataset_path}", "improve.iterations=2",
+                          "improve.eval_every=0", "improve.guard=false", "improve.objective=ppo_token",
+                          "improve.advantage=normalized", "improve.kl_coef=0.1")
+    path = improve(config, sft_checkpoint(trained_quick), progress=False)
+    records = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    history = [r for r in records if r.get("stage") == "improve" and r["iteration"] >= 1]
+    assert len(history) == 2 and all(r["updates"] > 0 and 0 <= r["clip_fraction"] <= 1 for r in history)
+    moved = sum(float((a - b).abs().sum()) for a, b in zip(load_file(path / "model.safetensors").values(),
+                load_file(sft_checkpoint(trained_quick) / "model.safetensors").values()))
+    assert moved > 0

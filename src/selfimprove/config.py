@@ -104,7 +104,7 @@ class ImproveConfig:
     iterations: int = 40  # collect-then-update iterations; max_robot_episodes may stop Stage 2 sooner
     steps_per_iteration: int = 2048  # env steps that fill one on-policy batch
     minibatch_size: int = 64  # samples (env steps) per learner gradient step (0: the whole batch, one step per epoch); shuffled each epoch
-    objective: str = "reinforce"  # "reinforce" (the paper's) or "ppo" (clipped ratio; train/objectives.py)
+    objective: str = "reinforce"  # "reinforce" (the paper's), "ppo" (clipped ratio of the whole action) or "ppo_token" (one clipped ratio per action token; train/objectives.py)
     ppo_clip: float = 0.2  # ppo: eps of the clip range [1 - eps, 1 + eps] of pi / pi_old
     epochs: int | None = None  # passes over each batch; None: 1 for reinforce (the paper's), 4 for ppo
     lr: float = 3e-4  # Adam learning rate of the policy

@@ -151,8 +151,8 @@ def check_config(config: RunConfig) -> None:
          f"improve.reward = 'true_progress' needs an env that reports its distance to the goal; domain "
          f"{config.domain!r} does not (the built-in ones that do: "
          f"{', '.join(d.name for d in DOMAINS.values() if d.goal_distance)})"),
-        (config.improve.objective in ("reinforce", "ppo"),
-         f"improve.objective must be 'reinforce' or 'ppo', got {config.improve.objective!r}"),
+        (config.improve.objective in ("reinforce", "ppo", "ppo_token"),
+         f"improve.objective must be 'reinforce', 'ppo' or 'ppo_token', got {config.improve.objective!r}"),
         (0 < config.improve.ppo_clip < 1, f"improve.ppo_clip must be in (0, 1) (e.g. 0.2), got {config.improve.ppo_clip}"),
         (config.improve.epochs is None or config.improve.epochs >= 1,
          f"improve.epochs must be >= 1 (or none for the objective's default), got {config.improve.epochs}"),

@@ -228,9 +228,14 @@ class EmbodiedModel(nn.Module):
     def token_log_prob(self, action_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log pi(a | o, g) [B] of token vectors [B, action_dim] under ``action_logits`` from
         :meth:`forward` (with the same tokens): the sum of the decoder's categoricals' log-probabilities."""
+        return self.token_log_probs(action_logits, tokens).sum(-1)
+
+    def token_log_probs(self, action_logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The decoder's categoricals' log-probabilities of ``tokens`` [B, K], one per categorical
+        (for the autoregressive decoder ``log pi(a_k | a_<k, o, g)``; one column for the joint one)."""
         logp = torch.log_softmax(action_logits, dim=-1)
         targets = self.action_head.targets(tokens)
-        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1).sum(-1)
+        return logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
     @torch.no_grad()
     def act(self, obs: dict[str, torch.Tensor], temperature: float = 1.0,

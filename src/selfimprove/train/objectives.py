@@ -7,7 +7,8 @@
 * ``"ppo"``: the clipped surrogate ``-c * min(rho * A, clip(rho, 1 - eps, 1 + eps) * A)`` with
   ``rho = pi / pi_old``, 4 passes unless set. ``pi_old`` is recomputed once, before the first
   update, from the weights that collected the batch (eval mode, the sampling temperature, and the
-  same autocast precision as the learner's forward pass, so ``rho = 1`` exactly at the start).
+  same autocast precision as the learner's forward pass, so ``rho = 1`` exactly at the start);
+* ``"ppo_token"``: the same with one ratio per token of the action (:func:`ppo_token_loss`).
 
 ``A_t`` is the Monte Carlo return ``R_t`` as it is (``improve.advantage = "return"``, the paper's)
 or normalised per batch (``"normalized"``: ``(R_t - mean R) / std R``, a constant baseline and
@@ -45,7 +46,7 @@ from selfimprove.model.policy import EmbodiedModel
 from selfimprove.train.precision import autocast
 
 #: passes over each batch when ``improve.epochs`` is unset.
-DEFAULT_EPOCHS = {"reinforce": 1, "ppo": 4}
+DEFAULT_EPOCHS = {"reinforce": 1, "ppo": 4, "ppo_token": 4}
 CHUNK = 256  # rows per forward pass when a gradient step covers more (accumulated)
 
 
@@ -114,10 +115,26 @@ def ppo_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tenso
     return clipped_surrogate_loss(logp, old_logp, adv, cfg.ppo_clip)
 
 
+def ppo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor | None, adv: torch.Tensor, cfg: ImproveConfig
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip with one ratio per token of the action (``logp`` [B, K]): each token's
+    ``pi(a_k | a_<k, o, g) / pi_old(...)`` is clipped on its own and the surrogates are summed over
+    the tokens (mean over rows), as RL on language models clips per token. A 14-token action's
+    whole-action ratio is the product of 14 ratios and leaves the clip range after a small step in
+    each (Aloha: clip fraction 0.49 with ``"ppo"``), silencing the sample; per token, only the
+    tokens that moved too far stop contributing. Identical to ``"ppo"`` for the joint decoder (one
+    categorical)."""
+    loss, stats = clipped_surrogate_loss(logp, old_logp, adv.unsqueeze(-1).expand_as(logp), cfg.ppo_clip)
+    return loss * logp.shape[-1], stats
+
+
 Loss = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, ImproveConfig],
                 tuple[torch.Tensor, dict[str, float]]]
 #: objective name -> (loss, whether it needs the behaviour policy's log-probabilities)
-OBJECTIVES: dict[str, tuple[Loss, bool]] = {"reinforce": (reinforce_loss, False), "ppo": (ppo_loss, True)}
+OBJECTIVES: dict[str, tuple[Loss, bool]] = {"reinforce": (reinforce_loss, False), "ppo": (ppo_loss, True),
+                                            "ppo_token": (ppo_token_loss, True)}
+#: objectives whose loss reads one log-probability per token ([B, K]) rather than per action ([B])
+PER_TOKEN = {"ppo_token"}
 
 
 def kl_to_reference(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -185,11 +202,13 @@ def _eval_mode(model: EmbodiedModel) -> Iterator[None]:
 
 
 def behaviour_log_probs(policy: EmbodiedModel, source: FrameSource, acting: torch.Tensor, tokens: torch.Tensor,
-                        temperature: float, precision: str = "float32", rows: BatchRows | None = None
-                        ) -> torch.Tensor:
-    """log pi_old(a_t | o_t, g) of the batch under the current (not yet updated) weights, in eval mode."""
+                        temperature: float, precision: str = "float32", rows: BatchRows | None = None,
+                        per_token: bool = False) -> torch.Tensor:
+    """log pi_old(a_t | o_t, g) of the batch under the current (not yet updated) weights, in eval mode
+    ([B], or [B, K] per token with ``per_token``)."""
     rows = rows or BatchRows(source, acting, precision)
-    return policy.token_log_prob(rows.all_logits(policy, tokens) / temperature, tokens)
+    logp = policy.token_log_probs(rows.all_logits(policy, tokens) / temperature, tokens)
+    return logp if per_token else logp.sum(-1)
 
 
 def minibatches(order: torch.Tensor, size: int) -> list[torch.Tensor]:
@@ -237,8 +256,9 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
             batch.fused = fused.float()
         else:
             batch.precompute_fusion(policy)
+    per_token = cfg.objective in PER_TOKEN
     old_logp = behaviour_log_probs(policy, source, acting, tokens, cfg.temperature, config.precision,
-                                   batch) if needs_old else None
+                                   batch, per_token) if needs_old else None
     ref_logits = batch.all_logits(reference, tokens) if kl_coef > 0 else None
     policy.train()
     sums: dict[str, list[float]] = {}
@@ -248,7 +268,8 @@ def policy_update(policy: EmbodiedModel, optimizer: torch.optim.Optimizer, sourc
             step: dict[str, float] = {}
             for part in torch.split(rows, CHUNK) if cfg.minibatch_size <= 0 else (rows,):
                 logits = batch.logits(policy, part, tokens[part])
-                logp = policy.token_log_prob(logits / cfg.temperature, tokens[part])
+                logp = policy.token_log_probs(logits / cfg.temperature, tokens[part])
+                logp = logp if per_token else logp.sum(-1)
                 pg, stats = loss_fn(logp, old_logp[part] if old_logp is not None else None, adv[part], cfg)
                 loss = cfg.loss_scale * pg
                 if ref_logits is not None:
