@@ -77,6 +77,8 @@ def test_gae_practice_resumes_bit_for_bit_with_its_critic(trained_quick, tmp_pat
 def test_bad_gae_settings_are_refused():
     with pytest.raises(ConfigError, match="gae_lambda must be in"):
         load_config("pointmass-quick", ["improve.advantage=gae", "improve.gae_lambda=1.5"])
+    with pytest.raises(ConfigError, match="has its own baseline"):
+        load_config("pointmass-quick", ["improve.advantage=gae", "improve.baseline=reward_model"])
     with pytest.raises(ConfigError, match="advantage must be one of"):
         load_config("pointmass-quick", ["improve.advantage=critic"])
 

@@ -97,6 +97,8 @@ def check_config(config: RunConfig) -> None:
         (config.improve.group_size >= 1, "improve.group_size must be >= 1"),
         (0 <= config.improve.gae_lambda <= 1 and config.improve.value_lr > 0,
          "improve.gae_lambda must be in [0, 1] and improve.value_lr > 0"),
+        (config.improve.advantage != "gae" or config.improve.baseline == "none",
+         "improve.advantage = 'gae' has its own baseline (the critic); set improve.baseline = 'none'"),
         (config.improve.practice_boards >= 0, "improve.practice_boards must be >= 0 (0: a new board every time)"),
         (config.improve.group_weighting in ("frame", "episode"), "improve.group_weighting must be 'frame' or 'episode'"),
         (config.improve.train in STAGE2_TRAIN, f"improve.train must be one of {', '.join(map(repr, STAGE2_TRAIN))}"),
