@@ -47,7 +47,7 @@ def bench_update(config, spec, episodes) -> tuple[float, int]:
     policy = EmbodiedModel(spec)
     source, acting, tokens, returns = reinforce_batch(episodes, policy, 0.9)
     params = policy.fusion_parameters() if config.improve.train == "fusion" else list(policy.parameters())
-    opt = torch.optim.Adam(params, lr=3e-4)
+    opt = torch.optim.Adam(params, lr=3e-4, fused=True)  # as Stage 2 builds it
     reference = EmbodiedModel(spec).eval().requires_grad_(False) if config.improve.kl_coef > 0 else None
     if reference is not None:
         reference.load_state_dict(policy.state_dict())  # as in Stage 2: the reference is the starting policy
