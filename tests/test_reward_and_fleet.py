@@ -130,6 +130,12 @@ def test_constant_reward_control_ignores_the_reward_model():
     ep.info = {"is_success": np.array([False] * 4)}
     with pytest.raises(ValueError, match="needs info\\['goal_distance'\\]"):
         episode_rewards(ep, "true_progress")
+    # the detected-success reward pays 1 on the last step of an episode the detector ended, whatever
+    # the simulator says, and nothing on an episode that timed out
+    ep.meta = {"ended_by": "detector"}
+    assert episode_rewards(ep, "detected_success").tolist() == [0.0, 0.0, 1.0]
+    ep.meta = {"ended_by": "timeout"}
+    assert episode_rewards(ep, "detected_success").tolist() == [0.0, 0.0, 0.0]
 
 
 def test_one_conv_pass_serves_policy_and_reward_model_when_they_share_it():

@@ -130,7 +130,7 @@ class ImproveConfig:
     success_hold: int = 1  # the detector ends an episode once d <= s held for this many consecutive steps
     temperature: float = 1.0  # sampling temperature of the practising robots (the learner's log pi uses it too)
     max_grad_norm: float = 1.0  # gradient-norm clip of each minibatch step
-    reward: str = "steps_to_go"  # or "constant": r_t = 1, the control that isolates the learned reward; or "true_success": the simulator's success (1 on the step that reaches it, where the episode ends), the upper-bound control: evaluation-only information, never on a real robot; or "true_progress": that success plus the simulator's dense progress, (g_t - g_{t+1}) / g_0 for the distance g left to the goal, a ceiling with per-step credit (domains that report g)
+    reward: str = "steps_to_go"  # or "detected_success": 1 on the step where the frozen detector (d <= s) ends the episode, nothing else (the learned reward without its per-step shaping); or "constant": r_t = 1, the control that isolates the learned reward; or "true_success": the simulator's success (1 on the step that reaches it, where the episode ends), the upper-bound control: evaluation-only information, never on a real robot; or "true_progress": that success plus the simulator's dense progress, (g_t - g_{t+1}) / g_0 for the distance g left to the goal, a ceiling with per-step credit (domains that report g)
     reward_model: str = ""  # frozen reward model + detector checkpoint; empty: the SFT checkpoint Stage 2 starts from
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)

@@ -68,12 +68,18 @@ def reward_model_path(config: RunConfig, sft_path: Path) -> Path:
 def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0.0,
                     d: np.ndarray | None = None) -> np.ndarray:
     """Per-step rewards: ``d(o_t) - d(o_{t+1})`` (clipped to ``[-clip, clip]`` when ``clip > 0``), 1
-    everywhere for the constant-reward control, or 1 on the step that first reaches the simulator's success
+    everywhere for the constant-reward control, 1 on the step where the frozen detector ended the episode
+    (``"detected_success"``: the learned reward without its per-step shaping), or 1 on the step that first reaches the simulator's success
     for the true-success control; the true-progress control adds ``(g_t - g_{t+1}) / g_0`` for the
     simulator's distance ``g`` left to the goal (:data:`GOAL_DISTANCE`), so an episode's total is its
     fraction of the way covered plus 1 on success. ``d`` defaults to the detector's, ``episode.stg``."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
+    if kind == "detected_success":
+        rewards = np.zeros(episode.length, dtype=np.float32)
+        if episode.length and episode.meta.get("ended_by") == "detector":
+            rewards[-1] = 1.0
+        return rewards
     if kind in ORACLE_REWARDS:
         rewards = np.zeros(episode.length, dtype=np.float32)
         reached = np.flatnonzero(np.asarray(episode.info["is_success"])[1:])
