@@ -25,8 +25,9 @@ FLEET_BACKENDS = ("local", "ray")
 ENCODER_NAMES = ("mlp", "film", "late_fusion", "hf")
 #: the action decoders of model/decoders.DECODERS (kept equal by the same test)
 DECODER_NAMES = ("independent", "autoregressive", "joint")
-# Stage 2's reward: the learned one, and three controls (a constant; the simulator's success as the
-# ceiling; and the simulator's success plus its dense progress to the goal, a ceiling with per-step credit)
+# Stage 2's reward: the learned one, its detector's success alone (no per-step shaping), and three
+# controls (a constant; the simulator's success as the ceiling; and the simulator's success plus its
+# dense progress to the goal, a ceiling with per-step credit)
 REWARDS = ("steps_to_go", "detected_success", "constant", "true_success", "true_progress")
 #: improve.advantage: train/objectives.advantages (the model and train layers sit above the config)
 ADVANTAGES = ("return", "normalized", "group", "gae")
