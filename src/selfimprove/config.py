@@ -132,6 +132,7 @@ class ImproveConfig:
     max_grad_norm: float = 1.0  # gradient-norm clip of each minibatch step
     reward: str = "steps_to_go"  # or "detected_success": 1 on the step where the frozen detector (d <= s) ends the episode, nothing else (the learned reward without its per-step shaping); or "constant": r_t = 1, the control that isolates the learned reward; or "true_success": the simulator's success (1 on the step that reaches it, where the episode ends), the upper-bound control: evaluation-only information, never on a real robot; or "true_progress": that success plus the simulator's dense progress, (g_t - g_{t+1}) / g_0 for the distance g left to the goal, a ceiling with per-step credit (domains that report g)
     reward_model: str = ""  # frozen reward model + detector checkpoint; empty: the SFT checkpoint Stage 2 starts from
+    reward_ensemble: list[str] = field(default_factory=list)  # more frozen checkpoints of the same model (e.g. Stage 1 with other seeds): d is the largest of the members' (the pessimistic ensemble) for the reward and the detector, whose s is calibrated on that d
     max_robot_episodes: int = 0  # stop once this many practice episodes are used (0: no budget)
     eval_every: int = 5  # iterations between true-success checks on fixed eval seeds (diagnostic only)
     eval_episodes: int = 100  # per eval point; `selfimprove run` takes its first and last from the SFT and final evals

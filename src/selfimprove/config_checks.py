@@ -113,6 +113,12 @@ def check_config(config: RunConfig) -> None:
         (config.improve.kl_target >= 0 and (config.improve.kl_target == 0 or config.improve.kl_coef > 0),
          "improve.kl_target must be >= 0, and > 0 only with a starting improve.kl_coef > 0"),
         (config.improve.baseline in ("none", "reward_model"), "improve.baseline must be 'none' or 'reward_model'"),
+        (not config.improve.reward_ensemble or not config.improve.guard,
+         "improve.reward_ensemble with improve.guard is not supported (the guard scores episodes with one model); "
+         "add --set improve.guard=false"),
+        (isinstance(config.improve.reward_ensemble, list)
+         and all(isinstance(p, str) and p for p in config.improve.reward_ensemble),
+         "improve.reward_ensemble must be a list of checkpoint folders, e.g. [\"runs/sft-s1/checkpoints/sft\"]"),
         (config.improve.reward_steps in ("expected", "reachable"), "improve.reward_steps must be 'expected' or 'reachable'"),
         (0 <= config.improve.baseline_decay < 1, "improve.baseline_decay must be in [0, 1)"),
         (config.improve.reward_clip >= 0 and config.improve.kl_coef >= 0,

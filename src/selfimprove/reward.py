@@ -35,12 +35,24 @@ class StepsToGoReward:
     The detector fires once ``d <= s`` has held on ``hold`` consecutive observations
     (``improve.success_hold``; LanguageTable's delayed reward): a single optimistic frame, the most
     common false success, does not end an episode.
+
+    ``ensemble``: more frozen models of the same spec (``improve.reward_ensemble``, e.g. Stage 1 with
+    other seeds). Then ``d`` is the largest of the members' predictions, the pessimistic ensemble
+    (Coste et al., 2024): a state counts as near the goal only when every member says so, so the
+    policy cannot cash in one model's error. ``model`` stays the first member (its trunk may be
+    shared with the policy's).
     """
 
-    def __init__(self, model: EmbodiedModel, threshold: float, hold: int = 1) -> None:
+    def __init__(self, model: EmbodiedModel, threshold: float, hold: int = 1,
+                 ensemble: Sequence[EmbodiedModel] = ()) -> None:
         self.model = model.eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+        self.ensemble = [m.eval() for m in ensemble]
+        if any(member.spec != model.spec for member in self.ensemble):
+            raise ValueError("every member of a reward ensemble needs the spec of the first (the same "
+                             "inputs and steps-to-go head); retrain it with the same model config")
+        for member in self.members:
+            for p in member.parameters():
+                p.requires_grad_(False)
         self.threshold = float(threshold)
         if hold < 1:
             raise ValueError(f"hold must be >= 1 consecutive steps, got {hold}")
@@ -48,9 +60,13 @@ class StepsToGoReward:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, threshold: float, expect_domain: str | None = None,
-                        hold: int = 1) -> "StepsToGoReward":
+                        hold: int = 1, ensemble: Sequence[str | Path] = ()) -> "StepsToGoReward":
         model, _ = load_checkpoint(path, expect_domain=expect_domain)
-        return cls(model, threshold, hold)
+        return cls(model, threshold, hold, load_ensemble(ensemble, model))
+
+    @property
+    def members(self) -> list[EmbodiedModel]:
+        return [self.model, *self.ensemble]
 
     @property
     def spec(self) -> ModelSpec:
@@ -60,13 +76,23 @@ class StepsToGoReward:
     @torch.no_grad()
     def steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> np.ndarray:
         """d(o, g) for a batch of observations, as float32 numpy [B] (``reachable``: see
-        :meth:`EmbodiedModel.expected_steps_to_go`)."""
-        return self.model.expected_steps_to_go(obs, reachable).numpy().astype(np.float32)
+        :meth:`EmbodiedModel.expected_steps_to_go`); an ensemble's largest."""
+        d = self.model.expected_steps_to_go(obs, reachable)
+        for member in self.ensemble:
+            d = torch.maximum(d, member.expected_steps_to_go(obs, reachable))
+        return d.numpy().astype(np.float32)
 
     @torch.no_grad()
-    def steps_to_go_from_fusion(self, z: torch.Tensor) -> np.ndarray:
-        """:meth:`steps_to_go` from the reward model's fusion inputs (computed once for the policy too)."""
-        return self.model.expected_steps_to_go_from_fusion(z).numpy().astype(np.float32)
+    def steps_to_go_from_fusion(self, z: torch.Tensor, obs: dict[str, torch.Tensor] | None = None) -> np.ndarray:
+        """:meth:`steps_to_go` from the first member's fusion inputs (computed once for the policy too);
+        an ensemble's other members read ``obs``."""
+        d = self.model.expected_steps_to_go_from_fusion(z)
+        if self.ensemble:
+            if obs is None:
+                raise ValueError("a reward ensemble needs the observations for its other members")
+            for member in self.ensemble:
+                d = torch.maximum(d, member.expected_steps_to_go(obs))
+        return d.numpy().astype(np.float32)
 
     def steps_to_go_of(self, source: FrameSource, chunk: int = 1024, reachable: bool = False) -> np.ndarray:
         """d(o, g) on every row of ``source`` (stored frames with their history), in chunks."""
@@ -89,6 +115,12 @@ class StepsToGoReward:
         if len(d_history) < self.hold:
             return False
         return bool(np.all(np.asarray(d_history[-self.hold:]) <= self.threshold))
+
+
+def load_ensemble(paths: Sequence[str | Path], first: EmbodiedModel) -> list[EmbodiedModel]:
+    """The extra members of a reward ensemble (``improve.reward_ensemble``), each checked against the
+    first member's spec before any work starts."""
+    return [load_checkpoint(p, expect_domain=first.spec.domain, expect_spec=first.spec)[0] for p in paths]
 
 
 def episode_ids(episode_start: np.ndarray, n: int) -> np.ndarray:
@@ -303,7 +335,7 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
     store = EpisodeStore(config.dataset_path)
     check_store(store, config.domain)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
-    key = _held_out_key(reward.model, config, val_idx) if cache is not None else ""
+    key = _held_out_key(reward.members, config, val_idx) if cache is not None else ""
     if cache is not None and cache.exists():
         try:
             with np.load(cache) as saved:
@@ -335,12 +367,15 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
     return out
 
 
-def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) -> str:
-    """What d on the held-out demos depends on: the model's weights and which frames of which store."""
+def _held_out_key(members: list[EmbodiedModel], config: RunConfig, val_idx: np.ndarray) -> str:
+    """What d on the held-out demos depends on: the models' weights and which frames of which store."""
     h = hashlib.sha256(b"held-out v2: goal frames with hold, d_mismatched")
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for k, model in enumerate(members):
+        if k:  # a lone model's key is what it was before ensembles existed
+            h.update(f"ensemble member {k}".encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     info = config.dataset_path / INFO_PATH
     h.update(str(config.dataset_path.resolve()).encode())
     h.update(info.read_bytes() if info.exists() else b"")
@@ -348,11 +383,13 @@ def _held_out_key(model: EmbodiedModel, config: RunConfig, val_idx: np.ndarray) 
     return h.hexdigest()
 
 
-def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Path | None = None) -> dict[str, Any]:
+def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Path | None = None,
+                       ensemble: Sequence[EmbodiedModel] = ()) -> dict[str, Any]:
     """Choose the success threshold ``s`` on held-out demos (``reward.calibrate_threshold``), or take the
-    configured one; with the numbers a report shows beside it."""
+    configured one; with the numbers a report shows beside it. With an ``ensemble``, ``s`` is chosen on
+    the ensemble's ``d`` (the largest of the members')."""
     cfg = config.improve
-    probe = StepsToGoReward(reward_model, threshold=0.0)
+    probe = StepsToGoReward(reward_model, threshold=0.0, ensemble=ensemble)
     frames = demo_steps_to_go(probe, config, cache)
     if not reward_model.spec.stg_never and "d_mismatched" in frames:  # a store with several goals
         log.warning("the reward model was trained without mismatched-instruction negatives (sft.negatives = 0): "
@@ -375,4 +412,5 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Pa
             cfg.success_hold))) if "d_mismatched" in frames else None),
         "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
         "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
+        "ensemble_members": 1 + len(ensemble),
     }

@@ -15,7 +15,7 @@ It ends with the gate the tabletop must pass before Stage 2 is worth running (:d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -88,16 +88,17 @@ def _cause(info: dict[str, np.ndarray], t: int) -> str:
     return "named pair far apart"
 
 
-def _mismatched_d(model: EmbodiedModel, episodes: list[Episode], draw) -> np.ndarray:
+def _mismatched_d(model: EmbodiedModel, episodes: list[Episode], draw,
+                  ensemble: Sequence[EmbodiedModel] = ()) -> np.ndarray:
     """``d`` on every rollout frame under an instruction that asks for something else (one per episode)."""
     wrong = [Episode(observations=e.observations, actions=e.actions, instruction=t) for e, t in
              zip(episodes, draw([e.instruction for e in episodes]))]
     source, _ = from_episodes(wrong, model.spec)
-    return StepsToGoReward(model, threshold=0.0).steps_to_go_of(source)
+    return StepsToGoReward(model, threshold=0.0, ensemble=ensemble).steps_to_go_of(source)
 
 
 def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: EmbodiedModel | None = None,
-                   draw=None) -> dict[str, Any]:
+                   draw=None, ensemble: Sequence[EmbodiedModel] = ()) -> dict[str, Any]:
     """The detector on the policy's own rollouts (run to the time limit, ``stg`` recorded on every frame).
 
     ``draw`` (texts -> mismatched texts) with ``model``: also the firing rate under wrong instructions.
@@ -133,7 +134,7 @@ def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: 
         "false_firings_by_cause": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
     }
     if model is not None and draw is not None and episodes:
-        out["mismatched_frame_firing"] = float(held_firing(_mismatched_d(model, episodes, draw),
+        out["mismatched_frame_firing"] = float(held_firing(_mismatched_d(model, episodes, draw, ensemble),
                                                            np.repeat(np.arange(len(sizes)), sizes), threshold,
                                                            hold).mean())
     return out

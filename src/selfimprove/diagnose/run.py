@@ -17,7 +17,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import (HELD_OUT_CACHE, MismatchedInstructions, StepsToGoReward, calibrate_threshold,
-                                demo_steps_to_go, reachable_steps_to_go, recommend_threshold)
+                                demo_steps_to_go, load_ensemble, reachable_steps_to_go, recommend_threshold)
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import read_json, torch_generator, write_json
 
@@ -69,7 +69,7 @@ OWN_FILES = frozenset({"diagnostics.json", "report.md", "calibration.png", "erro
 #: the config fields diagnostics depend on (besides the checkpoint's weights and the store of held-out demos)
 SETTINGS = ("domain", "env", "data.fraction", "data.val_fraction", "diagnose", "eval.seed", "eval.robots",
             "improve.temperature", "improve.threshold_rule", "improve.threshold_precision", "improve.success_hold",
-            "improve.gamma", "improve.reward_clip", "improve.baseline_decay")
+            "improve.gamma", "improve.reward_clip", "improve.baseline_decay", "improve.reward_ensemble")
 
 
 def identity(checkpoint: Path, config: RunConfig, rollouts: int, out: Path) -> dict[str, Any]:
@@ -179,15 +179,16 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
     return config
 
 
-def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None = None
-                   ) -> tuple[FrameSet, np.ndarray, dict[str, np.ndarray]]:
+def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None = None,
+                   ensemble: Sequence[EmbodiedModel] = ()) -> tuple[FrameSet, np.ndarray, dict[str, np.ndarray]]:
     """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), goal-frame
     labels, and the arrays as Stage 2 reads them (with ``d_mismatched``).
 
-    ``cache``: see :func:`selfimprove.reward.demo_steps_to_go` (a run's Stage 2 reads it).
+    ``cache``: see :func:`selfimprove.reward.demo_steps_to_go` (a run's Stage 2 reads it). With an
+    ``ensemble`` (``improve.reward_ensemble``), ``d`` is the largest of the members' as in Stage 2.
     """
 
-    frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, cache)
+    frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0, ensemble=ensemble), config, cache)
     starts = np.asarray(frames["episode_start"], dtype=np.int64)
     sizes = np.diff(np.append(starts, len(frames["d"])))
     return FrameSet(d=frames["d"].astype(np.float64), success=frames["true_success"],
@@ -195,7 +196,8 @@ def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None =
                     starts=starts, sizes=sizes), frames["goal_frame"], frames
 
 
-def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[FrameSet, list]:
+def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int,
+                    ensemble: Sequence[EmbodiedModel] = ()) -> tuple[FrameSet, list]:
     """``n`` episodes of the checkpoint's policy on the fixed eval seeds, run to the time limit.
 
     Sampling at ``improve.temperature`` (Stage 2's practice distribution). The reward model is the
@@ -203,7 +205,7 @@ def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int) -> tuple[Fr
     episode is cut: the detector at any ``s`` can be replayed offline. Also returns the episodes,
     with the simulator's goal distance and block positions per frame where the env reports them.
     """
-    never = StepsToGoReward(model, threshold=-math.inf)
+    never = StepsToGoReward(model, threshold=-math.inf, ensemble=ensemble)
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec,
                        min(config.eval.robots, n), never, record_info=(GOAL_DISTANCE, "block_positions", *recorded_info(config.domain)))
     try:
@@ -265,11 +267,12 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     out = Path(out) if out is not None else default_out_dir(checkpoint)
     torch.set_num_threads(config.torch_threads)
     model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
+    ensemble = load_ensemble(config.improve.reward_ensemble, model)  # d as Stage 2 will see it
     mine = identity(checkpoint, config, n_rollouts, out)
     check_out_folder(out, mine, checkpoint, config)
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
 
-    demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE)
+    demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE, ensemble)
     cfg = config.improve
     choice = calibrate_threshold(held_out, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
     f1_table = recommend_threshold(demos.d, goal)["table"]
@@ -290,7 +293,7 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     rollout_audit = None
     if n_rollouts:
         log.info("diagnosing %s: %d policy rollouts on eval seeds from %d", checkpoint, n_rollouts, config.eval.seed)
-        rolls, episodes = policy_rollouts(model, config, n_rollouts)
+        rolls, episodes = policy_rollouts(model, config, n_rollouts, ensemble)
         draw = None
         if several_goals:
 
@@ -298,11 +301,11 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
                                                 goal_key_for(config.domain))
             generator = torch.Generator().manual_seed(0)
             draw = lambda texts: mismatched.draw(texts, generator)  # noqa: E731
-        rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw)
+        rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw, ensemble)
         rollout_audit["reward_signal"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip, cfg.baseline_decay)
         if model.spec.stg_never and rollout_audit["reward_signal"] is not None:
 
-            reachable = reachable_steps_to_go(episodes, StepsToGoReward(model, threshold=0.0))
+            reachable = reachable_steps_to_go(episodes, StepsToGoReward(model, threshold=0.0, ensemble=ensemble))
             rollout_audit["reward_signal_reachable"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip,
                                                                      cfg.baseline_decay, reachable)
         result["audit"]["rollouts"] = rollout_audit

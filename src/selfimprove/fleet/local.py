@@ -113,7 +113,9 @@ class LocalFleet:
                 if len(slot.observations) == 1:  # a new episode's first observation
                     slot.fused = []
                 slot.fused.append(z[k])
-            return self.reward.steps_to_go_from_fusion(z)
+            obs = (from_histories([s.observations for s in slots], [s.instruction for s in slots], self.reward.spec)
+                   if self.reward.ensemble else None)  # an ensemble's other members read the frames themselves
+            return self.reward.steps_to_go_from_fusion(z, obs)
         return self.reward.steps_to_go(from_histories([s.observations for s in slots],
                                                       [s.instruction for s in slots], self.reward.spec))
 

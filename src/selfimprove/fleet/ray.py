@@ -109,16 +109,19 @@ class RobotHost:
     """One Ray actor: a few robots, a policy copy and the frozen reward model (a LocalFleet)."""
 
     def __init__(self, make_env: Callable[[], gym.Env], spec: ModelSpec, n_robots: int, robot_offset: int,
-                 reward_state: dict[str, np.ndarray] | None, detector: dict[str, Any], reset_free: bool,
+                 reward_state: list[dict[str, np.ndarray]] | None, detector: dict[str, Any], reset_free: bool,
                  reset_every: int, record_info: tuple[str, ...] = ()) -> None:
         from selfimprove.fleet.local import LocalFleet
 
         torch.set_num_threads(1)
         reward = None
         if reward_state is not None:
-            model = EmbodiedModel(ModelSpec(**detector["spec"]))  # the reward model's own spec
-            model.load_state_dict({k: torch.as_tensor(v) for k, v in reward_state.items()})
-            reward = StepsToGoReward(model, detector["threshold"], detector["hold"])
+            members = []
+            for state in reward_state:  # the reward model, then any ensemble members (one spec)
+                model = EmbodiedModel(ModelSpec(**detector["spec"]))  # the reward model's own spec
+                model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+                members.append(model)
+            reward = StepsToGoReward(members[0], detector["threshold"], detector["hold"], members[1:])
         self.fleet = LocalFleet(make_env, spec, n_robots, reward, reset_free=reset_free, reset_every=reset_every,
                                 robot_offset=robot_offset, record_info=record_info)
 
@@ -158,7 +161,8 @@ class RayFleet:
         self._weights_ref = None
         self.failures: list[dict[str, Any]] = []  # one record per robot actor that crashed or hung
         # held for the fleet's lifetime: a restarted actor is rebuilt from these same arguments
-        self._reward_ref = rt.put(_numpy_weights(reward.model.state_dict())) if reward is not None else None
+        self._reward_ref = (rt.put([_numpy_weights(m.state_dict()) for m in reward.members])
+                            if reward is not None else None)
         detector = ({"threshold": reward.threshold, "hold": reward.hold, "spec": reward.spec.to_dict()}
                     if reward is not None else {})
         remote = rt.remote(num_cpus=1, max_restarts=-1, max_task_retries=0, scheduling_strategy=scheduling)(RobotHost)

@@ -36,7 +36,7 @@ from selfimprove.model.checkpoint import (load_checkpoint, load_train_state, opt
 from selfimprove.model.inputs import FrameSource, from_episodes
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import (HELD_OUT_CACHE, StepsToGoReward, calibrate_detector, discounted_returns,
-                                reachable_steps_to_go, reward_model_baseline)
+                                load_ensemble, reachable_steps_to_go, reward_model_baseline)
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import MetricsLog, prepare_run, seed_everything, torch_generator, write_json
 from selfimprove.train.critic import ValueBaseline, trunk_features
@@ -248,6 +248,7 @@ class Stage2:
         seed_everything(config.seed, config.torch_threads)
         reward_path = reward_model_path(config, self.sft_path)
         reward_model, _ = load_checkpoint(reward_path, expect_domain=config.domain)
+        ensemble = load_ensemble(cfg.reward_ensemble, reward_model)  # refused here, before any work, if unfit
         self.policy, _ = load_checkpoint(self.sft_path, expect_domain=config.domain)  # a separate, trainable copy
         self.reference = None  # the frozen SFT policy of the KL term
         if cfg.kl_coef > 0:
@@ -276,7 +277,7 @@ class Stage2:
             log.info("resuming stage 2 after iteration %d (%d robot episodes so far)", self.start,
                      self.counters["robot_episodes"])
         else:
-            self.detector = calibrate_detector(reward_model, config, self.files.diagnostics / HELD_OUT_CACHE)
+            self.detector = calibrate_detector(reward_model, config, self.files.diagnostics / HELD_OUT_CACHE, ensemble)
             if self.files.improve_episodes.exists():
                 truncate_store(self.files.improve_episodes, 0)
         write_json(self.files.detector, self.detector)  # strict JSON: NaN -> null
@@ -285,7 +286,7 @@ class Stage2:
             self.metrics.append(record)
         oracle = cfg.reward in ORACLE_REWARDS  # the ceiling controls: the simulator ends episodes, not the detector
         self.reward = StepsToGoReward(reward_model, -np.inf if oracle else self.detector["threshold"],
-                                      int(self.detector.get("hold", 1)))
+                                      int(self.detector.get("hold", 1)), ensemble)
         self.ahead = _collected_not_trained(config, self.counters)
         self.writer = EpisodeWriter(self.files.improve_episodes, fps=10)
         self.fleet = make_fleet(config, self.policy.spec, self.reward, terminate_on_success=oracle)
@@ -293,7 +294,8 @@ class Stage2:
         write_json(self.fleet_file, self.fleet.describe())
         # checkpoint selection without true success (train/guard.py): validation boards, frozen model only
         self.provenance = {"sft": str(self.sft_path), "threshold": self.detector["threshold"],
-                           "reward_model": str(reward_path)}
+                           "reward_model": str(reward_path), **({"reward_ensemble": list(cfg.reward_ensemble)}
+                                                                 if cfg.reward_ensemble else {})}
         self.guard = (Guard(config, self.reward, self.policy.spec, provenance=self.provenance,
                             resume_from=self.latest if self.start > 0 else None) if cfg.guard else None)
         # with max_staleness >= 1 a fleet that can collect in the background (Ray) overlaps the next
