@@ -116,3 +116,21 @@ def test_diagnose_sees_the_ensemble_stage2_would_use(trained_quick, tmp_path):
     assert pair["identity"]["settings"]["improve.reward_ensemble"] == [str(sft)]
     with pytest.raises(RunStateError, match="improve.reward_ensemble"):
         diagnose(sft, config=trained_quick, rollouts=4, out=tmp_path / "pair")  # not the ensemble's folder
+
+
+def test_a_ray_robot_host_rebuilds_every_member_of_the_ensemble():
+    """What a Ray actor receives (each member's weights, one spec) makes the same ensemble."""
+    pytest.importorskip("ray")
+    from selfimprove.fleet.ray import RobotHost, _numpy_weights
+
+    config, spec = _tabletop()
+    torch.manual_seed(0)
+    members = [EmbodiedModel(spec) for _ in range(3)]
+    reward = StepsToGoReward(members[0], threshold=-1.0, hold=2, ensemble=members[1:])
+    detector = {"threshold": reward.threshold, "hold": reward.hold, "spec": spec.to_dict()}
+    host = RobotHost(lambda: make_env(config, terminate_on_success=False), spec, 2, 0,
+                     [_numpy_weights(m.state_dict()) for m in reward.members], detector, False, 0)
+    rebuilt = host.fleet.reward
+    assert len(rebuilt.members) == 3 and rebuilt.hold == 2
+    for mine, theirs in zip(reward.members, rebuilt.members):
+        assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in mine.state_dict().items())
