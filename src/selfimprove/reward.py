@@ -60,9 +60,9 @@ class StepsToGoReward:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, threshold: float, expect_domain: str | None = None,
-                        hold: int = 1, ensemble: Sequence[str | Path] = ()) -> "StepsToGoReward":
+                        hold: int = 1) -> "StepsToGoReward":
         model, _ = load_checkpoint(path, expect_domain=expect_domain)
-        return cls(model, threshold, hold, load_ensemble(ensemble, model))
+        return cls(model, threshold, hold)
 
     @property
     def members(self) -> list[EmbodiedModel]:
@@ -77,21 +77,20 @@ class StepsToGoReward:
     def steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> np.ndarray:
         """d(o, g) for a batch of observations, as float32 numpy [B] (``reachable``: see
         :meth:`EmbodiedModel.expected_steps_to_go`); an ensemble's largest."""
-        d = self.model.expected_steps_to_go(obs, reachable)
-        for member in self.ensemble:
-            d = torch.maximum(d, member.expected_steps_to_go(obs, reachable))
-        return d.numpy().astype(np.float32)
+        return self._worst(self.model.expected_steps_to_go(obs, reachable), obs, reachable)
 
     @torch.no_grad()
     def steps_to_go_from_fusion(self, z: torch.Tensor, obs: dict[str, torch.Tensor] | None = None) -> np.ndarray:
         """:meth:`steps_to_go` from the first member's fusion inputs (computed once for the policy too);
         an ensemble's other members read ``obs``."""
-        d = self.model.expected_steps_to_go_from_fusion(z)
-        if self.ensemble:
-            if obs is None:
-                raise ValueError("a reward ensemble needs the observations for its other members")
-            for member in self.ensemble:
-                d = torch.maximum(d, member.expected_steps_to_go(obs))
+        if self.ensemble and obs is None:
+            raise ValueError("a reward ensemble needs the observations for its other members")
+        return self._worst(self.model.expected_steps_to_go_from_fusion(z), obs)
+
+    def _worst(self, d: torch.Tensor, obs: dict[str, torch.Tensor] | None, reachable: bool = False) -> np.ndarray:
+        """The first member's ``d`` raised to the largest of the other members' on ``obs``, as numpy."""
+        for member in self.ensemble:
+            d = torch.maximum(d, member.expected_steps_to_go(obs, reachable))
         return d.numpy().astype(np.float32)
 
     def steps_to_go_of(self, source: FrameSource, chunk: int = 1024, reachable: bool = False) -> np.ndarray:

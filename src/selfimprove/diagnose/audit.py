@@ -15,14 +15,13 @@ It ends with the gate the tabletop must pass before Stage 2 is worth running (:d
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from selfimprove.data.episode import Episode
 from selfimprove.domain_table import GOAL_DISTANCE
 from selfimprove.model.inputs import from_episodes
-from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, discounted_returns, held_firing, reward_model_baseline
 from selfimprove.stats import spearman
 
@@ -88,20 +87,20 @@ def _cause(info: dict[str, np.ndarray], t: int) -> str:
     return "named pair far apart"
 
 
-def _mismatched_d(model: EmbodiedModel, episodes: list[Episode], draw,
-                  ensemble: Sequence[EmbodiedModel] = ()) -> np.ndarray:
+def _mismatched_d(reward: StepsToGoReward, episodes: list[Episode], draw) -> np.ndarray:
     """``d`` on every rollout frame under an instruction that asks for something else (one per episode)."""
     wrong = [Episode(observations=e.observations, actions=e.actions, instruction=t) for e, t in
              zip(episodes, draw([e.instruction for e in episodes]))]
-    source, _ = from_episodes(wrong, model.spec)
-    return StepsToGoReward(model, threshold=0.0, ensemble=ensemble).steps_to_go_of(source)
+    source, _ = from_episodes(wrong, reward.spec)
+    return reward.steps_to_go_of(source)
 
 
-def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: EmbodiedModel | None = None,
-                   draw=None, ensemble: Sequence[EmbodiedModel] = ()) -> dict[str, Any]:
+def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, reward: StepsToGoReward | None = None,
+                   draw=None) -> dict[str, Any]:
     """The detector on the policy's own rollouts (run to the time limit, ``stg`` recorded on every frame).
 
-    ``draw`` (texts -> mismatched texts) with ``model``: also the firing rate under wrong instructions.
+    ``draw`` (texts -> mismatched texts) with ``reward`` (the frozen model): also the firing rate under wrong
+    instructions.
     """
     sizes = np.array([e.length + 1 for e in episodes])
     d = np.concatenate([np.asarray(e.stg, dtype=np.float64) for e in episodes])
@@ -133,8 +132,8 @@ def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, model: 
         "first_firings_named_pair_far": far / fired if fired and has_distance else None,
         "false_firings_by_cause": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
     }
-    if model is not None and draw is not None and episodes:
-        out["mismatched_frame_firing"] = float(held_firing(_mismatched_d(model, episodes, draw, ensemble),
+    if reward is not None and draw is not None and episodes:
+        out["mismatched_frame_firing"] = float(held_firing(_mismatched_d(reward, episodes, draw),
                                                            np.repeat(np.arange(len(sizes)), sizes), threshold,
                                                            hold).mean())
     return out

@@ -17,7 +17,7 @@ import math
 import os
 import typing
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +36,6 @@ from selfimprove.errors import CheckpointError, ConfigError, DatasetError, RunSt
 from selfimprove.folders import holds_something
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
-from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import (HELD_OUT_CACHE, MismatchedInstructions, StepsToGoReward, calibrate_threshold,
                                 demo_steps_to_go, load_ensemble, reachable_steps_to_go, recommend_threshold)
 from selfimprove.rundir import RunDir
@@ -179,16 +178,16 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
     return config
 
 
-def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None = None,
-                   ensemble: Sequence[EmbodiedModel] = ()) -> tuple[FrameSet, np.ndarray, dict[str, np.ndarray]]:
+def held_out_demos(reward: StepsToGoReward, config: RunConfig, cache: Path | None = None
+                   ) -> tuple[FrameSet, np.ndarray, dict[str, np.ndarray]]:
     """``d`` on the validation split of the store (the frames Stage 2 calibrates ``s`` on), goal-frame
     labels, and the arrays as Stage 2 reads them (with ``d_mismatched``).
 
-    ``cache``: see :func:`selfimprove.reward.demo_steps_to_go` (a run's Stage 2 reads it). With an
-    ``ensemble`` (``improve.reward_ensemble``), ``d`` is the largest of the members' as in Stage 2.
+    ``cache``: see :func:`selfimprove.reward.demo_steps_to_go` (a run's Stage 2 reads it). ``reward``'s
+    ``d`` is an ensemble's largest (``improve.reward_ensemble``) as in Stage 2.
     """
 
-    frames = demo_steps_to_go(StepsToGoReward(model, threshold=0.0, ensemble=ensemble), config, cache)
+    frames = demo_steps_to_go(reward, config, cache)
     starts = np.asarray(frames["episode_start"], dtype=np.int64)
     sizes = np.diff(np.append(starts, len(frames["d"])))
     return FrameSet(d=frames["d"].astype(np.float64), success=frames["true_success"],
@@ -196,18 +195,17 @@ def held_out_demos(model: EmbodiedModel, config: RunConfig, cache: Path | None =
                     starts=starts, sizes=sizes), frames["goal_frame"], frames
 
 
-def policy_rollouts(model: EmbodiedModel, config: RunConfig, n: int,
-                    ensemble: Sequence[EmbodiedModel] = ()) -> tuple[FrameSet, list]:
+def policy_rollouts(reward: StepsToGoReward, config: RunConfig, n: int) -> tuple[FrameSet, list]:
     """``n`` episodes of the checkpoint's policy on the fixed eval seeds, run to the time limit.
 
-    Sampling at ``improve.temperature`` (Stage 2's practice distribution). The reward model is the
-    checkpoint itself with a detector that never fires, so ``d`` is recorded on every frame and no
-    episode is cut: the detector at any ``s`` can be replayed offline. Also returns the episodes,
+    Sampling at ``improve.temperature`` (Stage 2's practice distribution). The policy is ``reward``'s
+    first member, the checkpoint; ``reward``'s detector never fires (s = -inf), so ``d`` is recorded
+    on every frame and no episode is cut: the detector at any ``s`` can be replayed offline. Also returns the episodes,
     with the simulator's goal distance and block positions per frame where the env reports them.
     """
-    never = StepsToGoReward(model, threshold=-math.inf, ensemble=ensemble)
+    model = reward.model
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), model.spec,
-                       min(config.eval.robots, n), never, record_info=(GOAL_DISTANCE, "block_positions", *recorded_info(config.domain)))
+                       min(config.eval.robots, n), reward, record_info=(GOAL_DISTANCE, "block_positions", *recorded_info(config.domain)))
     try:
         episodes = fleet.collect(model.state_dict(), version=0, seeds=seed_stream(config.eval.seed), n_episodes=n,
                                  temperature=config.improve.temperature,
@@ -267,12 +265,13 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     out = Path(out) if out is not None else default_out_dir(checkpoint)
     torch.set_num_threads(config.torch_threads)
     model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
-    ensemble = load_ensemble(config.improve.reward_ensemble, model)  # d as Stage 2 will see it
+    # d as Stage 2 will see it (an ensemble's largest); its detector never fires, so rollouts run to the limit
+    reward = StepsToGoReward(model, -math.inf, ensemble=load_ensemble(config.improve.reward_ensemble, model))
     mine = identity(checkpoint, config, n_rollouts, out)
     check_out_folder(out, mine, checkpoint, config)
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
 
-    demos, goal, held_out = held_out_demos(model, config, out / HELD_OUT_CACHE, ensemble)
+    demos, goal, held_out = held_out_demos(reward, config, out / HELD_OUT_CACHE)
     cfg = config.improve
     choice = calibrate_threshold(held_out, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
     f1_table = recommend_threshold(demos.d, goal)["table"]
@@ -293,7 +292,7 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     rollout_audit = None
     if n_rollouts:
         log.info("diagnosing %s: %d policy rollouts on eval seeds from %d", checkpoint, n_rollouts, config.eval.seed)
-        rolls, episodes = policy_rollouts(model, config, n_rollouts, ensemble)
+        rolls, episodes = policy_rollouts(reward, config, n_rollouts)
         draw = None
         if several_goals:
 
@@ -301,11 +300,11 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
                                                 goal_key_for(config.domain))
             generator = torch.Generator().manual_seed(0)
             draw = lambda texts: mismatched.draw(texts, generator)  # noqa: E731
-        rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, model, draw, ensemble)
+        rollout_audit = audit_rollouts(episodes, s, cfg.success_hold, reward, draw)
         rollout_audit["reward_signal"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip, cfg.baseline_decay)
         if model.spec.stg_never and rollout_audit["reward_signal"] is not None:
 
-            reachable = reachable_steps_to_go(episodes, StepsToGoReward(model, threshold=0.0, ensemble=ensemble))
+            reachable = reachable_steps_to_go(episodes, reward)
             rollout_audit["reward_signal_reachable"] = reward_signal(episodes, cfg.gamma, cfg.reward_clip,
                                                                      cfg.baseline_decay, reachable)
         result["audit"]["rollouts"] = rollout_audit
