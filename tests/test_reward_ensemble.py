@@ -12,6 +12,7 @@ from selfimprove.domains import make_env, model_spec
 from selfimprove.errors import CheckpointError, ConfigError, RunStateError
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint
+from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel
 from selfimprove.reward import StepsToGoReward, load_ensemble
 from selfimprove.train.improve import improve
@@ -52,14 +53,9 @@ def test_an_ensemble_predicts_the_largest_d_of_its_members_shared_trunk_or_not()
         assert np.all(a.stg >= one.stg - 1e-4) and np.any(a.stg > one.stg + 1e-3)  # pessimistic
         # and exactly the largest member's d, frame by frame
         single = [StepsToGoReward(m, 0.0) for m in (policy, second, third)]
-        source = _source([a], spec)
+        source, _ = from_episodes([a], spec)
         per_member = np.stack([r.steps_to_go_of(source) for r in single])
         np.testing.assert_allclose(a.stg, per_member.max(0), rtol=1e-5, atol=1e-4)
-
-
-def _source(episodes, spec):
-    from selfimprove.model.inputs import from_episodes
-    return from_episodes(episodes, spec)[0]
 
 
 def test_members_of_another_spec_are_refused_before_any_work(trained_quick, tmp_path):
