@@ -121,13 +121,13 @@ def test_held_out_pass_is_cached_for_the_same_weights_only(diagnosed, tmp_path):
     copy = tmp_path / HELD_OUT_CACHE
     shutil.copy(cache, copy)
     calls = []
-    original = StepsToGoReward.steps_to_go
+    original = StepsToGoReward.read
 
-    def counted(self, obs, reachable=False):
+    def counted(self, obs):
         calls.append(1)
-        return original(self, obs, reachable)
+        return original(self, obs)
 
-    StepsToGoReward.steps_to_go = counted
+    StepsToGoReward.read = counted
     try:
         cached = demo_steps_to_go(StepsToGoReward(model, threshold=0.0), config, copy)
         assert not calls  # read, not recomputed
@@ -143,7 +143,7 @@ def test_held_out_pass_is_cached_for_the_same_weights_only(diagnosed, tmp_path):
         np.testing.assert_array_equal(again["d"], changed["d"])
         assert np.load(copy)["d"].shape == changed["d"].shape
     finally:
-        StepsToGoReward.steps_to_go = original
+        StepsToGoReward.read = original
 
 
 def test_cli_reads_the_run_folder_and_writes_beside_the_checkpoint(trained_quick, tmp_path, capsys):

@@ -128,6 +128,7 @@ class ImproveConfig:
     threshold_rule: str = "f1"  # calibration of s: "f1" (max F1 vs goal frames) or "precision" (largest s meeting threshold_precision on held-out demos + mismatched negatives)
     threshold_precision: float = 0.9  # threshold_rule "precision": the per-frame precision s must reach
     success_hold: int = 1  # the detector ends an episode once d <= s held for this many consecutive steps
+    detector: str = "steps_to_go"  # what the success detector reads: "steps_to_go" (the paper's d <= s) or "goal_probability" (1 - P(steps-to-go = 0) <= s: the head's probability that the frame is the goal, not its expectation, whose far tail and "never" class blur near misses with the goal); s is calibrated by threshold_rule on that score
     temperature: float = 1.0  # sampling temperature of the practising robots (the learner's log pi uses it too)
     max_grad_norm: float = 1.0  # gradient-norm clip of each minibatch step
     reward: str = "steps_to_go"  # or "detected_success": 1 on the step where the frozen detector (d <= s) ends the episode, nothing else (the learned reward without its per-step shaping); or "constant": r_t = 1, the control that isolates the learned reward; or "true_success": the simulator's success (1 on the step that reaches it, where the episode ends), the upper-bound control: evaluation-only information, never on a real robot; or "true_progress": that success plus the simulator's dense progress, (g_t - g_{t+1}) / g_0 for the distance g left to the goal, a ceiling with per-step credit (domains that report g)

@@ -24,7 +24,7 @@ from selfimprove.domains import check_store, goal_key_for
 from selfimprove.errors import DatasetError
 from selfimprove.model.checkpoint import load_checkpoint
 from selfimprove.model.inputs import FrameSource, frame_source, from_episodes
-from selfimprove.model.policy import EmbodiedModel, ModelSpec
+from selfimprove.model.policy import EmbodiedModel, ModelSpec, expected_steps
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,16 @@ class StepsToGoReward:
     (Coste et al., 2024): a state counts as near the goal only when every member says so, so the
     policy cannot cash in one model's error. ``model`` stays the first member (its trunk may be
     shared with the policy's).
+
+    ``detector``: what the detector reads (:data:`DETECTORS`). ``"steps_to_go"`` is the paper's
+    ``d <= s``. ``"goal_probability"`` reads the head's probability that the frame is the goal,
+    ``P(steps-to-go = 0)``, as the score ``1 - P`` (``<= s``): the expectation ``d`` also carries the
+    distribution's far tail and its "never" class, so a frame the model is sure is the goal and one it
+    thinks is a few steps off can have the same ``d``. An ensemble's score is its least sure member's.
     """
 
     def __init__(self, model: EmbodiedModel, threshold: float, hold: int = 1,
-                 ensemble: Sequence[EmbodiedModel] = ()) -> None:
+                 ensemble: Sequence[EmbodiedModel] = (), detector: str = "steps_to_go") -> None:
         self.model = model.eval()
         self.ensemble = [m.eval() for m in ensemble]
         if any(member.spec != model.spec for member in self.ensemble):
@@ -57,6 +63,9 @@ class StepsToGoReward:
         if hold < 1:
             raise ValueError(f"hold must be >= 1 consecutive steps, got {hold}")
         self.hold = int(hold)
+        if detector not in DETECTORS:
+            raise ValueError(f"unknown detector {detector!r}; use one of {sorted(DETECTORS)}")
+        self.detector = detector
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, threshold: float, expect_domain: str | None = None,
@@ -72,6 +81,51 @@ class StepsToGoReward:
     def spec(self) -> ModelSpec:
         """The reward model's own input spec (its frames and observation keys, not the policy's)."""
         return self.model.spec
+
+    @property
+    def separate_score(self) -> bool:
+        """Whether the detector reads something other than ``d`` (then the fleet records both)."""
+        return self.detector != "steps_to_go"
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """The grid the calibration chooses ``s`` from, in the detector's own units."""
+        return DETECTORS[self.detector]
+
+    @torch.no_grad()
+    def read(self, obs: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """``(d, score)`` for a batch of observations from one pass of each member's head: the reward's
+        ``d`` and the detector's score (``d`` itself for the ``"steps_to_go"`` detector)."""
+        return self._read(self.model.steps_to_go_distribution(obs), obs)
+
+    @torch.no_grad()
+    def read_from_fusion(self, z: torch.Tensor, obs: dict[str, torch.Tensor] | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`read` from the first member's fusion inputs (see :meth:`steps_to_go_from_fusion`)."""
+        if self.ensemble and obs is None:
+            raise ValueError("a reward ensemble needs the observations for its other members")
+        return self._read(self.model.stg_head(self.model.encoder.fuse(z)), obs)
+
+    def _read(self, logits: torch.Tensor, obs: dict[str, torch.Tensor] | None) -> tuple[np.ndarray, np.ndarray]:
+        d, score = self._reading(self.model, logits)
+        for member in self.ensemble:
+            d_m, score_m = self._reading(member, member.steps_to_go_distribution(obs))
+            d, score = torch.maximum(d, d_m), torch.maximum(score, score_m)
+        return d.numpy().astype(np.float32), score.numpy().astype(np.float32)
+
+    def _reading(self, model: EmbodiedModel, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = expected_steps(logits, model.stg_values)
+        if self.detector == "steps_to_go":
+            return d, d
+        return d, 1.0 - torch.softmax(logits, dim=-1)[:, 0]
+
+    def score_of(self, source: FrameSource, chunk: int = 1024) -> np.ndarray:
+        """The detector's score on every row of ``source`` (``d`` for the ``"steps_to_go"`` detector)."""
+        n = len(source.frame_index)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate([self.read(source.obs(torch.arange(i, min(i + chunk, n))))[1]
+                               for i in range(0, n, chunk)])
 
     @torch.no_grad()
     def steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> np.ndarray:
@@ -105,15 +159,16 @@ class StepsToGoReward:
     def reward(d_t: np.ndarray, d_next: np.ndarray) -> np.ndarray:
         return np.asarray(d_t, dtype=np.float32) - np.asarray(d_next, dtype=np.float32)
 
-    def is_success(self, d: np.ndarray | float) -> np.ndarray:
-        """``d <= s`` for each observation (one frame's verdict; see :meth:`detects`)."""
-        return np.asarray(d) <= self.threshold
+    def is_success(self, score: np.ndarray | float) -> np.ndarray:
+        """``score <= s`` for each observation (one frame's verdict; see :meth:`detects`); the score is
+        ``d`` for the ``"steps_to_go"`` detector."""
+        return np.asarray(score) <= self.threshold
 
-    def detects(self, d_history: Sequence[float]) -> bool:
-        """The detector's verdict after the latest step: ``d <= s`` on each of the last ``hold`` observations."""
-        if len(d_history) < self.hold:
+    def detects(self, score_history: Sequence[float]) -> bool:
+        """The detector's verdict after the latest step: ``score <= s`` on each of the last ``hold`` observations."""
+        if len(score_history) < self.hold:
             return False
-        return bool(np.all(np.asarray(d_history[-self.hold:]) <= self.threshold))
+        return bool(np.all(np.asarray(score_history[-self.hold:]) <= self.threshold))
 
 
 def load_ensemble(paths: Sequence[str | Path], first: EmbodiedModel) -> list[EmbodiedModel]:
@@ -197,16 +252,28 @@ def detector_table(d: np.ndarray, positive: np.ndarray, thresholds: np.ndarray |
 
 # The thresholds ``s`` the calibration chooses from (steps): fine below a few steps, where it matters.
 THRESHOLD_GRID = np.round(np.arange(0.25, 20.01, 0.25), 2)
-THRESHOLD_RULE = ("max F1 of d <= s against the goal frames of held-out demos, over s = 0.25, 0.5, ..., 20; "
+THRESHOLD_RULE = ("max F1 of {score} <= s against the goal frames of held-out demos, over s = {grid}; "
                   "ties go to the smaller s")
-PRECISION_RULE = ("the largest s = 0.25, 0.5, ..., 20 whose detector (d <= s held for {hold} steps) reaches a "
+PRECISION_RULE = ("the largest s = {grid} whose detector ({score} <= s held for {hold} steps) reaches a "
                   "per-frame precision of {target:g} on held-out demos plus the same frames under mismatched "
                   "instructions (positives: frames at the goal; negatives: frames more than {near} steps from it "
                   "and every mismatched frame)")
+# What the detector can read, each with the grid its s is calibrated on: d in steps, or 1 - P(goal).
+PROBABILITY_GRID = np.round(np.arange(0.005, 0.9951, 0.005), 3)
+DETECTORS = {"steps_to_go": THRESHOLD_GRID, "goal_probability": PROBABILITY_GRID}
+REPORT_PROBABILITIES = np.array([0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9])  # 1 - P(goal) thresholds a report shows
 NEAR_GOAL = 2  # frames this close to the goal are neither positives nor negatives of the precision rule
 
 
-def recommend_threshold(d: np.ndarray, is_goal_frame: np.ndarray) -> dict[str, Any]:
+def _grid_text(grid: np.ndarray) -> str:
+    return f"{grid[0]:g}, {grid[1]:g}, ..., {grid[-1]:g}"
+
+
+def _score_text(grid: np.ndarray) -> str:
+    return "d" if grid is THRESHOLD_GRID else "1 - P(goal)"
+
+
+def recommend_threshold(d: np.ndarray, is_goal_frame: np.ndarray, grid: np.ndarray = THRESHOLD_GRID) -> dict[str, Any]:
     """The ``"f1"`` rule: the ``s`` with the highest F1 of ``d <= s`` against held-out goal frames.
 
     It uses only what a real robot has (every demo ends where its goal was reached) and it favours
@@ -214,14 +281,15 @@ def recommend_threshold(d: np.ndarray, is_goal_frame: np.ndarray) -> dict[str, A
     costs one step. On the policy's own states that recall is bought with false successes (the
     tabletop's measured failure), so :func:`precision_threshold` is the rule the tabletop preset uses.
     """
-    table = detector_table(d, is_goal_frame, THRESHOLD_GRID)
+    table = detector_table(d, is_goal_frame, grid)
     best = max(table, key=lambda r: (r["f1"], -r["threshold"]))
-    return {"threshold": best["threshold"], "rule": THRESHOLD_RULE, "table": table,
-            "at_grid_edge": best["threshold"] == float(THRESHOLD_GRID[-1])}
+    return {"threshold": best["threshold"], "rule": THRESHOLD_RULE.format(grid=_grid_text(grid), score=_score_text(grid)),
+            "table": table, "at_grid_edge": best["threshold"] == float(grid[-1])}
 
 
 def precision_threshold(d: np.ndarray, steps_to_go: np.ndarray, episode: np.ndarray, target: float,
-                        hold: int = 1, d_mismatched: np.ndarray | None = None) -> dict[str, Any]:
+                        hold: int = 1, d_mismatched: np.ndarray | None = None,
+                        grid: np.ndarray = THRESHOLD_GRID) -> dict[str, Any]:
     """The ``"precision"`` rule (see :data:`PRECISION_RULE`): a false success ends an episode and pays
     the whole remaining steps-to-go at once, a missed one only makes the episode longer.
 
@@ -233,7 +301,7 @@ def precision_threshold(d: np.ndarray, steps_to_go: np.ndarray, episode: np.ndar
     steps_to_go = np.asarray(steps_to_go)
     positive, far = steps_to_go <= 0, steps_to_go > NEAR_GOAL
     rows = []
-    for s in THRESHOLD_GRID:
+    for s in grid:
         fired = held_firing(d, episode, s, hold)
         tp, fp = int(np.sum(fired & positive)), int(np.sum(fired & far))
         fp_mismatched = int(held_firing(d_mismatched, episode, s, hold).sum()) if d_mismatched is not None else 0
@@ -247,23 +315,41 @@ def precision_threshold(d: np.ndarray, steps_to_go: np.ndarray, episode: np.ndar
     else:
         scored = [r for r in rows if r["true_positives"]] or rows
         best = max(scored, key=lambda r: (np.nan_to_num(r["precision"]), -r["threshold"]))
-    return {"threshold": best["threshold"], "rule": PRECISION_RULE.format(hold=hold, target=target, near=NEAR_GOAL),
+    return {"threshold": best["threshold"], "rule": PRECISION_RULE.format(
+                hold=hold, target=target, near=NEAR_GOAL, grid=_grid_text(grid), score=_score_text(grid)),
             "table": rows, "target_met": bool(ok), "precision": best["precision"], "recall": best["recall"],
-            "at_grid_edge": best["threshold"] == float(THRESHOLD_GRID[-1])}
+            "at_grid_edge": best["threshold"] == float(grid[-1])}
+
+
+def detector_view(held_out: dict[str, np.ndarray], detector: str = "steps_to_go") -> dict[str, np.ndarray]:
+    """``held_out`` (from :func:`demo_steps_to_go`) with ``d`` and ``d_mismatched`` replaced by the
+    detector's score on the same frames, for everything that replays the detector (the calibration, the
+    audit); the ``"steps_to_go"`` detector reads ``d`` itself."""
+    if detector == "steps_to_go":
+        return held_out
+    if "score" not in held_out:
+        raise ValueError(f"the held-out pass has no score for the {detector!r} detector")
+    view = {**held_out, "d": held_out["score"]}
+    if "score_mismatched" in held_out:
+        view["d_mismatched"] = held_out["score_mismatched"]
+    return view
 
 
 def calibrate_threshold(held_out: dict[str, np.ndarray], rule: str = "f1", target: float = 0.9,
-                        hold: int = 1) -> dict[str, Any]:
+                        hold: int = 1, detector: str = "steps_to_go") -> dict[str, Any]:
     """Choose ``s`` on the frozen model's pass over held-out demos (``held_out``: ``d``, ``goal_frame``,
     ``steps_to_go``, ``episode_start`` and, when the model was trained with negatives,
-    ``d_mismatched``), by the ``"f1"`` or the ``"precision"`` rule. The one place ``s`` is chosen:
-    Stage 2 and ``selfimprove diagnose`` both call it."""
+    ``d_mismatched``; for another ``detector`` its ``score``), by the ``"f1"`` or the ``"precision"``
+    rule, on that detector's grid. The one place ``s`` is chosen: Stage 2 and ``selfimprove diagnose``
+    both call it."""
+    grid = DETECTORS[detector]
+    held_out = detector_view(held_out, detector)
     if rule == "f1":
-        choice = recommend_threshold(held_out["d"], held_out["goal_frame"])
+        choice = recommend_threshold(held_out["d"], held_out["goal_frame"], grid)
     elif rule == "precision":
         episode = episode_ids(held_out["episode_start"], len(held_out["d"]))
         choice = precision_threshold(held_out["d"], held_out["steps_to_go"], episode, target, hold,
-                                     held_out.get("d_mismatched"))
+                                     held_out.get("d_mismatched"), grid)
         if not choice["target_met"]:
             log.warning("no success threshold reaches precision %.2f on held-out demos and mismatched instructions; "
                         "taking the most precise one, s = %g (precision %.3f)", target, choice["threshold"],
@@ -334,7 +420,7 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
     store = EpisodeStore(config.dataset_path)
     check_store(store, config.domain)
     _, val_idx = split_episodes(store.num_episodes, config.data.val_fraction, config.data.fraction)
-    key = _held_out_key(reward.members, config, val_idx) if cache is not None else ""
+    key = _held_out_key(reward.members, config, val_idx, reward.detector) if cache is not None else ""
     if cache is not None and cache.exists():
         try:
             with np.load(cache) as saved:
@@ -344,9 +430,9 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
             log.warning("ignoring the unreadable held-out cache %s (%s)", cache, exc)
     frames = store.frames(val_idx)
     source = frame_source(frames, reward.spec)
-    d = reward.steps_to_go_of(source)
+    d, score = _read_of(reward, source)
     true = frames.extras.get("info.is_success", frames.is_terminal)
-    out = {"d": d, "goal_frame": frames.goal_reached, "true_success": np.asarray(true, dtype=bool),
+    out = {"d": d, **({"score": score} if reward.separate_score else {}), "goal_frame": frames.goal_reached, "true_success": np.asarray(true, dtype=bool),
            "frame_index": frames.frame_index, "steps_to_go": frames.steps_to_go, "episode_start": frames.episode_start}
     # the same frames under an instruction that asks for something else (one per episode, seeded);
     # none when every instruction of the store asks for the same thing (e.g. the point mass)
@@ -357,7 +443,9 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
         drawn = mismatched.draw([frames.instructions[t] for t in episode_task], torch.Generator().manual_seed(0))
         lookup = {t: i for i, t in enumerate(frames.instructions)}
         source.task_index = torch.as_tensor(np.repeat([lookup[t] for t in drawn], frames.episode_lengths + 1))
-        out["d_mismatched"] = reward.steps_to_go_of(source)
+        out["d_mismatched"], score = _read_of(reward, source)
+        if reward.separate_score:
+            out["score_mismatched"] = score
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(cache.name + ".tmp.npz")
@@ -366,9 +454,22 @@ def demo_steps_to_go(reward: StepsToGoReward, config: RunConfig, cache: Path | N
     return out
 
 
-def _held_out_key(members: list[EmbodiedModel], config: RunConfig, val_idx: np.ndarray) -> str:
-    """What d on the held-out demos depends on: the models' weights and which frames of which store."""
+def _read_of(reward: StepsToGoReward, source: FrameSource, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """``(d, score)`` (:meth:`StepsToGoReward.read`) on every row of ``source``, in chunks."""
+    n = len(source.frame_index)
+    parts = [reward.read(source.obs(torch.arange(i, min(i + chunk, n)))) for i in range(0, n, chunk)]
+    if not parts:
+        return np.zeros(0, dtype=np.float32), np.zeros(0, dtype=np.float32)
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _held_out_key(members: list[EmbodiedModel], config: RunConfig, val_idx: np.ndarray,
+                  detector: str = "steps_to_go") -> str:
+    """What d on the held-out demos depends on: the models' weights, which frames of which store and,
+    for a detector that reads its own score, which detector."""
     h = hashlib.sha256(b"held-out v2: goal frames with hold, d_mismatched")
+    if detector != "steps_to_go":  # a "steps_to_go" key is what it was before other detectors existed
+        h.update(f"detector {detector}".encode())
     for k, model in enumerate(members):
         if k:  # a lone model's key is what it was before ensembles existed
             h.update(f"ensemble member {k}".encode())
@@ -386,29 +487,33 @@ def calibrate_detector(reward_model: EmbodiedModel, config: RunConfig, cache: Pa
                        ensemble: Sequence[EmbodiedModel] = ()) -> dict[str, Any]:
     """Choose the success threshold ``s`` on held-out demos (``reward.calibrate_threshold``), or take the
     configured one; with the numbers a report shows beside it. With an ``ensemble``, ``s`` is chosen on
-    the ensemble's ``d`` (the largest of the members')."""
+    the ensemble's ``d`` (the largest of the members'); with ``improve.detector = "goal_probability"``
+    on the score ``1 - P(goal)`` (:class:`StepsToGoReward`)."""
     cfg = config.improve
-    probe = StepsToGoReward(reward_model, threshold=0.0, ensemble=ensemble)
+    probe = StepsToGoReward(reward_model, threshold=0.0, ensemble=ensemble, detector=cfg.detector)
     frames = demo_steps_to_go(probe, config, cache)
     if not reward_model.spec.stg_never and "d_mismatched" in frames:  # a store with several goals
         log.warning("the reward model was trained without mismatched-instruction negatives (sft.negatives = 0): "
                     "its steps-to-go head cannot say 'not on the way', and its detector is known to fire on "
                     "states that are not the goal; retrain Stage 1 with sft.negatives > 0")
-    choice = calibrate_threshold(frames, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
+    choice = calibrate_threshold(frames, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold, cfg.detector)
     recommended = choice["threshold"]
     fixed = cfg.success_threshold
+    view = detector_view(frames, cfg.detector)
     return {
         "threshold": float(fixed) if fixed is not None else recommended,
         "recommended": recommended,
         "hold": cfg.success_hold,
+        "detector": cfg.detector,
         "source": "config" if fixed is not None else f"calibrated on held-out demos ({cfg.threshold_rule} rule)",
         "rule": choice["rule"],
         "table": choice["table"],
         "negatives_trained": bool(reward_model.spec.stg_never),
-        "held_out_demos_vs_true_success": detector_table(frames["d"], frames["true_success"]),
+        "held_out_demos_vs_true_success": detector_table(view["d"], view["true_success"],
+                                                         None if cfg.detector == "steps_to_go" else REPORT_PROBABILITIES),
         "mismatched_firing_rate": (float(np.mean(held_firing(
-            frames["d_mismatched"], episode_ids(frames["episode_start"], len(frames["d"])), recommended,
-            cfg.success_hold))) if "d_mismatched" in frames else None),
+            view["d_mismatched"], episode_ids(view["episode_start"], len(view["d"])), recommended,
+            cfg.success_hold))) if "d_mismatched" in view else None),
         "d_goal_frames_mean": float(frames["d"][frames["goal_frame"]].mean()),
         "d_other_frames_mean": float(frames["d"][~frames["goal_frame"]].mean()),
         "ensemble_members": 1 + len(ensemble),

@@ -25,6 +25,8 @@ class Episode:
     meta: dict[str, Any] = field(default_factory=dict)
     info: dict[str, np.ndarray] = field(default_factory=dict)
     stg: np.ndarray | None = None  # [T+1] predicted steps-to-go, Stage 2 only
+    detector: np.ndarray | None = None  # [T+1] the success detector's score when it reads something other
+    # than stg (improve.detector = "goal_probability": 1 - P(goal)); kept in memory for the diagnostics, never stored
     fused: np.ndarray | None = None  # [T+1, Z] the policy's fusion inputs, when the fleet computed them once for
     # the policy and the reward model (practice above the convs); a cache for the learner, never stored
 
@@ -40,4 +42,6 @@ class Episode:
                 raise ValueError(f"observation {key!r} has {value.shape[0]} frames; expected T+1 = {t + 1}")
         if self.stg is not None and self.stg.shape[0] != t + 1:
             raise ValueError(f"stg has {self.stg.shape[0]} entries; expected T+1 = {t + 1}")
+        if self.detector is not None and self.detector.shape[0] != t + 1:
+            raise ValueError(f"detector has {self.detector.shape[0]} entries; expected T+1 = {t + 1}")
 

@@ -88,22 +88,23 @@ def _cause(info: dict[str, np.ndarray], t: int) -> str:
 
 
 def _mismatched_d(reward: StepsToGoReward, episodes: list[Episode], draw) -> np.ndarray:
-    """``d`` on every rollout frame under an instruction that asks for something else (one per episode)."""
+    """The detector's score (``d`` for the ``"steps_to_go"`` detector) on every rollout frame under an instruction that asks for something else (one per episode)."""
     wrong = [Episode(observations=e.observations, actions=e.actions, instruction=t) for e, t in
              zip(episodes, draw([e.instruction for e in episodes]))]
     source, _ = from_episodes(wrong, reward.spec)
-    return reward.steps_to_go_of(source)
+    return reward.score_of(source)
 
 
 def audit_rollouts(episodes: list[Episode], threshold: float, hold: int, reward: StepsToGoReward | None = None,
                    draw=None) -> dict[str, Any]:
-    """The detector on the policy's own rollouts (run to the time limit, ``stg`` recorded on every frame).
+    """The detector on the policy's own rollouts (run to the time limit, ``stg`` recorded on every frame;
+    the detector's own score where it reads another, ``Episode.detector``).
 
     ``draw`` (texts -> mismatched texts) with ``reward`` (the frozen model): also the firing rate under wrong
     instructions.
     """
     sizes = np.array([e.length + 1 for e in episodes])
-    d = np.concatenate([np.asarray(e.stg, dtype=np.float64) for e in episodes])
+    d = np.concatenate([np.asarray(e.stg if e.detector is None else e.detector, dtype=np.float64) for e in episodes])
     firsts = first_firings(d, sizes, threshold, hold)
     fired = correct = near = far = 0
     causes: dict[str, int] = {}

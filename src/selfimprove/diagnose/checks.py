@@ -10,13 +10,14 @@ correlations come from :mod:`selfimprove.stats`, the detector's frame table from
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from selfimprove.reward import THRESHOLD_GRID, detector_table
+from selfimprove.reward import REPORT_PROBABILITIES, THRESHOLD_GRID, detector_table
 from selfimprove.stats import spearman
 
 # true steps-to-go ranges (inclusive) of the error-by-horizon table
@@ -185,25 +186,29 @@ def alternatives(table: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def _section(frames: FrameSet, s: float, goal_frame: np.ndarray | None) -> dict[str, Any]:
-    """Every table for one set of episodes (demos or rollouts)."""
+def _section(frames: FrameSet, s: float, goal_frame: np.ndarray | None, score: np.ndarray | None = None,
+             grid: np.ndarray = THRESHOLD_GRID) -> dict[str, Any]:
+    """Every table for one set of episodes (demos or rollouts). ``score``: the detector's score per frame
+    when it reads something other than ``d`` (its tables then replay it on ``grid``; the steps-to-go
+    tables still read ``d``)."""
     defined = ~np.isnan(frames.true_stg)
-    thresholds = np.union1d(THRESHOLD_GRID, REPORT_THRESHOLDS)
+    thresholds = np.union1d(grid, REPORT_THRESHOLDS if grid is THRESHOLD_GRID else REPORT_PROBABILITIES)
+    det = frames if score is None else dataclasses.replace(frames, d=np.asarray(score, dtype=np.float64))
     section: dict[str, Any] = {
         "episodes": int(len(frames.starts)), "frames": int(len(frames.d)),
         "frames_with_true_steps_to_go": int(defined.sum()),
         "mae": float(np.abs(frames.d[defined] - frames.true_stg[defined]).mean()) if defined.any() else None,
         "calibration": calibration_table(frames.d, frames.true_stg),
         "error_by_horizon": horizon_table(frames.d, frames.true_stg),
-        "detector_frames": detector_table(frames.d, frames.success, thresholds),
-        "detector_frames_curve": frame_curve(frames.d, frames.success),
-        "detector_episodes": episode_table(frames, thresholds),
-        "detector_episodes_curve": episode_table(frames, _curve_thresholds(frames.d)),
+        "detector_frames": detector_table(det.d, frames.success, thresholds),
+        "detector_frames_curve": frame_curve(det.d, frames.success),
+        "detector_episodes": episode_table(det, thresholds),
+        "detector_episodes_curve": episode_table(det, _curve_thresholds(det.d, grid)),
     }
     if goal_frame is None:  # rollouts: only successful episodes have a true steps-to-go
         successful = [frames.success[sl].any() for sl in frames.episodes()]
         rho = value_order(frames, up_to_success=True)
-        section["best_s_by_episode_f1"] = _best_on_rollouts(section["detector_episodes"])
+        section["best_s_by_episode_f1"] = _best_on_rollouts(section["detector_episodes"], grid)
         section["true_steps_to_go_note"] = ("defined only for frames up to the first true success of the "
                                             f"{int(np.sum(successful))} successful rollouts")
         section["spearman_d_vs_time"] = {
@@ -213,26 +218,26 @@ def _section(frames: FrameSet, s: float, goal_frame: np.ndarray | None) -> dict[
     else:
         section["true_steps_to_go_note"] = "T - t on every frame (every demo ends at its goal)"
         section["spearman_d_vs_time"] = {"all": _summary(value_order(frames, up_to_success=False))}
-        section["detector_goal_frames"] = detector_table(frames.d, goal_frame, thresholds)
-        section["detector_goal_frames_curve"] = frame_curve(frames.d, goal_frame)
+        section["detector_goal_frames"] = detector_table(det.d, goal_frame, thresholds)
+        section["detector_goal_frames_curve"] = frame_curve(det.d, goal_frame)
         section["d_goal_frames_mean"] = float(frames.d[goal_frame].mean())
         section["d_other_frames_mean"] = float(frames.d[~goal_frame].mean()) if (~goal_frame).any() else None
     return section
 
 
-def _best_on_rollouts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _best_on_rollouts(rows: list[dict[str, Any]], grid: np.ndarray = THRESHOLD_GRID) -> dict[str, Any]:
     """The grid ``s`` with the best episode-level F1 on the rollouts: uses the simulator, so a diagnostic only."""
     def f1(r: dict[str, Any]) -> float:
         p, q = r["precision"], r["recall"]
         return 2 * p * q / (p + q) if p and q else 0.0
 
-    grid = [r for r in rows if np.isclose(THRESHOLD_GRID, r["threshold"]).any()]
-    best = max(grid, key=lambda r: (f1(r), -r["threshold"]))
+    on_grid = [r for r in rows if np.isclose(grid, r["threshold"]).any()]
+    best = max(on_grid, key=lambda r: (f1(r), -r["threshold"]))
     return {"threshold": best["threshold"], "f1": f1(best), "precision": best["precision"], "recall": best["recall"],
             "note": "chosen with the simulator's success on these rollouts: a diagnostic, not available on a robot"}
 
 
-def _curve_thresholds(d: np.ndarray) -> np.ndarray:
+def _curve_thresholds(d: np.ndarray, grid: np.ndarray = THRESHOLD_GRID) -> np.ndarray:
     """Thresholds for the episode-level curves: the rule's grid plus quantiles of ``d`` (up to always firing)."""
     q = np.quantile(d, np.linspace(0, 1, 61)) if len(d) else np.zeros(0)
-    return np.unique(np.round(np.concatenate([THRESHOLD_GRID, q]), 4))
+    return np.unique(np.round(np.concatenate([grid, q]), 4))

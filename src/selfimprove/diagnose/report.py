@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfimprove.diagnose.checks import HORIZONS, NEAR_STEPS, REPORT_THRESHOLDS, _at
+from selfimprove.reward import REPORT_PROBABILITIES
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -21,8 +22,8 @@ def audit_lines(audit: dict[str, Any] | None) -> list[str]:
     """The detector audit (audit.py) as a markdown section: the gate, then its parts."""
     if not audit:
         return []
-    hold = audit["hold"]
-    lines = [f"## Detector audit (d <= s held for {hold} step{'s' if hold > 1 else ''})", "",
+    hold, score = audit["hold"], ("1 - P(goal)" if audit.get("detector") == "goal_probability" else "d")
+    lines = [f"## Detector audit ({score} <= s held for {hold} step{'s' if hold > 1 else ''})", "",
              "| check | value | bound | pass |", "|---|---|---|---|"]
     for name, g in audit["gate"].items():
         mark = {True: "yes", False: "**no**", None: "n/a"}[g["pass"]]
@@ -79,8 +80,9 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
         lines.append(f"| {name} | {_f(fr['precision'])} | {_f(fr['recall'])} | {_f(ep['precision'])} | "
                      f"{_f(ep['recall'])} | {_f(ep['fpr'])} | {_f(ep['precision_near'])} / {_f(ep['recall_near'])} | "
                      f"{ep['early']} ({_f(ep['steps_early_median'], 1)}) |")
-    lines += ["", "Frame level: `d <= s` on a frame vs the simulator's success at that frame. Episode level: the "
-              "first frame where `d <= s` (where Stage 2 would end the episode) vs a true success at that frame; "
+    score = "1 - P(goal)" if result.get("detector") == "goal_probability" else "d"
+    lines += ["", f"Frame level: `{score} <= s` on a frame vs the simulator's success at that frame. Episode level: "
+              f"the first frame where `{score} <= s` (where Stage 2 would end the episode) vs a true success at that frame; "
               "recall over episodes that truly succeed somewhere, FPR over those that never do.", ""]
     if "rollouts" in result:
         r = result["rollouts"]
@@ -118,7 +120,9 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
                 cells += [str(row["frames"]), _f(row["mae"], 2), _f(row["bias"], 2)] if row else ["0", "", ""]
         if any(c not in ("0", "") for c in cells):
             lines.append(f"| {lo if lo == hi else f'{lo}-{hi}'} | " + " | ".join(cells) + " |")
-    lines += ["", "## Success detector `d <= s`", "", "![pr](pr.png) ![roc](roc.png)", ""]
+    probability = result.get("detector", "steps_to_go") == "goal_probability"
+    title = "`1 - P(goal) <= s` (`improve.detector = \"goal_probability\"`)" if probability else "`d <= s`"
+    lines += ["", f"## Success detector {title}", "", "![pr](pr.png) ![roc](roc.png)", ""]
     for name in ("demos", "rollouts"):
         if name not in result:
             continue
@@ -127,7 +131,7 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
         lines += [f"{name}: frame-level ROC AUC {_f(auc)}, average precision {_f(ap)}.", "",
                   "| s | frame precision | frame recall | episode precision | episode recall | episode FPR | "
                   f"episode P / R within {NEAR_STEPS} steps | fired |", "|---|---|---|---|---|---|---|---|"]
-        wanted = sorted(set(REPORT_THRESHOLDS) | {s})
+        wanted = sorted(set(REPORT_PROBABILITIES if probability else REPORT_THRESHOLDS) | {s})
         for t in wanted:
             fr, ep = _at(sec["detector_frames"], t), _at(sec["detector_episodes"], t)
             mark = " (recommended)" if abs(t - s) < 1e-9 else ""

@@ -37,7 +37,8 @@ from selfimprove.folders import holds_something
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint, read_checkpoint_config
 from selfimprove.reward import (HELD_OUT_CACHE, MismatchedInstructions, StepsToGoReward, calibrate_threshold,
-                                demo_steps_to_go, load_ensemble, reachable_steps_to_go, recommend_threshold)
+                                demo_steps_to_go, detector_view, load_ensemble, reachable_steps_to_go,
+                                recommend_threshold)
 from selfimprove.rundir import RunDir
 from selfimprove.runlog import read_json, torch_generator, write_json
 
@@ -68,7 +69,10 @@ OWN_FILES = frozenset({"diagnostics.json", "report.md", "calibration.png", "erro
 #: the config fields diagnostics depend on (besides the checkpoint's weights and the store of held-out demos)
 SETTINGS = ("domain", "env", "data.fraction", "data.val_fraction", "diagnose", "eval.seed", "eval.robots",
             "improve.temperature", "improve.threshold_rule", "improve.threshold_precision", "improve.success_hold",
-            "improve.gamma", "improve.reward_clip", "improve.baseline_decay", "improve.reward_ensemble")
+            "improve.gamma", "improve.reward_clip", "improve.baseline_decay", "improve.reward_ensemble",
+            "improve.detector")
+# settings added to SETTINGS later: a diagnosis written before one existed was made with its default
+LATER_SETTINGS = {"improve.reward_ensemble": [], "improve.detector": "steps_to_go"}
 
 
 def identity(checkpoint: Path, config: RunConfig, rollouts: int, out: Path) -> dict[str, Any]:
@@ -113,7 +117,8 @@ def check_out_folder(out: Path, mine: dict[str, Any], checkpoint: Path, config: 
         differs = [] if same else ["checkpoint or dataset"]
     else:
         differs = [k for k in ("weights_sha256", "dataset", "rollouts") if theirs.get(k) != mine[k]]
-        differs += [k for k in mine["settings"] if theirs.get("settings", {}).get(k) != mine["settings"][k]]
+        recorded = {**LATER_SETTINGS, **theirs.get("settings", {})}
+        differs += [k for k in mine["settings"] if recorded.get(k) != mine["settings"][k]]
     if differs:
         raise RunStateError(
             f"{out} holds the diagnostics of {saved.get('checkpoint')} on {saved.get('dataset')}, made with another "
@@ -266,15 +271,18 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
     torch.set_num_threads(config.torch_threads)
     model, meta = load_checkpoint(checkpoint, expect_domain=config.domain)
     # d as Stage 2 will see it (an ensemble's largest); its detector never fires, so rollouts run to the limit
-    reward = StepsToGoReward(model, -math.inf, ensemble=load_ensemble(config.improve.reward_ensemble, model))
+    reward = StepsToGoReward(model, -math.inf, ensemble=load_ensemble(config.improve.reward_ensemble, model),
+                             detector=config.improve.detector)
     mine = identity(checkpoint, config, n_rollouts, out)
     check_out_folder(out, mine, checkpoint, config)
     log.info("diagnosing %s: held-out demos of %s", checkpoint, config.dataset_path)
 
     demos, goal, held_out = held_out_demos(reward, config, out / HELD_OUT_CACHE)
     cfg = config.improve
-    choice = calibrate_threshold(held_out, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold)
-    f1_table = recommend_threshold(demos.d, goal)["table"]
+    choice = calibrate_threshold(held_out, cfg.threshold_rule, cfg.threshold_precision, cfg.success_hold,
+                                 cfg.detector)
+    view, grid = detector_view(held_out, cfg.detector), reward.thresholds
+    f1_table = recommend_threshold(view["d"], goal, grid)["table"]
     s = choice["threshold"]
     several_goals = "d_mismatched" in held_out
     result: dict[str, Any] = {
@@ -282,9 +290,10 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
         "dataset": str(config.dataset_path), "recommended_s": s, "rule": choice["rule"],
         "rule_table": f1_table, "alternatives": alternatives(f1_table),
         "at_recommended_s": {},
-        "demos": _section(demos, s, goal_frame=goal),
-        "audit": {"hold": cfg.success_hold, "negatives_trained": bool(model.spec.stg_never),
-                  "demos": audit_demos(held_out, s, cfg.success_hold)},
+        "detector": cfg.detector,
+        "demos": _section(demos, s, goal_frame=goal, score=view["d"] if reward.separate_score else None, grid=grid),
+        "audit": {"hold": cfg.success_hold, "detector": cfg.detector, "negatives_trained": bool(model.spec.stg_never),
+                  "demos": audit_demos(view, s, cfg.success_hold)},
     }
     if several_goals and not model.spec.stg_never:
         result["warning"] = NO_NEGATIVES_WARNING
@@ -311,7 +320,8 @@ def diagnose(checkpoint: str | Path, config: RunConfig | None = None, dataset: s
         setback = plot_setback(model, config.domain, episodes, out)
         if setback is not None:
             result["setback"] = setback
-        result["rollouts"] = _section(rolls, s, goal_frame=None)
+        score = np.concatenate([e.detector for e in episodes]) if reward.separate_score else None
+        result["rollouts"] = _section(rolls, s, goal_frame=None, score=score, grid=grid)
         reached = [rolls.success[sl].any() for sl in rolls.episodes()]
         result["rollouts"].update(temperature=config.improve.temperature, first_seed=config.eval.seed,
                                   true_success_rate=float(np.mean(reached)))

@@ -41,6 +41,7 @@ class _Slot:
     actions: list[np.ndarray] = field(default_factory=list)
     success: list[bool] = field(default_factory=list)
     stg: list[float] = field(default_factory=list)
+    score: list[float] = field(default_factory=list)  # the detector's score (stg itself for the "steps_to_go" detector)
     active: bool = False
     start: str = "episodic"
     reset_reason: str | None = None
@@ -105,8 +106,9 @@ class LocalFleet:
         obs = from_histories([s.observations for s in slots], [s.instruction for s in slots], self.spec)
         return self.policy.act(obs, temperature, generator)
 
-    def _steps_to_go(self, slots: list[_Slot]) -> np.ndarray:
-        """d of the latest observation of each of ``slots`` (kept for the next action when shared)."""
+    def _steps_to_go(self, slots: list[_Slot]) -> tuple[np.ndarray, np.ndarray]:
+        """``(d, the detector's score)`` of the latest observation of each of ``slots`` (its fusion inputs
+        kept for the next action when shared)."""
         if self.shared:
             z = self._fusion_inputs(slots)
             for k, slot in enumerate(slots):
@@ -115,9 +117,9 @@ class LocalFleet:
                 slot.fused.append(z[k])
             obs = (from_histories([s.observations for s in slots], [s.instruction for s in slots], self.reward.spec)
                    if self.reward.ensemble else None)  # an ensemble's other members read the frames themselves
-            return self.reward.steps_to_go_from_fusion(z, obs)
-        return self.reward.steps_to_go(from_histories([s.observations for s in slots],
-                                                      [s.instruction for s in slots], self.reward.spec))
+            return self.reward.read_from_fusion(z, obs)
+        return self.reward.read(from_histories([s.observations for s in slots],
+                                               [s.instruction for s in slots], self.reward.spec))
 
     def _board(self, i: int, seed: int) -> tuple[Any, dict[str, Any], str, str | None]:
         """The start of robot ``i``'s next episode: (obs, info, start kind, reset reason)."""
@@ -143,15 +145,16 @@ class LocalFleet:
             obs, info, slot.start, slot.reset_reason = self._board(i, slot.seed)
             o = observation_dict(obs)
             slot.instruction = instruction_of(obs, info, self.envs[i])
-            d0 = float("nan")
+            d0 = score0 = float("nan")
             slot.observations = [o]
             if self.reward is not None:
-                d0 = float(self._steps_to_go([slot])[0])
-                if self.reward.is_success(d0):
+                d, score = self._steps_to_go([slot])
+                d0, score0 = float(d[0]), float(score[0])
+                if self.reward.is_success(score0):
                     self.skipped_starts += 1
                     continue
             slot.actions = []
-            slot.success, slot.stg = [bool(info.get("is_success", False))], [d0]
+            slot.success, slot.stg, slot.score = [bool(info.get("is_success", False))], [d0], [score0]
             slot.recorded = {k: [np.asarray(info[k])] for k in self.record_info if k in info}
             slot.active = True
             self._since_reset[i] += 1
@@ -195,8 +198,8 @@ class LocalFleet:
             steps += len(live)
             for k, i in enumerate(live):
                 slots[i].observations.append(results[k][0])
-            d_next = (self._steps_to_go([slots[i] for i in live]) if self.reward is not None
-                      else np.full(len(live), np.nan, dtype=np.float32))
+            d_next, score_next = (self._steps_to_go([slots[i] for i in live]) if self.reward is not None
+                                  else (np.full(len(live), np.nan, dtype=np.float32),) * 2)
             for k, i in enumerate(live):
                 slot = slots[i]
                 o, terminated, truncated, info = results[k]
@@ -205,7 +208,8 @@ class LocalFleet:
                 for key, values in slot.recorded.items():
                     values.append(np.asarray(info[key]))
                 slot.stg.append(float(d_next[k]))
-                detected = self.reward is not None and self.reward.detects(slot.stg)
+                slot.score.append(float(score_next[k]))
+                detected = self.reward is not None and self.reward.detects(slot.score)
                 if detected or terminated or truncated:
                     ended_by = "detector" if detected else ("success" if terminated else "timeout")
                     finished.append(self._episode(slot, i, version, ended_by, temperature))
@@ -227,6 +231,8 @@ class LocalFleet:
                   "reset_reason": slot.reset_reason},
             info={"is_success": success, **{k: np.stack(v) for k, v in slot.recorded.items()}},
             stg=None if self.reward is None else np.asarray(slot.stg, dtype=np.float32),
+            detector=(np.asarray(slot.score, dtype=np.float32) if self.reward is not None and self.reward.separate_score
+                      else None),
             fused=torch.stack(slot.fused).numpy() if self.shared and len(slot.fused) == len(slot.observations) else None,
         )
 

@@ -121,7 +121,8 @@ class RobotHost:
                 model = EmbodiedModel(ModelSpec(**detector["spec"]))  # the reward model's own spec
                 model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
                 members.append(model)
-            reward = StepsToGoReward(members[0], detector["threshold"], detector["hold"], members[1:])
+            reward = StepsToGoReward(members[0], detector["threshold"], detector["hold"], members[1:],
+                                     detector.get("detector", "steps_to_go"))
         self.fleet = LocalFleet(make_env, spec, n_robots, reward, reset_free=reset_free, reset_every=reset_every,
                                 robot_offset=robot_offset, record_info=record_info)
 
@@ -163,7 +164,8 @@ class RayFleet:
         # held for the fleet's lifetime: a restarted actor is rebuilt from these same arguments
         self._reward_ref = (rt.put([_numpy_weights(m.state_dict()) for m in reward.members])
                             if reward is not None else None)
-        detector = ({"threshold": reward.threshold, "hold": reward.hold, "spec": reward.spec.to_dict()}
+        detector = ({"threshold": reward.threshold, "hold": reward.hold, "spec": reward.spec.to_dict(),
+                     "detector": reward.detector}
                     if reward is not None else {})
         remote = rt.remote(num_cpus=1, max_restarts=-1, max_task_retries=0, scheduling_strategy=scheduling)(RobotHost)
         self.sizes: list[int] = []

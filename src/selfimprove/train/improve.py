@@ -286,7 +286,8 @@ class Stage2:
             self.metrics.append(record)
         oracle = cfg.reward in ORACLE_REWARDS  # the ceiling controls: the simulator ends episodes, not the detector
         self.reward = StepsToGoReward(reward_model, -np.inf if oracle else self.detector["threshold"],
-                                      int(self.detector.get("hold", 1)), ensemble)
+                                      int(self.detector.get("hold", 1)), ensemble,
+                                      self.detector.get("detector", "steps_to_go"))
         self.ahead = _collected_not_trained(config, self.counters)
         self.writer = EpisodeWriter(self.files.improve_episodes, fps=10)
         self.fleet = make_fleet(config, self.policy.spec, self.reward, terminate_on_success=oracle)
