@@ -136,6 +136,11 @@ def test_constant_reward_control_ignores_the_reward_model():
     assert episode_rewards(ep, "detected_success").tolist() == [0.0, 0.0, 1.0]
     ep.meta = {"ended_by": "timeout"}
     assert episode_rewards(ep, "detected_success").tolist() == [0.0, 0.0, 0.0]
+    # the learned counterpart of true progress: d's fall as a fraction of d_0, plus 1 where the detector
+    # ended the episode (d = 9, 5, 7, 1)
+    assert np.allclose(episode_rewards(ep, "steps_to_go_and_success"), [4 / 9, -2 / 9, 6 / 9])
+    ep.meta = {"ended_by": "detector"}
+    assert np.allclose(episode_rewards(ep, "steps_to_go_and_success"), [4 / 9, -2 / 9, 6 / 9 + 1])
 
 
 def test_one_conv_pass_serves_policy_and_reward_model_when_they_share_it():

@@ -28,7 +28,7 @@ DECODER_NAMES = ("independent", "autoregressive", "joint")
 # Stage 2's reward: the learned one, its detector's success alone (no per-step shaping), and three
 # controls (a constant; the simulator's success as the ceiling; and the simulator's success plus its
 # dense progress to the goal, a ceiling with per-step credit)
-REWARDS = ("steps_to_go", "detected_success", "constant", "true_success", "true_progress")
+REWARDS = ("steps_to_go", "steps_to_go_and_success", "detected_success", "constant", "true_success", "true_progress")
 #: improve.advantage: train/objectives.advantages (the model and train layers sit above the config)
 ADVANTAGES = ("return", "normalized", "group", "gae")
 #: improve.train: what Stage 2 trains ("fusion": the fusion MLP and the action decoder, on the

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 #: the controls that read the simulator: the simulator ends their episodes, never the detector
 ORACLE_REWARDS = ("true_success", "true_progress")
+LEARNED_SHAPED_REWARDS = ("steps_to_go", "steps_to_go_and_success")  # the rewards read from d
 
 
 def improve_checkpoint(config: RunConfig) -> Path:
@@ -72,7 +73,9 @@ def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0
     (``"detected_success"``: the learned reward without its per-step shaping), or 1 on the step that first reaches the simulator's success
     for the true-success control; the true-progress control adds ``(g_t - g_{t+1}) / g_0`` for the
     simulator's distance ``g`` left to the goal (:data:`GOAL_DISTANCE`), so an episode's total is its
-    fraction of the way covered plus 1 on success. ``d`` defaults to the detector's, ``episode.stg``."""
+    fraction of the way covered plus 1 on success. ``"steps_to_go_and_success"`` is that shape read from
+    the frozen model: ``(d_t - d_{t+1}) / d_0`` plus 1 on the step where the detector ended the episode.
+    ``d`` defaults to the detector's, ``episode.stg``."""
     if kind == "constant":
         return np.ones(episode.length, dtype=np.float32)
     if kind == "detected_success":
@@ -94,6 +97,11 @@ def episode_rewards(episode: Episode, kind: str = "steps_to_go", clip: float = 0
         return rewards
     d = episode.stg if d is None else d
     rewards = StepsToGoReward.reward(d[:-1], d[1:])
+    if kind == "steps_to_go_and_success":  # the fraction of d_0 covered: no clip needed
+        rewards = rewards / max(float(d[0]), 1.0)
+        if episode.length and episode.meta.get("ended_by") == "detector":
+            rewards[-1] += 1.0
+        return rewards
     return np.clip(rewards, -clip, clip) if clip > 0 else rewards
 
 
@@ -112,7 +120,7 @@ def reinforce_batch(episodes: list[Episode], policy: EmbodiedModel, gamma: float
     for i, e in enumerate(episodes):
         d = e.stg if reward_d is None else reward_d[i]
         returns = discounted_returns(episode_rewards(e, reward, clip, d), gamma)
-        if baseline == "reward_model" and reward == "steps_to_go":
+        if baseline == "reward_model" and reward in LEARNED_SHAPED_REWARDS:
             returns = returns - reward_model_baseline(d, baseline_decay)
         parts.append(returns)
     return source, acting, tokens, torch.as_tensor(np.concatenate(parts))
@@ -374,7 +382,7 @@ class Stage2:
         """Rewards and returns of the batch, then the policy-gradient steps (train/objectives.py)."""
         cfg = self.config.improve
         reward_d = reachable_steps_to_go(fresh, self.reward) if (
-            cfg.reward_steps == "reachable" and cfg.reward == "steps_to_go" and self.reward.spec.stg_never) else None
+            cfg.reward_steps == "reachable" and cfg.reward in LEARNED_SHAPED_REWARDS and self.reward.spec.stg_never) else None
         extra: dict[str, Any] = {}
         if cfg.advantage == "group":
             kept, adv = group_advantages(fresh, cfg.reward, cfg.reward_clip, reward_d)
