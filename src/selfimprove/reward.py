@@ -121,11 +121,7 @@ class StepsToGoReward:
 
     def score_of(self, source: FrameSource, chunk: int = 1024) -> np.ndarray:
         """The detector's score on every row of ``source`` (``d`` for the ``"steps_to_go"`` detector)."""
-        n = len(source.frame_index)
-        if n == 0:
-            return np.zeros(0, dtype=np.float32)
-        return np.concatenate([self.read(source.obs(torch.arange(i, min(i + chunk, n))))[1]
-                               for i in range(0, n, chunk)])
+        return _read_of(self, source, chunk)[1]
 
     @torch.no_grad()
     def steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> np.ndarray:
