@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import quick_config
+from conftest import practice_episodes, quick_config, quick_tabletop
 from selfimprove.config import load_config
-from selfimprove.domains import make_env, model_spec
+from selfimprove.domains import make_env
 from selfimprove.errors import ConfigError, RunStateError
 from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.inputs import from_episodes
@@ -20,26 +20,15 @@ from selfimprove.train.improve import improve
 from selfimprove.train.sft import sft_checkpoint
 
 
-def _tabletop():
-    config = load_config("language-table-quick", ["env.max_episode_steps=12"])
-    return config, model_spec(config, make_env(config))
-
-
 def test_the_fleet_records_d_for_the_reward_and_the_goal_probability_for_the_detector():
-    config, spec = _tabletop()
+    config, spec = quick_tabletop()
     torch.manual_seed(0)
     policy = EmbodiedModel(spec)
     weights = policy.state_dict()
 
     def collect(detector: str, shared: bool) -> list:
         reward = StepsToGoReward(policy, threshold=-1.0, detector=detector)  # never fires: full episodes
-        fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), spec, 3, reward)
-        fleet.set_weights(weights, 0)
-        assert fleet.shared
-        fleet.shared = shared
-        episodes = fleet.collect(weights, 0, seeds=seed_stream(5), n_episodes=4,
-                                 generator=torch.Generator().manual_seed(1))
-        return sorted(episodes, key=lambda e: e.meta["seed"])
+        return practice_episodes(config, spec, reward, weights, shared)
 
     paper = collect("steps_to_go", True)
     together, apart = collect("goal_probability", True), collect("goal_probability", False)
@@ -55,13 +44,11 @@ def test_the_fleet_records_d_for_the_reward_and_the_goal_probability_for_the_det
 
 
 def test_an_ensemble_detector_reads_its_least_sure_member():
-    config, spec = _tabletop()
+    config, spec = quick_tabletop()
     torch.manual_seed(0)
     first, sure = EmbodiedModel(spec), EmbodiedModel(spec)
     with torch.no_grad():  # this member puts most of its mass on "at the goal"
         [m for m in sure.stg_head.modules() if isinstance(m, torch.nn.Linear)][-1].bias[0] += 8.0
-    env = make_env(config)
-    obs, info = env.reset(seed=3)
     fleet = LocalFleet(lambda: make_env(config), spec, 1, StepsToGoReward(first, -1.0))
     source, _ = from_episodes(fleet.collect(first.state_dict(), 0, seeds=seed_stream(3), n_episodes=1), spec)
     batch = source.obs(torch.arange(len(source.frame_index)))
@@ -96,7 +83,7 @@ def test_goal_probability_config_errors_are_clear():
         load_config("pointmass-quick", ["improve.detector=goal_probability", "improve.guard=false",
                                         "improve.success_threshold=3"])
     with pytest.raises(ValueError, match="unknown detector"):
-        StepsToGoReward(EmbodiedModel(_tabletop()[1]), 0.5, detector="mode")
+        StepsToGoReward(EmbodiedModel(quick_tabletop()[1]), 0.5, detector="mode")
 
 
 def test_stage2_calibrates_the_goal_probability_detector_and_diagnose_replays_it(trained_quick, tmp_path):
@@ -127,7 +114,7 @@ def test_a_ray_robot_host_rebuilds_the_detector_it_was_given():
     pytest.importorskip("ray")
     from selfimprove.fleet.ray import RobotHost, _numpy_weights
 
-    config, spec = _tabletop()
+    config, spec = quick_tabletop()
     model = EmbodiedModel(spec)
     detector = {"threshold": 0.3, "hold": 3, "spec": spec.to_dict(), "detector": "goal_probability"}
     host = RobotHost(lambda: make_env(config, terminate_on_success=False), spec, 1, 0,

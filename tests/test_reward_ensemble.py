@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import quick_config
+from conftest import practice_episodes, quick_config, quick_tabletop
 from selfimprove.config import load_config
-from selfimprove.domains import make_env, model_spec
+from selfimprove.domains import make_env
 from selfimprove.errors import CheckpointError, ConfigError, RunStateError
-from selfimprove.fleet.local import LocalFleet, seed_stream
 from selfimprove.model.checkpoint import load_checkpoint
 from selfimprove.model.inputs import from_episodes
 from selfimprove.model.policy import EmbodiedModel
@@ -19,13 +18,8 @@ from selfimprove.train.improve import improve
 from selfimprove.train.sft import sft_checkpoint
 
 
-def _tabletop():
-    config = load_config("language-table-quick", ["env.max_episode_steps=12"])
-    return config, model_spec(config, make_env(config))
-
-
 def test_an_ensemble_predicts_the_largest_d_of_its_members_shared_trunk_or_not():
-    config, spec = _tabletop()
+    config, spec = quick_tabletop()
     torch.manual_seed(0)
     policy, second, third = EmbodiedModel(spec), EmbodiedModel(spec), EmbodiedModel(spec)
     weights = policy.state_dict()
@@ -36,14 +30,7 @@ def test_an_ensemble_predicts_the_largest_d_of_its_members_shared_trunk_or_not()
     def collect(shared: bool, ensemble: list[EmbodiedModel]) -> list:
         first = EmbodiedModel(spec)
         first.load_state_dict(weights)  # the policy's own SFT checkpoint: its convs can be shared
-        reward = StepsToGoReward(first, threshold=-1.0, ensemble=ensemble)
-        fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), spec, 3, reward)
-        fleet.set_weights(weights, 0)
-        assert fleet.shared
-        fleet.shared = shared
-        episodes = fleet.collect(weights, 0, seeds=seed_stream(5), n_episodes=4,
-                                 generator=torch.Generator().manual_seed(1))
-        return sorted(episodes, key=lambda e: e.meta["seed"])
+        return practice_episodes(config, spec, StepsToGoReward(first, threshold=-1.0, ensemble=ensemble), weights, shared)
 
     alone = collect(True, [])
     together, apart = collect(True, [second, third]), collect(False, [second, third])
@@ -59,7 +46,7 @@ def test_an_ensemble_predicts_the_largest_d_of_its_members_shared_trunk_or_not()
 
 
 def test_members_of_another_spec_are_refused_before_any_work(trained_quick, tmp_path):
-    config, spec = _tabletop()
+    config, spec = quick_tabletop()
     first = EmbodiedModel(spec)
     other = EmbodiedModel(type(spec)(**{**spec.to_dict(), "hidden": spec.hidden * 2}))
     with pytest.raises(ValueError, match="spec of the first"):
@@ -119,7 +106,7 @@ def test_a_ray_robot_host_rebuilds_every_member_of_the_ensemble():
     pytest.importorskip("ray")
     from selfimprove.fleet.ray import RobotHost, _numpy_weights
 
-    config, spec = _tabletop()
+    config, spec = quick_tabletop()
     torch.manual_seed(0)
     members = [EmbodiedModel(spec) for _ in range(3)]
     reward = StepsToGoReward(members[0], threshold=-1.0, hold=2, ensemble=members[1:])
