@@ -97,6 +97,9 @@ def test_stage2_calibrates_the_goal_probability_detector_and_diagnose_replays_it
     detector = json.loads((config.run_dir / "detector.json").read_text())
     assert detector["detector"] == "goal_probability" and 0 < detector["threshold"] < 1
     assert "1 - P(goal)" in detector["rule"]
+    from selfimprove.report import write_report
+
+    assert 'improve.detector = "goal_probability"' in write_report(config.name, config.runs_dir).read_text()
 
     probing = dataclasses.replace(trained_quick, improve=dataclasses.replace(
         trained_quick.improve, detector="goal_probability", guard=False))

@@ -88,7 +88,8 @@ def _cause(info: dict[str, np.ndarray], t: int) -> str:
 
 
 def _mismatched_d(reward: StepsToGoReward, episodes: list[Episode], draw) -> np.ndarray:
-    """The detector's score (``d`` for the ``"steps_to_go"`` detector) on every rollout frame under an instruction that asks for something else (one per episode)."""
+    """The detector's score (``d`` for the ``"steps_to_go"`` detector) on every rollout frame under an
+    instruction that asks for something else (one per episode)."""
     wrong = [Episode(observations=e.observations, actions=e.actions, instruction=t) for e, t in
              zip(episodes, draw([e.instruction for e in episodes]))]
     source, _ = from_episodes(wrong, reward.spec)
