@@ -113,6 +113,18 @@ def test_stage2_calibrates_the_goal_probability_detector_and_diagnose_replays_it
         diagnose(sft, config=trained_quick, rollouts=4, out=tmp_path / "diagnosis")  # not the paper detector's folder
 
 
+def test_diagnose_needs_no_guard_flag_for_settings_the_guard_refuses(trained_quick):
+    """The guard never runs in diagnose, so its incompatibilities do not ask for --set improve.guard=false."""
+    from selfimprove.diagnose.run import resolve_config
+
+    sft = sft_checkpoint(trained_quick)
+    for preset in (None, "pointmass-quick"):  # the run folder's config, or a preset
+        config = resolve_config(sft, preset, ["improve.detector=goal_probability"])
+        assert config.improve.detector == "goal_probability" and not config.improve.guard
+    with pytest.raises(ConfigError, match="guard=false"):  # asked for explicitly: still refused
+        resolve_config(sft, "pointmass-quick", ["improve.detector=goal_probability", "improve.guard=true"])
+
+
 def test_a_ray_robot_host_rebuilds_the_detector_it_was_given():
     pytest.importorskip("ray")
     from selfimprove.fleet.ray import RobotHost, _numpy_weights

@@ -147,7 +147,12 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
     A checkpoint at ``runs/<name>/checkpoints/<ckpt>`` takes ``runs/<name>/config.json`` (fields this
     version no longer knows are dropped with a warning); elsewhere, ``preset`` or the preset of the
     checkpoint's domain, with the dataset its metadata names. ``dataset`` beats both.
+
+    Diagnostics never run Stage 2's guard, so ``improve.guard`` is off unless ``overrides`` turn it on:
+    the settings it cannot be combined with (a reward ensemble, the goal-probability detector) need
+    no ``--set improve.guard=false`` here.
     """
+    overrides = ["improve.guard=false", *(overrides or [])]
     checkpoint = Path(checkpoint)
     meta = read_checkpoint_config(checkpoint)  # clear CheckpointError when missing or corrupt
     domain = meta.get("spec", {}).get("domain")
@@ -162,7 +167,7 @@ def resolve_config(checkpoint: str | Path, preset: str | None = None, overrides:
         data = _known_fields(RunConfig, data, "", dropped)
         if dropped:
             log.warning("%s: ignoring fields this version does not know: %s", run_config, ", ".join(dropped))
-        for item in overrides or []:
+        for item in overrides:
             data = _merge(data, parse_override(item))
         if not data.get("data", {}).get("path"):  # the run's own demos, wherever the run folder is now
             data.setdefault("data", {})["path"] = str(RunDir(checkpoint.parent.parent).demos)
