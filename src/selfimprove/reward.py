@@ -24,7 +24,7 @@ from selfimprove.domains import check_store, goal_key_for
 from selfimprove.errors import DatasetError
 from selfimprove.model.checkpoint import load_checkpoint
 from selfimprove.model.inputs import FrameSource, frame_source, from_episodes
-from selfimprove.model.policy import EmbodiedModel, ModelSpec, expected_steps
+from selfimprove.model.policy import EmbodiedModel, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +101,25 @@ class StepsToGoReward:
     @torch.no_grad()
     def read_from_fusion(self, z: torch.Tensor, obs: dict[str, torch.Tensor] | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`read` from the first member's fusion inputs (see :meth:`steps_to_go_from_fusion`)."""
+        """:meth:`read` from the first member's fusion inputs (computed once for the policy too); an
+        ensemble's other members read ``obs``."""
         if self.ensemble and obs is None:
             raise ValueError("a reward ensemble needs the observations for its other members")
         return self._read(self.model.stg_head(self.model.encoder.fuse(z)), obs)
 
-    def _read(self, logits: torch.Tensor, obs: dict[str, torch.Tensor] | None) -> tuple[np.ndarray, np.ndarray]:
-        d, score = self._reading(self.model, logits)
+    def _read(self, logits: torch.Tensor, obs: dict[str, torch.Tensor] | None, reachable: bool = False
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """The first member's ``(d, score)`` from ``logits``, each raised to the largest of the other
+        members' on ``obs`` (the pessimistic ensemble), as numpy."""
+        d, score = self._reading(self.model, logits, reachable)
         for member in self.ensemble:
-            d_m, score_m = self._reading(member, member.steps_to_go_distribution(obs))
+            d_m, score_m = self._reading(member, member.steps_to_go_distribution(obs), reachable)
             d, score = torch.maximum(d, d_m), torch.maximum(score, score_m)
         return d.numpy().astype(np.float32), score.numpy().astype(np.float32)
 
-    def _reading(self, model: EmbodiedModel, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        d = expected_steps(logits, model.stg_values)
+    def _reading(self, model: EmbodiedModel, logits: torch.Tensor, reachable: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        d = model.expected_from_logits(logits, reachable)
         if self.detector == "steps_to_go":
             return d, d
         return d, 1.0 - torch.softmax(logits, dim=-1)[:, 0]
@@ -127,21 +132,7 @@ class StepsToGoReward:
     def steps_to_go(self, obs: dict[str, torch.Tensor], reachable: bool = False) -> np.ndarray:
         """d(o, g) for a batch of observations, as float32 numpy [B] (``reachable``: see
         :meth:`EmbodiedModel.expected_steps_to_go`); an ensemble's largest."""
-        return self._worst(self.model.expected_steps_to_go(obs, reachable), obs, reachable)
-
-    @torch.no_grad()
-    def steps_to_go_from_fusion(self, z: torch.Tensor, obs: dict[str, torch.Tensor] | None = None) -> np.ndarray:
-        """:meth:`steps_to_go` from the first member's fusion inputs (computed once for the policy too);
-        an ensemble's other members read ``obs``."""
-        if self.ensemble and obs is None:
-            raise ValueError("a reward ensemble needs the observations for its other members")
-        return self._worst(self.model.expected_steps_to_go_from_fusion(z), obs)
-
-    def _worst(self, d: torch.Tensor, obs: dict[str, torch.Tensor] | None, reachable: bool = False) -> np.ndarray:
-        """The first member's ``d`` raised to the largest of the other members' on ``obs``, as numpy."""
-        for member in self.ensemble:
-            d = torch.maximum(d, member.expected_steps_to_go(obs, reachable))
-        return d.numpy().astype(np.float32)
+        return self._read(self.model.steps_to_go_distribution(obs), obs, reachable)[0]
 
     def steps_to_go_of(self, source: FrameSource, chunk: int = 1024, reachable: bool = False) -> np.ndarray:
         """d(o, g) on every row of ``source`` (stored frames with their history), in chunks."""
@@ -266,7 +257,7 @@ def _grid_text(grid: np.ndarray) -> str:
 
 
 def _score_text(grid: np.ndarray) -> str:
-    return "d" if grid is THRESHOLD_GRID else "1 - P(goal)"
+    return "d" if np.array_equal(grid, THRESHOLD_GRID) else "1 - P(goal)"
 
 
 def recommend_threshold(d: np.ndarray, is_goal_frame: np.ndarray, grid: np.ndarray = THRESHOLD_GRID) -> dict[str, Any]:

@@ -192,7 +192,7 @@ def _section(frames: FrameSet, s: float, goal_frame: np.ndarray | None, score: n
     when it reads something other than ``d`` (its tables then replay it on ``grid``; the steps-to-go
     tables still read ``d``)."""
     defined = ~np.isnan(frames.true_stg)
-    thresholds = np.union1d(grid, REPORT_THRESHOLDS if grid is THRESHOLD_GRID else REPORT_PROBABILITIES)
+    thresholds = np.union1d(grid, REPORT_THRESHOLDS if np.array_equal(grid, THRESHOLD_GRID) else REPORT_PROBABILITIES)
     det = frames if score is None else dataclasses.replace(frames, d=np.asarray(score, dtype=np.float64))
     section: dict[str, Any] = {
         "episodes": int(len(frames.starts)), "frames": int(len(frames.d)),

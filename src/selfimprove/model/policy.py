@@ -214,13 +214,14 @@ class EmbodiedModel(nn.Module):
         ``reachable``: the expectation over 0..max_steps only (the "never" class left out and the rest
         renormalised), for a head that has that class; the full expectation otherwise.
         """
-        return self._expected(self.steps_to_go_distribution(obs), reachable)
+        return self.expected_from_logits(self.steps_to_go_distribution(obs), reachable)
 
     def expected_steps_to_go_from_fusion(self, z: torch.Tensor, reachable: bool = False) -> torch.Tensor:
         """:meth:`expected_steps_to_go` from :meth:`fusion_inputs` (the same values)."""
-        return self._expected(self.stg_head(self.encoder.fuse(z)), reachable)
+        return self.expected_from_logits(self.stg_head(self.encoder.fuse(z)), reachable)
 
-    def _expected(self, logits: torch.Tensor, reachable: bool) -> torch.Tensor:
+    def expected_from_logits(self, logits: torch.Tensor, reachable: bool = False) -> torch.Tensor:
+        """:meth:`expected_steps_to_go` from the steps-to-go head's logits (already computed)."""
         if reachable and self.spec.stg_never:
             return expected_steps(logits[:, :-1], self.stg_values[:-1])
         return expected_steps(logits, self.stg_values)
