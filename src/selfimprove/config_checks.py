@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("auto", "float32", "bfloat16")  # of gradient steps; see train/precision.py
 FLEET_BACKENDS = ("local", "ray")
+#: data.expert_labels: a demo's action labels are what the expert sent, or what it meant before its
+#: noise and detours (which then only move the board: recovery states with clean labels, as in DART)
+EXPERT_LABELS = ("executed", "intended")
 #: the trunks of model/policy.ENCODERS (the model sits above the config, so its table cannot be read
 #: here; tests/test_layers.py checks that the two name the same trunks)
 ENCODER_NAMES = ("mlp", "film", "late_fusion", "hf")
@@ -133,6 +136,8 @@ def check_config(config: RunConfig) -> None:
          "improve.reward_clip and improve.kl_coef must be >= 0 (0: off)"),
         (0 <= config.sft.negatives <= 4, "sft.negatives must be in [0, 4] (negative rows per batch row)"),
         (config.data.hold_steps >= 0, "data.hold_steps must be >= 0"),
+        (config.data.expert_labels in EXPERT_LABELS,
+         f"data.expert_labels must be one of {', '.join(map(repr, EXPERT_LABELS))}, got {config.data.expert_labels!r}"),
         (config.sft.negatives == 0 or config.model.encoder != "mlp",
          "sft.negatives needs an instruction-conditioned model (model.encoder 'film', 'late_fusion' or 'hf')"),
         (config.fleet.backend in FLEET_BACKENDS, f"fleet.backend must be one of {FLEET_BACKENDS}"),

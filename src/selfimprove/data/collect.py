@@ -16,7 +16,7 @@ from selfimprove.data.store import EpisodeWriter, read_info
 from selfimprove.data.v3 import INFO_PATH
 from selfimprove.domains import DEMO_SEED_BASE, expert_for, instruction_of, make_env, observation_dict
 from selfimprove.folders import ensure_empty, publish, staging_folder
-from selfimprove.errors import DatasetError
+from selfimprove.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,12 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
     hold = int(config.data.hold_steps)
     env = env or demo_env(config)
     expert = expert or expert_for(config)
+    intended = config.data.expert_labels == "intended"
     obs, info = env.reset(seed=seed)
     expert.reset(env, np.random.default_rng([seed, 1]))
     observations = [observation_dict(obs)]
     success_flags = [bool(info.get("is_success", False))]
-    actions = []
+    actions, executed = [], []  # the labels, and (with intended labels) what moved the board
     instruction = instruction_of(obs, info, env)
     held = -1  # steps held since the first success (-1: not reached yet)
     while True:
@@ -49,10 +50,13 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
             hold_action = getattr(expert, "hold", None)
             action = (np.asarray(hold_action(env), dtype=np.float32) if hold_action is not None
                       else np.zeros(env.action_space.shape, dtype=np.float32))
+            label = action
         else:
             action = np.asarray(expert.act(env), dtype=np.float32)
+            label = np.asarray(expert.intended, dtype=np.float32) if intended else action
         obs, _, terminated, truncated, info = env.step(action)
-        actions.append(action)
+        actions.append(label)
+        executed.append(action)
         observations.append(observation_dict(obs))
         success_flags.append(bool(info.get("is_success", False)))
         if held >= 0 or (hold and success_flags[-1]):
@@ -67,7 +71,10 @@ def demo_episode(config: RunConfig, seed: int, env=None, expert=None) -> Episode
         instruction=str(instruction),
         true_success=success_flags[-1],
         meta={"seed": seed, "source": "expert", "ended_by": "success" if success_flags[-1] else "timeout"},
-        info={"is_success": np.asarray(success_flags)},
+        info={"is_success": np.asarray(success_flags),
+              # per frame, as every info column: the last frame's is zero, like its action
+              **({"executed_action": np.concatenate([np.stack(executed), np.zeros_like(executed[:1])])}
+                 if intended else {})},
     )
 
 
@@ -96,9 +103,13 @@ def collect_demos(config: RunConfig, out: str | Path | None = None, episodes: in
     ensure_empty(out, "demos", "Choose another --out (or data.path), or move its files away first", DatasetError)
     seed_base = DEMO_SEED_BASE + config.seed * 100_000
     demo_env(config).close()  # an env that cannot be made (a bad MUJOCO_GL, a missing extra) fails before any write
+    if config.data.expert_labels == "intended" and not hasattr(expert_for(config), "intended"):
+        raise ConfigError(f"data.expert_labels = 'intended': the {config.domain} expert does not tell the action it "
+                          "meant apart from the one it sent; use 'executed' (nothing was written)")
     # built beside ``out`` and renamed into place when complete: a killed collection leaves no half store
     staging = staging_folder(out)
-    writer = EpisodeWriter(staging, fps=10, flush_every=1000, hold_steps=config.data.hold_steps)
+    writer = EpisodeWriter(staging, fps=10, flush_every=1000, hold_steps=config.data.hold_steps,
+                           expert_labels=config.data.expert_labels)
     next_seed, kept, failed = seed_base, 0, 0
     bar = tqdm(total=n, desc=f"collect {out.name}", unit="ep", disable=not progress)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None

@@ -84,12 +84,13 @@ class EpisodeWriter:
     """Appends episodes to a store; each ``flush`` writes one new data file and one episodes file."""
 
     def __init__(self, root: str | Path, fps: int = 10, robot_type: str = "sim",
-                 flush_every: int = 10_000, hold_steps: int = 0) -> None:
+                 flush_every: int = 10_000, hold_steps: int = 0, expert_labels: str = "executed") -> None:
         self.root = Path(root)
         self.fps = fps
         self.robot_type = robot_type
         self.flush_every = flush_every
         self.hold_steps = hold_steps  # demos only: steps each episode goes on past its goal (meta/info.json)
+        self.expert_labels = expert_labels  # demos only: "intended" when the action column is not what was sent
         self._pending: list[Episode] = []
         self._info = self._load_or_new_info()
         self._tasks = self._load_tasks()
@@ -113,6 +114,7 @@ class EpisodeWriter:
             "files_written": 0,
             "frame_layout": "T+1 frames per episode; the last is terminal (is_terminal) with a zero action",
             **({"hold_steps": int(self.hold_steps)} if self.hold_steps else {}),
+            **({"expert_labels": self.expert_labels} if self.expert_labels != "executed" else {}),
         }
 
     def _load_tasks(self) -> dict[str, int]:

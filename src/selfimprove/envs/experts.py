@@ -3,6 +3,9 @@
 
 Every expert has the interface ``reset(env, rng)`` then ``act(env) -> action``; it may read
 privileged simulator state from ``env.unwrapped`` (a demonstrator is allowed to, a policy is not).
+An expert whose actions carry deliberate perturbations (noise, detours) may also keep ``intended``:
+the action its last ``act`` meant before them, which ``data.expert_labels = "intended"`` records as
+the label while the perturbed action still moves the board (DART-style recovery data).
 """
 
 from __future__ import annotations

@@ -49,6 +49,7 @@ class TabletopExpert:
         self._detour_left = 0
         self._detour_dir = np.zeros(2)
         self._pushing = False
+        self.intended = np.zeros(2, dtype=np.float32)  # the last action before its detour and noise
 
     def reset(self, env, rng: np.random.Generator) -> None:
         """Starts a new episode; `rng` drives the noise and detours (seeded by the caller)."""
@@ -67,6 +68,8 @@ class TabletopExpert:
         block, goal = xy[idx], _goal(task, positions)
         eff, tgt = world.effector, world.effector_target
         waypoint, dist_goal = self._waypoint(world, idx, xy, block, goal, eff)
+        limit = speed_limit(dist_goal) if self._pushing else MAX_STEP
+        aim = waypoint
         if self._detour_left > 0:
             self._detour_left -= 1
             waypoint = eff + self._detour_dir
@@ -74,14 +77,10 @@ class TabletopExpert:
             self._detour_left = int(self._rng.integers(self.detour_steps[0], self.detour_steps[1] + 1))
             ang = self._rng.uniform(0, 2 * np.pi)
             self._detour_dir = 0.02 * np.array([np.cos(ang), np.sin(ang)])
-        limit = speed_limit(dist_goal) if self._pushing else MAX_STEP
-        desired = _step_towards(eff, waypoint, limit)
-        action = desired - tgt
+        action = _step_towards(eff, waypoint, limit) - tgt
         action += self._rng.normal(0.0, self.noise_scale, 2) if self.noise_scale > 0 else 0.0
-        n = float(np.linalg.norm(action))
-        if n > MAX_STEP:
-            action *= MAX_STEP / n
-        return action.astype(np.float32)
+        self.intended = _clip_step(_step_towards(eff, aim, limit) - tgt)  # without the detour and the noise
+        return _clip_step(action)
 
     def _waypoint(self, world: TabletopEnv, idx: int, xy: np.ndarray, block: np.ndarray,
                   goal: np.ndarray, eff: np.ndarray) -> tuple[np.ndarray, float]:
@@ -110,6 +109,12 @@ class TabletopExpert:
             return aim, remaining
         pre = block - u * (contact + 0.006)
         return _avoid(eff, pre, xy, world.block_radii, idx, block, contact), remaining + 0.1
+
+
+def _clip_step(action: np.ndarray) -> np.ndarray:
+    """``action`` scaled into the speed limit's disc, as float32."""
+    n = float(np.linalg.norm(action))
+    return (action * (MAX_STEP / n) if n > MAX_STEP else action).astype(np.float32)
 
 
 def _pushed_block(task) -> str:
