@@ -16,6 +16,19 @@ from selfimprove.runlog import torch_generator
 from selfimprove.stats import wilson_interval
 
 
+#: a failed episode "stalled" when its last STALL_WINDOW actions take at most STALL_ACTIONS distinct
+#: values: the policy pushes into something or swings between two states until the time limit (the
+#: way a deterministic policy fails where sampling would have wandered out)
+STALL_WINDOW, STALL_ACTIONS = 50, 3
+
+
+def stalled(episode: Episode) -> bool:
+    """Whether ``episode`` failed repeating a few actions over its last ``STALL_WINDOW`` steps."""
+    if episode.true_success or episode.length < STALL_WINDOW:
+        return False
+    return len(np.unique(episode.actions[-STALL_WINDOW:], axis=0)) <= STALL_ACTIONS
+
+
 def summarize_episodes(episodes: list[Episode]) -> dict[str, Any]:
     wins = sum(bool(e.true_success) for e in episodes)
     lengths = np.array([e.length for e in episodes], dtype=float)
@@ -25,6 +38,8 @@ def summarize_episodes(episodes: list[Episode]) -> dict[str, Any]:
         "ci95": [round(lo, 4), round(hi, 4)],
         "mean_episode_length": float(lengths.mean()) if len(lengths) else float("nan"),
         "eval_episodes": len(episodes),
+        # share of all episodes that failed stalled (see ``stalled``)
+        "stalled_rate": sum(map(stalled, episodes)) / len(episodes) if episodes else float("nan"),
     }
 
 
