@@ -14,7 +14,7 @@ from selfimprove.errors import ConfigError
 
 
 def test_intended_labels_leave_the_board_as_the_executed_demo_left_it():
-    executed_cfg = load_config("language-table-quick", ["data.hold_steps=3"])
+    executed_cfg = load_config("language-table-quick", ["data.hold_steps=3", "data.expert_labels=executed"])
     intended_cfg = load_config("language-table-quick", ["data.hold_steps=3", "data.expert_labels=intended"])
     changed = steps = 0
     for seed in (1, 2, 3):
