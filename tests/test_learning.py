@@ -5,8 +5,10 @@ import pytest
 from selfimprove.config import load_config
 from selfimprove.pipeline import run_pipeline
 
+# 30 iterations: 15 were enough on an AVX-512 CPU, but an AVX2 one computes other numerics and there
+# seed 0 needs 25 (with 30, seeds 0 / 1 / 2 end 69% / 78% / 51% shorter than SFT)
 SMALL = ["data.episodes=1000", "sft.steps=2000", "sft.lr=1e-3", "model.hidden=128",
-         "improve.iterations=15", "improve.eval_every=0"]
+         "improve.iterations=30", "improve.eval_every=0"]
 
 
 def check_claim(summary):
