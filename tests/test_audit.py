@@ -86,3 +86,8 @@ def test_episodes_vs_success_plot_reads_experiment_summaries(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     out = plot_episodes_vs_success(tmp_path / "plot.png", {"10%": tmp_path / "summary.json"})
     assert out.exists() and out.stat().st_size > 1000
+    # another grid's names for its cells, and the SFT curve that practice is judged against
+    curve = plot_episodes_vs_success(tmp_path / "curve.png", {"10%": tmp_path / "summary.json"},
+                                     cells={"constant": "control", "all": "method"}, method="constant",
+                                     sft_curve=[(1900, 0.5), (950, 0.4)])
+    assert curve.stat().st_size > out.stat().st_size  # the curve's line and legend entry are drawn

@@ -104,15 +104,21 @@ def _bar_plot(root: Path, summary: dict[str, Any]) -> Path | None:
 
 
 def plot_episodes_vs_success(out: str | Path, summaries: dict[str, str | Path],
-                             cells: dict[str, str] | None = None) -> Path:
+                             cells: dict[str, str] | None = None, method: str = "all",
+                             sft_curve: list[tuple[float, float]] | None = None) -> Path:
     """One figure over several experiments' ``summary.json`` (label -> path): true success against
     the episodes used (demos + practice) for the start policy and, per ``cells`` (setting of the
     first axis -> legend label), Stage 2 from it: the mean over seeds with its interval, and each
-    seed faintly. E.g. the tabletop's ``self-improvement`` grids at 10% and 80% of the demos."""
+    seed faintly; an arrow from SFT to the ``method`` cell. ``sft_curve``: (demos, success) points of
+    SFT on more demos, drawn as the line practice is judged against (the exchange rate). E.g. the
+    tabletop's ``self-improvement`` grids at 10% and 80% of the demos."""
     cells = cells or {"all": "Self-Improvement (preset)", "constant": "constant-reward control",
                       "paper-learner": "the paper's learner", "true-success": "true-success reward (ceiling)"}
     markers = {"sft": "o", **{k: m for k, m in zip(cells, "s^vDP")}}
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    if sft_curve:
+        demos, success = zip(*sorted(sft_curve))
+        ax.plot(demos, success, "-", color="0.55", lw=1.5, marker=".", zorder=1, label="SFT on more demos")
     for i, (label, path) in enumerate(summaries.items()):
         colour = f"C{i}"
         summary = read_json(Path(path))
@@ -132,10 +138,10 @@ def plot_episodes_vs_success(out: str | Path, summaries: dict[str, str | Path],
                 continue
             x1 = stage["total_episodes_mean"] * (1 + 0.04 * j)  # side by side, not on top of each other
             ax.errorbar([x1], [stage["mean"]], yerr=[[v] for v in _errorbar(stage)], fmt=markers[setting],
-                        color=colour, capsize=3, mfc="white" if setting != "all" else colour, mew=1.5,
+                        color=colour, capsize=3, mfc="white" if setting != method else colour, mew=1.5,
                         label=f"{label}: {name}")
             ax.plot([x1] * len(stage["per_seed"]), stage["per_seed"], ".", color=colour, alpha=0.35)
-            if setting == "all":
+            if setting == method:
                 ax.annotate("", xy=(x1, stage["mean"]), xytext=(x0, y0),
                             arrowprops={"arrowstyle": "->", "color": colour, "lw": 1.2, "shrinkA": 4, "shrinkB": 4})
     ax.set_xlabel("episodes used (demonstrations + Self-Improvement practice)")
