@@ -49,4 +49,6 @@ def test_bfloat16_sft_learns_and_keeps_float32_weights(tmp_path, caplog):
     assert all(p.dtype == torch.float32 for p in model.parameters())
     val = [json.loads(line) for line in (config.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert val[-1]["val_bc"] < val[0]["val_bc"]  # held-out loss falls: the bf16 steps do train the model
+    # every held-out record carries the constant guess the steps-to-go MAE is read against
+    assert len({r["val_stg_mae_constant"] for r in val}) == 1 and val[0]["val_stg_mae_constant"] > 0
 

@@ -12,7 +12,7 @@ from selfimprove.envs.tabletop import tasks
 from selfimprove.model.backbones import make_text_encoder
 from selfimprove.model.policy import EmbodiedModel, ModelSpec
 from selfimprove.reward import MismatchedInstructions
-from selfimprove.train.sft import sft_losses, with_negatives
+from selfimprove.train.sft import constant_guess_mae, sft_losses, with_negatives
 
 
 def _role_swap(text: str) -> str:
@@ -95,6 +95,27 @@ def test_reachable_steps_to_go_leaves_the_never_class_out():
     assert torch.all(full > 10) and torch.allclose(reachable, torch.full((3,), 5.0))  # uniform over 0..10
     plain = _tiny_model(never=False)
     assert torch.equal(plain.expected_steps_to_go(obs, reachable=True), plain.expected_steps_to_go(obs))
+
+
+def test_held_out_steps_to_go_error_is_reported_with_and_without_the_never_class():
+    """Mass on "never" counts max_steps + 1 steps in d: the MAE without it and the mass itself say how
+    much of the error is that class, and a constant guess says what the MAE must beat."""
+    model = _tiny_model(never=True)
+    obs = {"image": torch.zeros(2, 1, 16, 16, 3, dtype=torch.uint8), "effector": torch.zeros(2, 2),
+           "instruction": ["push the red moon to the blue cube"] * 2}
+    with torch.no_grad():
+        model.stg_head.weight.zero_()
+        model.stg_head.bias.copy_(torch.tensor([-30.0] * 11 + [0.0]))
+        model.stg_head.bias[5] = 0.0  # half the mass on 5 steps, half on "never" (11 steps)
+    losses = sft_losses(model, obs, torch.zeros(2, 2, dtype=torch.long), torch.ones(2, dtype=torch.bool),
+                        torch.tensor([5, 5]))
+    assert abs(float(losses["never_p_demo"]) - 0.5) < 1e-4
+    assert abs(float(losses["stg_mae"]) - 3.0) < 1e-3  # d = 0.5 * 5 + 0.5 * 11 = 8
+    assert float(losses["stg_mae_reachable"]) < 1e-3  # renormalised, all on 5
+    assert "stg_mae_reachable" not in sft_losses(_tiny_model(never=False), obs, torch.zeros(2, 2, dtype=torch.long),
+                                                 torch.ones(2, dtype=torch.bool), torch.tensor([5, 5]))
+    assert constant_guess_mae(torch.tensor([0, 1, 2, 10])) == 2.75  # median 1 (the lower middle)
+    assert constant_guess_mae(torch.tensor([4, 4, 4])) == 0.0
 
 
 def test_demos_hold_the_goal_and_label_it_zero_steps_to_go(tmp_path):

@@ -70,7 +70,13 @@ def plot_sft(records: list[dict[str, Any]], out: Path) -> Path | None:
     ax1.set_xlabel("SFT step")
     ax1.set_ylabel("cross-entropy")
     ax1.legend(fontsize=8)
-    ax2.plot(steps, [r["val_stg_mae"] for r in records], color="C3")
+    ax2.plot(steps, [r["val_stg_mae"] for r in records], color="C3", label="d")
+    if all("val_stg_mae_reachable" in r for r in records):
+        ax2.plot(steps, [r["val_stg_mae_reachable"] for r in records], color="C4",
+                 label='d without the "never" class')
+    if "val_stg_mae_constant" in records[-1]:
+        ax2.axhline(records[-1]["val_stg_mae_constant"], color="0.5", ls="--", label="a constant guess")
+    ax2.legend(fontsize=8)
     ax2.set_xlabel("SFT step")
     ax2.set_ylabel("held-out |d(o) - true steps-to-go|")
     fig.tight_layout()
