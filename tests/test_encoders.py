@@ -271,3 +271,34 @@ def test_late_fusion_image_features_ignore_the_instruction():
         a = trunk.convs(x, trunk.text_proj(trunk.text.encode(["push the red moon to the blue cube"] * 2)))
         b = trunk.convs(x, trunk.text_proj(trunk.text.encode(["push the green star to the yellow pentagon"] * 2)))
         assert torch.equal(a, b) == same
+
+
+def test_film_trunk_inference_matches_training_path_and_follows_weight_changes():
+    """Without gradients the trunk takes each instruction's conditioning from a cache and folds
+    GroupNorm's affine into FiLM: the same features as the training path, and a weight change
+    (an optimiser step, a loaded state dict) is never served stale."""
+    from selfimprove.model.backbones import FiLMTrunk
+
+    torch.manual_seed(0)
+    trunk = FiLMTrunk("image", ["effector"], 2, 2, "scratch", "hashed_roles", [8, 8], 16, 1)
+    for f in trunk.convs.films:
+        torch.nn.init.normal_(f.proj.weight, std=0.3)
+    texts = ["push the red moon to the blue cube", "push the green star to the yellow pentagon"]
+    obs = {"image": torch.randint(0, 255, (3, 2, 16, 16, 3), dtype=torch.uint8), "effector": torch.randn(3, 2),
+           "instruction": [texts[0], texts[1], texts[0]]}
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            fast = trunk.fusion_inputs(obs)
+        return fast, trunk.fusion_inputs(obs).detach()
+
+    fast, slow = both()
+    assert torch.allclose(fast, slow, atol=1e-5) and len(trunk._cond_cache) == 2
+    opt = torch.optim.SGD(trunk.parameters(), lr=0.5)
+    trunk.fusion_inputs(obs).square().sum().backward()
+    opt.step()  # moves the text projection and the FiLM weights in place
+    fast2, slow2 = both()
+    assert not torch.allclose(fast2, fast, atol=1e-3) and torch.allclose(fast2, slow2, atol=1e-5)
+    trunk.load_state_dict({k: v + 0.1 for k, v in trunk.state_dict().items()})
+    fast3, slow3 = both()
+    assert not torch.allclose(fast3, fast2, atol=1e-3) and torch.allclose(fast3, slow3, atol=1e-5)

@@ -11,6 +11,7 @@ the pretrained MiniLM sentence encoder embeds the instruction.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from selfimprove.model.text import HashedBagOfWordsEncoder, InstructionEncoder, MiniLMEncoder
@@ -48,6 +49,9 @@ def make_text_encoder(kind: str, dim: int = 128) -> InstructionEncoder:
     raise ValueError(f"unknown text encoder {kind!r}; choose one of {TEXT_ENCODERS}")
 
 
+COND_CACHE_SIZE = 4096  # instructions whose conditioning a trunk keeps (a tabletop preset has a few hundred)
+
+
 class FiLMConvStack(nn.Module):
     """Conv -> GroupNorm -> FiLM(instruction) -> ReLU, for each layer."""
 
@@ -70,6 +74,25 @@ class FiLMConvStack(nn.Module):
         for conv, norm, film in zip(self.convs, self.norms, self.films):
             x = norm(conv(x))
             x = torch.relu_(film(x, cond) if self.film else x)  # in place: the norm/FiLM output is a temporary
+        return x
+
+    def modulations(self, cond: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the ``(scale, shift)`` [B, C] that GroupNorm's affine followed by FiLM apply to the
+        normalised activations: ``norm(x) * w + b`` then ``* (1 + gamma) + beta`` is one multiply-add."""
+        out = []
+        for norm, film in zip(self.norms, self.films):
+            gamma, beta = film.proj(cond).chunk(2, dim=-1)
+            scale = 1.0 + gamma
+            out.append((scale * norm.weight, scale * norm.bias + beta))
+        return out
+
+    def modulated(self, x: torch.Tensor, modulations: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """:meth:`forward` from :meth:`modulations` (the same function; without gradients, in place):
+        GroupNorm without its affine, then one multiply-add and the ReLU on its output. The values
+        differ from :meth:`forward` in the last bits of float32 (the products are reassociated)."""
+        for conv, norm, (scale, shift) in zip(self.convs, self.norms, modulations):
+            y = F.group_norm(conv(x), norm.num_groups, eps=norm.eps)
+            x = torch.relu_(y.mul_(scale[:, :, None, None]).add_(shift[:, :, None, None]))
         return x
 
 
@@ -106,6 +129,38 @@ class FiLMTrunk(nn.Module):
             width = hidden
         self.mlp = nn.Sequential(*mlp)
         self.out_dim = width
+        self._cond_cache: dict[str, tuple] = {}  # instruction -> its conditioning (see _conditioning)
+        self._cond_key: tuple | None = None
+
+    def _conditioning(self, instructions: list[str]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Without gradients: the instruction projection [B, hidden] and each conv layer's
+        :meth:`FiLMConvStack.modulations` of ``instructions``, each instruction computed once and
+        cached while the weights (and the autocast state) stay as they are.
+
+        A robot's instruction is fixed for its episode, so acting and ``d`` would otherwise redo the
+        text encoder, its projection and every FiLM projection on every control step (~5% of a
+        Stage-2 collection). Any in-place change of a weight (an optimiser step, ``load_state_dict``)
+        bumps its version counter and a new tensor (``.to``) has a new address; both are in the key.
+        """
+        key = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"),
+               tuple((id(p), p._version, p.data_ptr(), p.dtype) for p in self._conditioning_tensors()))
+        if key != self._cond_key or len(self._cond_cache) > COND_CACHE_SIZE:
+            self._cond_cache, self._cond_key = {}, key
+        missing = list(dict.fromkeys(t for t in instructions if t not in self._cond_cache))
+        if missing:
+            cond = self.text_proj(self.text.encode(missing))
+            mods = self.convs.modulations(cond)
+            for i, text in enumerate(missing):
+                self._cond_cache[text] = (cond[i], [(scale[i], shift[i]) for scale, shift in mods])
+        rows = [self._cond_cache[t] for t in instructions]
+        cond = torch.stack([r[0] for r in rows])
+        layers = [(torch.stack([r[1][k][0] for r in rows]), torch.stack([r[1][k][1] for r in rows]))
+                  for k in range(len(self.convs.convs))]
+        return cond, layers
+
+    def _conditioning_tensors(self) -> list[torch.Tensor]:
+        return [*self.text.parameters(), *self.text.buffers(), *self.text_proj.parameters(),
+                *self.convs.norms.parameters(), *self.convs.films.parameters()]
 
     def set_normalization(self, mean, std) -> None:
         self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
@@ -128,7 +183,11 @@ class FiLMTrunk(nn.Module):
         images = obs[self.image_key]
         if images.dim() == 4:
             images = images.unsqueeze(1)
-        cond = self.text_proj(self.text.encode(list(obs["instruction"])))
+        inference = self.convs.film and not torch.is_grad_enabled()
+        if inference:  # acting, d, cached features: the instruction's part comes from the cache
+            cond, modulations = self._conditioning(list(obs["instruction"]))
+        else:
+            cond = self.text_proj(self.text.encode(list(obs["instruction"])))
         if self.stem is not None:
             x = self.stem(images)
         else:
@@ -136,6 +195,6 @@ class FiLMTrunk(nn.Module):
             # in place on the fresh float copy: the same values as ``/ 255.0 - mean``, two temporaries fewer
             x = images.permute(0, 1, 4, 2, 3).reshape(b, f * c, h, w).to(torch.float32, copy=True)
             x = x.div_(255.0).sub_(self.pixel_mean)
-        features = self.keypoints(self.convs(x, cond))
+        features = self.keypoints(self.convs.modulated(x, modulations) if inference else self.convs(x, cond))
         vector = (self.flatten(obs) - self.obs_mean) / self.obs_std
         return torch.cat([features, vector, cond], dim=-1)
