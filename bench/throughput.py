@@ -11,6 +11,8 @@ see ``precision``) use the preset's action decoder; the decoder table runs the p
 ``model.action_decoder`` "independent", "autoregressive" and (where the action space is small enough)
 "joint" on 1 and 2 threads, alternating short blocks of the decoders and reporting the median block. Usage:
 ``python bench/throughput.py [--preset language-table] [--quick] [--stage2] [--set section.field=value ...]``.
+Without ``--quick`` each fleet and update row is the median of 3 runs (one run with it): on a shared
+2-core machine single runs of these rows vary by 10-20%.
 """
 
 from __future__ import annotations
@@ -41,8 +43,14 @@ from selfimprove.train.allocator import retain_freed_memory
 from selfimprove.train.sft import FrameBatches, SFTStep
 
 
-def bench_update(config, spec, episodes) -> tuple[float, int]:
-    """Seconds of one Stage-2 update at ``config.improve`` on ``episodes``, and the batch's env steps."""
+def bench_update(config, spec, episodes, repeats: int = 1) -> tuple[float, int]:
+    """Seconds of one Stage-2 update at ``config.improve`` on ``episodes`` (the median of ``repeats``
+    updates, each from the same fresh policy), and the batch's env steps."""
+    times = [_one_update(config, spec, episodes) for _ in range(repeats)]
+    return statistics.median(t for t, _ in times), times[0][1]
+
+
+def _one_update(config, spec, episodes) -> tuple[float, int]:
     torch.manual_seed(config.seed)
     policy = EmbodiedModel(spec)
     source, acting, tokens, returns = reinforce_batch(episodes, policy, 0.9)
@@ -124,9 +132,10 @@ def bench_augment(config, frames, seconds: float) -> float:
     return spent / batches * 1000
 
 
-def bench_fleet(config, robots: int, steps: int, shared: bool = False) -> tuple[float, float, list]:
-    """env-steps/s of a collection; ``shared``: the reward model is the policy's own weights (Stage 2
-    with improve.train = "fusion" at its start), so one conv pass per frame serves both."""
+def bench_fleet(config, robots: int, steps: int, shared: bool = False, repeats: int = 1) -> tuple[float, float, list]:
+    """env-steps/s of a collection (the median of ``repeats`` collections of the same episodes) and its
+    seconds; ``shared``: the reward model is the policy's own weights (Stage 2 with improve.train =
+    "fusion" at its start), so one conv pass per frame serves both."""
     torch.set_num_threads(1)
     env = make_env(config)
     spec = model_spec(config, env)
@@ -137,11 +146,14 @@ def bench_fleet(config, robots: int, steps: int, shared: bool = False) -> tuple[
     reward = StepsToGoReward(reward_model, threshold=-1.0)  # never fires: full-length episodes
     fleet = LocalFleet(lambda: make_env(config, terminate_on_success=False), spec, robots, reward)
     fleet.collect(policy.state_dict(), 0, seeds=seed_stream(0), n_steps=robots * 10)  # warm-up
-    t0 = time.perf_counter()
-    episodes = fleet.collect(policy.state_dict(), 1, seeds=seed_stream(10_000), n_steps=steps,
-                             generator=torch.Generator().manual_seed(0))
-    elapsed = time.perf_counter() - t0
-    return sum(e.length for e in episodes) / elapsed, elapsed, episodes
+    elapsed = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        episodes = fleet.collect(policy.state_dict(), 1, seeds=seed_stream(10_000), n_steps=steps,
+                                 generator=torch.Generator().manual_seed(0))
+        elapsed.append(time.perf_counter() - t0)
+    seconds = statistics.median(elapsed)
+    return sum(e.length for e in episodes) / seconds, seconds, episodes
 
 
 def main() -> int:
@@ -154,6 +166,7 @@ def main() -> int:
                         help="only the Stage-2 rows: a 16-robot collection and the update, per improve.train")
     args = parser.parse_args()
     seconds = 2.0 if args.quick else 6.0
+    repeats = 1 if args.quick else 3  # the Stage-2 rows: the median of 3 collections and 3 updates
     retain_freed_memory()  # as sft() does
     fleet_steps = 2048 if args.quick else 8192
     with tempfile.TemporaryDirectory() as tmp:
@@ -193,7 +206,7 @@ def main() -> int:
         figures["precision"] = resolve_precision(config.precision)  # what the update rows below use
         episodes, collect_s = None, 0.0
         for robots in ((16,) if args.stage2 else (1, 4, 16)):
-            rate, collect_s, episodes = bench_fleet(config, robots, min(fleet_steps, 512 * robots))
+            rate, collect_s, episodes = bench_fleet(config, robots, min(fleet_steps, 512 * robots), repeats=repeats)
             rows.append((f"fleet, {robots} robot(s), policy + reward inference", f"{rate:,.0f} env-steps/s"))
             figures[f"fleet_env_steps_per_s_robots{robots}"] = round(rate, 1)
         spec = model_spec(config, make_env(config))
@@ -203,11 +216,12 @@ def main() -> int:
         trains = ["all", "fusion"] if config.model.encoder in ("film", "late_fusion") else ["all"]
         for train in trains:  # improve.train: the whole policy, or the fusion MLP + decoder on cached conv features
             if train == "fusion":  # the fleet shares one conv pass between the policy and the reward model
-                rate, collect_s, episodes = bench_fleet(config, 16, min(fleet_steps, 512 * 16), shared=True)
+                rate, collect_s, episodes = bench_fleet(config, 16, min(fleet_steps, 512 * 16), shared=True,
+                                                        repeats=repeats)
                 rows.append(("fleet, 16 robots, policy + reward inference sharing the convs", f"{rate:,.0f} env-steps/s"))
                 figures["fleet_env_steps_per_s_robots16_shared"] = round(rate, 1)
             update_s, steps = bench_update(dataclasses.replace(config, improve=dataclasses.replace(imp, train=train)),
-                                           spec, episodes)
+                                           spec, episodes, repeats)
             suffix = "" if train == "all" else "_fusion"
             rows.append((f"Stage-2 update ({learner}), improve.train = {train}, {figures['precision']}",
                          f"{steps / update_s:,.0f} samples/s"))
