@@ -54,6 +54,7 @@ class DataConfig:
     expert_waypoints: int = 5  # point mass: random waypoints the expert visits first
     expert_noise: float = 0.003  # tabletop: expert action noise (m); aloha: joint-target noise (rad)
     expert_detour_prob: float = 0.02  # tabletop: chance per step of a short detour
+    expert_hysteresis: bool = True  # tabletop: the expert's push / walk-round switch remembers its mode (the original oracle's); false: decided by the current state alone, so every label is a function of what the policy sees
     expert_labels: str = "executed"  # the demo's action labels: "executed" (what the expert sent, noise and detours included) or "intended" (what it meant: noise and detours only move the board, as in DART; tabletop)
     collect_workers: int = 1  # processes that collect demos in parallel
     hold_steps: int = 0  # demos go on this many still steps past the goal (labelled 0 steps to go), so the goal is seen for longer

@@ -18,7 +18,8 @@ def expert(config: RunConfig) -> Expert:
     """The scripted pushing expert, with the run's noise and detour settings."""
     from selfimprove.envs.tabletop.expert import TabletopExpert
 
-    return TabletopExpert(noise_scale=config.data.expert_noise, detour_prob=config.data.expert_detour_prob)
+    return TabletopExpert(noise_scale=config.data.expert_noise, detour_prob=config.data.expert_detour_prob,
+                          hysteresis=config.data.expert_hysteresis)
 
 
 _LEFT_RIGHT = {"left": "right", "right": "left"}

@@ -37,12 +37,19 @@ class TabletopExpert:
         detour_prob: per-step probability of starting a short random detour.
         detour_steps: (min, max) length of a detour in steps.
         goal_margin: aim the block this much inside the success radius (m).
+        hysteresis: the switch between pushing and walking round behind the block remembers which it
+            was doing (pushing goes on from a wider region than it starts in), as the original oracle;
+            False decides it from the current state alone (pushing wherever the wider region holds),
+            so that every action is a function of what a policy sees. Over 300 boards both succeed
+            99% of the time in the same ~30 steps; with hysteresis ~15% of the steps take the mode a
+            state-only rule would not.
     """
 
     noise_scale: float = 0.003
     detour_prob: float = 0.02
     detour_steps: tuple[int, int] = (2, 5)
     goal_margin: float = 0.02
+    hysteresis: bool = True
 
     def __post_init__(self) -> None:
         self._rng = np.random.default_rng(0)
@@ -99,7 +106,9 @@ class TabletopExpert:
             self._pushing = False
             return eff.copy(), 0.0
         behind = along > 0.5 * contact and lateral < 0.45 * r_block
-        if self._pushing:
+        if not self.hysteresis:
+            self._pushing = along > 0.2 * contact and lateral < 0.8 * r_block and along < contact + 0.015
+        elif self._pushing:
             self._pushing = along > 0.2 * contact and lateral < 0.8 * r_block
         else:
             self._pushing = behind and along < contact + 0.015
