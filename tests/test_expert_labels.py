@@ -48,3 +48,33 @@ def test_intended_labels_are_refused_where_the_expert_has_none(tmp_path):
     assert not (tmp_path / "demos").exists()
     with pytest.raises(ConfigError, match="expert_labels"):
         load_config("language-table-quick", ["data.expert_labels=clean"])
+
+
+def test_an_expert_without_hysteresis_labels_each_state_alone_and_still_solves_boards():
+    """``data.expert_hysteresis = false``: whether the expert pushes is decided by the state, not by what
+    it did before, so the same state gets the same intended label whatever came before it."""
+    from selfimprove.domains import expert_for, make_env
+
+    def labels_that_depend_on_the_past(config) -> int:
+        """States of a few demo rollouts whose intended label changes with the expert's remembered mode."""
+        env, expert, differ = make_env(config, terminate_on_success=False), expert_for(config), 0
+        for seed in (1, 2, 3):
+            env.reset(seed=seed)
+            expert.reset(env, np.random.default_rng(seed))
+            for _ in range(60):
+                mode, got = expert._pushing, []
+                for remembered in (False, True):  # the same state, the expert told it was doing either
+                    expert._pushing = remembered
+                    expert.act(env)
+                    got.append(expert.intended.copy())
+                differ += int(not np.array_equal(got[0], got[1]))
+                expert._pushing = mode
+                env.step(expert.act(env))
+        env.close()
+        return differ
+
+    stateless = load_config("language-table-quick", ["data.expert_hysteresis=false", "data.expert_labels=intended"])
+    assert not expert_for(stateless).hysteresis
+    assert sum(demo_episode(stateless, seed).true_success for seed in range(1, 11)) >= 9
+    assert labels_that_depend_on_the_past(stateless) == 0
+    assert labels_that_depend_on_the_past(load_config("language-table-quick", ["data.expert_labels=intended"])) > 0
