@@ -136,3 +136,28 @@ def test_a_ray_robot_host_rebuilds_the_detector_it_was_given():
                      [_numpy_weights(model.state_dict())], detector, False, 0)
     rebuilt = host.fleet.reward
     assert rebuilt.detector == "goal_probability" and rebuilt.threshold == 0.3 and rebuilt.hold == 3
+
+
+def test_the_reachable_detector_reads_d_without_the_never_class_and_the_reward_keeps_d():
+    """``improve.detector = "reachable_steps_to_go"``: the verdict leaves out the "never" class's mass,
+    the reward's ``d`` still counts it; the config refuses it beside the guard, which scores with d."""
+    config, spec = quick_tabletop()
+    if not spec.stg_never:
+        spec = dataclasses.replace(spec, stg_never=True)
+    torch.manual_seed(0)
+    policy = EmbodiedModel(spec)
+    with torch.no_grad():
+        policy.stg_head.bias[-1] += 2.0  # real mass on "never": d and the reachable d part
+    reward = StepsToGoReward(policy, threshold=-1.0, detector="reachable_steps_to_go")
+    assert reward.separate_score and list(reward.thresholds) == list(StepsToGoReward(policy, 1.0).thresholds)
+    episode = practice_episodes(config, spec, reward, policy.state_dict(), True)[0]
+    source, _ = from_episodes([episode], spec)
+    obs = source.obs(torch.arange(episode.length + 1))
+    with torch.no_grad():
+        full, reach = policy.expected_steps_to_go(obs), policy.expected_steps_to_go(obs, reachable=True)
+    np.testing.assert_allclose(episode.stg, full.numpy(), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(episode.detector, reach.numpy(), rtol=1e-5, atol=1e-3)
+    assert float((full - reach).min()) > 1.0
+    with pytest.raises(ConfigError, match="reachable_steps_to_go"):
+        load_config("language-table-quick", ["improve.detector=reachable_steps_to_go", "improve.guard=true"])
+    load_config("language-table-quick", ["improve.detector=reachable_steps_to_go", "improve.guard=false"])

@@ -123,12 +123,13 @@ def check_config(config: RunConfig) -> None:
          and all(isinstance(p, str) and p for p in config.improve.reward_ensemble),
          "improve.reward_ensemble must be a list of checkpoint folders, e.g. [\"runs/sft-s1/checkpoints/sft\"]"),
         (config.improve.reward_steps in ("expected", "reachable"), "improve.reward_steps must be 'expected' or 'reachable'"),
-        (config.improve.detector in ("steps_to_go", "goal_probability"),
-         f"improve.detector must be 'steps_to_go' or 'goal_probability', got {config.improve.detector!r}"),
+        (config.improve.detector in ("steps_to_go", "goal_probability", "reachable_steps_to_go"),
+         "improve.detector must be 'steps_to_go', 'goal_probability' or 'reachable_steps_to_go', "
+         f"got {config.improve.detector!r}"),
         (config.improve.detector == "steps_to_go" or not config.improve.guard,
-         "improve.detector = 'goal_probability' with improve.guard is not supported (the guard scores episodes "
-         "with d); add --set improve.guard=false"),
-        (config.improve.detector == "steps_to_go" or config.improve.success_threshold is None
+         f"improve.detector = {config.improve.detector!r} with improve.guard is not supported (the guard scores "
+         "episodes with d); add --set improve.guard=false"),
+        (config.improve.detector != "goal_probability" or config.improve.success_threshold is None
          or 0 < config.improve.success_threshold < 1,
          "improve.success_threshold with improve.detector = 'goal_probability' is a score 1 - P(goal) in (0, 1)"),
         (0 <= config.improve.baseline_decay < 1, "improve.baseline_decay must be in [0, 1)"),

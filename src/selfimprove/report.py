@@ -157,8 +157,10 @@ def write_report(run: str | Path, runs_dir: str | Path = "runs") -> Path:
         lines += ["## Stage 1 (SFT)", "", f"![sft]({fig_sft.name})", ""]
     if detector:
         probability = detector.get("detector") == "goal_probability"
-        lines += ["## Success detector " + ("`1 - P(steps-to-go = 0 | o, g) <= s` (`improve.detector = \"goal_probability\"`)"
-                                            if probability else "`d(o, g) <= s`"), "",
+        heading = ("`1 - P(steps-to-go = 0 | o, g) <= s` (`improve.detector = \"goal_probability\"`)" if probability
+                   else "`d(o, g) <= s`, `d` without the \"never\" class (`improve.detector = \"reachable_steps_to_go\"`)"
+                   if detector.get("detector") == "reachable_steps_to_go" else "`d(o, g) <= s`")
+        lines += ["## Success detector " + heading, "",
                   f"Threshold used: **s = {detector['threshold']:g}** ({detector.get('source', '')}); "
                   f"recommended on held-out demos: {detector.get('recommended')}. "
                   f"Mean d on goal frames {fmt(detector.get('d_goal_frames_mean'), 2)}, "

@@ -18,11 +18,16 @@ def _f(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
 
 
+def score_name(detector: str | None) -> str:
+    """What a detector compares with ``s``, as the reports write it."""
+    return {"goal_probability": "1 - P(goal)", "reachable_steps_to_go": "d without the never class"}.get(detector or "", "d")
+
+
 def audit_lines(audit: dict[str, Any] | None) -> list[str]:
     """The detector audit (audit.py) as a markdown section: the gate, then its parts."""
     if not audit:
         return []
-    hold, score = audit["hold"], ("1 - P(goal)" if audit.get("detector") == "goal_probability" else "d")
+    hold, score = audit["hold"], score_name(audit.get("detector"))
     lines = [f"## Detector audit ({score} <= s held for {hold} step{'s' if hold > 1 else ''})", "",
              "| check | value | bound | pass |", "|---|---|---|---|"]
     for name, g in audit["gate"].items():
@@ -80,7 +85,7 @@ def write_markdown(result: dict[str, Any], out: Path) -> Path:
         lines.append(f"| {name} | {_f(fr['precision'])} | {_f(fr['recall'])} | {_f(ep['precision'])} | "
                      f"{_f(ep['recall'])} | {_f(ep['fpr'])} | {_f(ep['precision_near'])} / {_f(ep['recall_near'])} | "
                      f"{ep['early']} ({_f(ep['steps_early_median'], 1)}) |")
-    score = "1 - P(goal)" if result.get("detector") == "goal_probability" else "d"
+    score = score_name(result.get("detector"))
     lines += ["", f"Frame level: `{score} <= s` on a frame vs the simulator's success at that frame. Episode level: "
               f"the first frame where `{score} <= s` (where Stage 2 would end the episode) vs a true success at that frame; "
               "recall over episodes that truly succeed somewhere, FPR over those that never do.", ""]
